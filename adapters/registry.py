@@ -1,0 +1,230 @@
+"""The adapter registry: SQLite (WAL) rows plus the content-addressed store.
+
+Writes happen in a worker thread (``asyncio.to_thread``) so SQLite and file copies never block the
+event loop. Readers on the request path use :meth:`AdapterRegistry.snapshot`, an immutable mapping
+republished after every write, so routing never touches SQLite.
+
+Ordering gives crash safety: copy to staging -> validate the copy -> rename into the store ->
+insert the row and commit. A crash before the commit leaves only files no row references, which
+:meth:`AdapterRegistry.open` collects on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from loragate.adapters.peft_format import inspect_dir
+from loragate.adapters.store import AdapterStore
+from loragate.adapters.types import NAME_PATTERN, AdapterRecord, Descriptors
+from loragate.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    base_model TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    target_modules TEXT NOT NULL,
+    use_rslora INTEGER NOT NULL,
+    modules_to_save TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    examples TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+_COLUMNS = ("name, base_model, rank, alpha, target_modules, use_rslora, modules_to_save, sha256, path, "
+            "size_bytes, description, examples, created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryLimits:
+    """What a registration is checked against; comes from the gateway's settings."""
+
+    base_models: frozenset[str]
+    max_rank: int
+    max_bytes: int
+    import_roots: tuple[Path, ...]
+
+
+def validate_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidRequest(f"invalid adapter name {name!r}: must match [a-z0-9][a-z0-9._-]{{0,63}}",
+                             param="name", code="invalid_name")
+    return name
+
+
+def validate_descriptors(description: object, examples: object) -> Descriptors:
+    if not isinstance(description, str) or len(description) > 4096:
+        raise InvalidRequest("description must be a string of at most 4096 characters", param="description")
+    if not isinstance(examples, list | tuple) or not all(isinstance(e, str) and e for e in examples):
+        raise InvalidRequest("examples must be a list of non-empty strings", param="examples")
+    if len(examples) > 256:
+        raise InvalidRequest("at most 256 examples per adapter", param="examples")
+    return Descriptors(description=description, examples=tuple(examples))
+
+
+def _row_to_record(row: sqlite3.Row) -> AdapterRecord:
+    return AdapterRecord(
+        name=row["name"], base_model=row["base_model"], rank=row["rank"], alpha=row["alpha"],
+        target_modules=tuple(json.loads(row["target_modules"])), use_rslora=bool(row["use_rslora"]),
+        modules_to_save=tuple(json.loads(row["modules_to_save"])), sha256=row["sha256"],
+        path=Path(row["path"]), size_bytes=row["size_bytes"], created_at=row["created_at"],
+        descriptors=Descriptors(row["description"], tuple(json.loads(row["examples"]))),
+    )
+
+
+class AdapterRegistry:
+    """Registered adapters: durable rows, immutable files, and an in-memory snapshot for readers."""
+
+    def __init__(self, db_path: Path, store: AdapterStore, limits: RegistryLimits) -> None:
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self.store = store
+        self.limits = limits
+        self._snapshot: Mapping[str, AdapterRecord] = MappingProxyType({})
+        self._reload()
+
+    @classmethod
+    def open(cls, data_dir: Path, limits: RegistryLimits) -> AdapterRegistry:
+        """Open (or create) the registry in ``data_dir`` and collect what an interrupted registration left."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        registry = cls(data_dir / "registry.sqlite3", AdapterStore(data_dir / "adapters"), limits)
+        registry.store.collect_garbage({r.sha256 for r in registry.snapshot().values()})
+        return registry
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- readers ---------------------------------------------------------------------------------
+    def snapshot(self) -> Mapping[str, AdapterRecord]:
+        """An immutable name -> record mapping; safe to hold across awaits."""
+        return self._snapshot
+
+    def get(self, name: str) -> AdapterRecord:
+        record = self._snapshot.get(name)
+        if record is None:
+            raise NotFound(f"adapter {name!r} is not registered", param="name", code="adapter_not_found")
+        return record
+
+    def _reload(self) -> None:
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY name").fetchall()
+        self._snapshot = MappingProxyType({row["name"]: _row_to_record(row) for row in rows})
+
+    async def refresh(self) -> None:
+        """Re-read rows written by another gateway process sharing the data dir."""
+        def run() -> None:
+            with self._lock:
+                self._reload()
+
+        await asyncio.to_thread(run)
+
+    # -- writers ---------------------------------------------------------------------------------
+    async def add_from_path(self, name: str, source: Path, descriptors: Descriptors) -> AdapterRecord:
+        """Register a server-side directory (must lie inside the import roots)."""
+        return await asyncio.to_thread(self._add_from_path, name, source, descriptors)
+
+    async def add_staged(self, name: str, staged: Path, descriptors: Descriptors) -> AdapterRecord:
+        """Register files already written to a staging dir (uploads); the dir is consumed either way."""
+        return await asyncio.to_thread(self._add_staged, name, staged, descriptors)
+
+    def _add_from_path(self, name: str, source: Path, descriptors: Descriptors) -> AdapterRecord:
+        validate_name(name)
+        self._check_free(name)
+        files = self.store.check_source(source, self.limits.import_roots, self.limits.max_bytes)
+        return self._add_staged(name, self.store.stage_copy(files), descriptors)
+
+    def _check_free(self, name: str) -> None:
+        if name in self._snapshot:
+            raise Conflict(f"adapter {name!r} is already registered", param="name", code="adapter_exists")
+
+    def _add_staged(self, name: str, staged: Path, descriptors: Descriptors) -> AdapterRecord:
+        created = False
+        sha256 = ""
+        try:
+            validate_name(name)
+            self._check_free(name)
+            spec = inspect_dir(staged)
+            if spec.base_model not in self.limits.base_models:
+                raise Unprocessable(
+                    f"adapter was trained for base model {spec.base_model!r}, but this gateway serves "
+                    f"{sorted(self.limits.base_models)}", param="base_model", code="base_model_mismatch")
+            if spec.rank > self.limits.max_rank:
+                raise Unprocessable(f"adapter rank {spec.rank} is above the workers' max LoRA rank "
+                                    f"{self.limits.max_rank}", param="rank", code="rank_too_high")
+            sha256, size = self.store.content_hash(staged)
+            with self._lock:
+                path, created = self.store.commit(staged, sha256)
+                record = AdapterRecord(
+                    name=name, base_model=spec.base_model, rank=spec.rank, alpha=spec.alpha,
+                    target_modules=spec.target_modules, use_rslora=spec.use_rslora,
+                    modules_to_save=spec.modules_to_save, sha256=sha256, path=path, size_bytes=size,
+                    created_at=time.time(), descriptors=descriptors,
+                )
+                try:
+                    self._insert(record)
+                except sqlite3.IntegrityError as exc:
+                    raise Conflict(f"adapter {name!r} is already registered", param="name",
+                                   code="adapter_exists") from exc
+                self._reload()
+                return record
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            if created:
+                self._drop_unreferenced(sha256)
+            raise
+
+    def _insert(self, r: AdapterRecord) -> None:
+        self._db.execute(
+            f"INSERT INTO adapters ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (r.name, r.base_model, r.rank, r.alpha, json.dumps(list(r.target_modules)), int(r.use_rslora),
+             json.dumps(list(r.modules_to_save)), r.sha256, str(r.path), r.size_bytes,
+             r.descriptors.description, json.dumps(list(r.descriptors.examples)), r.created_at),
+        )
+
+    def _drop_unreferenced(self, sha256: str) -> None:
+        with self._lock:
+            still = self._db.execute("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
+            if still is None:
+                self.store.remove(sha256)
+
+    async def update_descriptors(self, name: str, descriptors: Descriptors) -> AdapterRecord:
+        def run() -> AdapterRecord:
+            with self._lock:
+                cursor = self._db.execute(
+                    "UPDATE adapters SET description = ?, examples = ? WHERE name = ?",
+                    (descriptors.description, json.dumps(list(descriptors.examples)), name))
+                if cursor.rowcount == 0:
+                    raise NotFound(f"adapter {name!r} is not registered", param="name", code="adapter_not_found")
+                self._reload()
+                return self._snapshot[name]
+
+        return await asyncio.to_thread(run)
+
+    async def remove(self, name: str) -> AdapterRecord:
+        """Delete the row, then the files if no other name shares them."""
+        def run() -> AdapterRecord:
+            with self._lock:
+                record = self.get(name)
+                self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+                self._reload()
+            self._drop_unreferenced(record.sha256)
+            return record
+
+        return await asyncio.to_thread(run)

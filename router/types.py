@@ -1,0 +1,60 @@
+"""Immutable values that flow one way along the request path (server -> router -> workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from loragate.adapters.types import AdapterRecord
+
+ParamValue = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """A parsed ``X-Adapter-Policy``: the policy name and its parameters, plus where it came from."""
+
+    name: str
+    params: Mapping[str, ParamValue] = field(default_factory=lambda: MappingProxyType({}))
+    source: str = "default"  # header | body | model | default
+
+    def text(self) -> str:
+        """The policy in header syntax (for logs, metrics and response headers)."""
+        from loragate.router.grammar import serialize  # local: grammar imports this module
+
+        text: str = serialize(self)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterWeight:
+    """One adapter of a decision and its weight in a merge (1.0 for a single adapter)."""
+
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingQuery:
+    """Everything a policy may read: the prompt text, the asked policy and a registry snapshot."""
+
+    prompt: str
+    policy: PolicySpec
+    adapters: Mapping[str, AdapterRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    """What to run: no adapter (base), one adapter, or a weighted set to merge."""
+
+    policy_asked: str
+    policy_applied: str
+    adapters: tuple[AdapterWeight, ...] = ()
+    candidates: tuple[tuple[str, float], ...] = ()
+    method: str | None = None
+    compositional: bool | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return not self.adapters

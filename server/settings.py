@@ -1,0 +1,94 @@
+"""Gateway configuration: pydantic-settings from ``LORAGATE_*`` env vars and an optional TOML file.
+
+Precedence: explicit overrides (CLI) > environment > config file (``LORAGATE_CONFIG`` or
+``--config``) > defaults. Every field's description doubles as its ``--help`` text, so the CLI and
+the README never drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "LORAGATE_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Every option of the gateway (env ``LORAGATE_<NAME>``, TOML key ``<name>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAGATE_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(Path("./data"), description="Directory for the registry database and adapter store.")
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    model: str = Field("tiny-llama", description="Base model name the workers serve (their --served-model-name).")
+    model_aliases: list[str] = Field(
+        default_factory=list,
+        description="Other base_model_name_or_path values accepted at registration (e.g. an HF id or path).",
+    )
+    workers: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8100"],
+                               description="vLLM worker base URLs (JSON list in env).")
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /admin; unset disables admin.")
+    allow_unauthenticated_admin: bool = Field(
+        False, description="Allow /admin without a token (local use only; `loragate up` sets it on loopback).")
+    import_roots: list[Path] = Field(default_factory=list,
+                                     description="Directories server-side adapter paths must lie in.")
+    max_adapter_bytes: int = Field(2 << 30, gt=0, description="Largest adapter (all files) accepted, in bytes.")
+    max_lora_rank: int = Field(16, gt=0, description="The workers' --max-lora-rank; higher ranks are refused.")
+    default_policy: str = Field("base", description="Policy used for `auto` and when a request names none.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Upstream read timeout per request.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout.")
+    load_timeout_s: float = Field(120.0, gt=0, description="Timeout of one adapter load on a worker.")
+    max_connections: int = Field(512, gt=0, description="Pooled upstream connections (all workers).")
+
+    @field_validator("workers")
+    @classmethod
+    def _strip_slashes(cls, value: list[str]) -> list[str]:
+        return [v.rstrip("/") for v in value]
+
+    @property
+    def base_models(self) -> frozenset[str]:
+        """Names an adapter's base_model_name_or_path may carry."""
+        return frozenset([self.model, *self.model_aliases])
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from env + optional TOML file, with explicit overrides on top."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        os.environ[CONFIG_ENV] = str(config_file)
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def describe_options() -> str:
+    """One line per option for ``--help``: env name, default, description."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"LORAGATE_{name.upper()} (default {default!r}): {field.description}")
+    return "\n\n".join(lines)

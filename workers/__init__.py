@@ -1,0 +1,1 @@
+"""Workers: launching vLLM OpenAI servers, their LoRA admin API, and the pool that picks one per request."""

