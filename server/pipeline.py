@@ -97,8 +97,13 @@ def prompt_text(route: str, body: Mapping[str, Any]) -> str:
     raise InvalidRequest("prompt must be a string, a list of strings or token ids", param="prompt")
 
 
-def adapters_header(decision: RoutingDecision) -> str:
-    """``X-Adapters`` as an RFC 8941 list: ``"name";w=1.0``; empty means the base model answered."""
+def adapters_header(decision: RoutingDecision) -> str | None:
+    """``X-Adapters`` as an RFC 8941 list: ``"name";w=1.0``.
+
+    None for the base model: RFC 8941 says an empty list is sent as no header at all.
+    """
+    if decision.is_base:
+        return None
     items = SfList()
     for aw in decision.adapters:
         item = Item(aw.name)
@@ -158,8 +163,9 @@ class CompletionService:
             body = {k: v for k, v in request.body.items() if k != POLICY_FIELD}
             body["model"] = adapter.name if adapter else self.model
             stream = bool(body.get("stream"))
-            headers = {"x-request-id": request.request_id, "x-adapters": adapters_header(decision),
-                       "x-adapter-policy-applied": decision.policy_applied}
+            headers = {"x-request-id": request.request_id, "x-adapter-policy-applied": decision.policy_applied}
+            if (adapters := adapters_header(decision)) is not None:
+                headers["x-adapters"] = adapters
             return await self._proxy(request, decision, adapter, body, stream, headers)
         except LoragateError as exc:
             policy = decision.policy_applied if decision else "rejected"
