@@ -3,15 +3,43 @@
 Each policy declares the parameters it accepts, so unknown parameters are rejected with a message
 listing the valid ones, and an unknown policy name lists the registered policies. Policies read
 a :class:`RoutingQuery` and return a :class:`RoutingDecision`; they never touch HTTP objects.
+Searching policies (``select``, ``average``) get the nearest adapters precomputed by the router.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from loragate.adapters.merge import get_method, round_weights
 from loragate.errors import InvalidRequest, NotFound
-from loragate.router.types import AdapterWeight, PolicySpec, RoutingDecision, RoutingQuery
+from loragate.router.types import AdapterWeight, PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
+
+WEIGHTINGS = ("uniform", "score", "softmax")
+
+
+def _bad(message: str) -> InvalidRequest:
+    return InvalidRequest(message, param="X-Adapter-Policy", code="invalid_policy")
+
+
+def number(spec: PolicySpec, key: str, default: float, lo: float, hi: float, *, integer: bool = False,
+           open_low: bool = False) -> float:
+    """A numeric parameter within [lo, hi] (or (lo, hi] with ``open_low``); 400 naming the range otherwise."""
+    value = spec.params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        raise _bad(f"{spec.name}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not (lo < value <= hi if open_low else lo <= value <= hi) or math.isnan(value):
+        bounds = f"({lo}, {hi}]" if open_low else f"[{lo}, {hi}]"
+        raise _bad(f"{spec.name}: {key}={value} is out of range {bounds}")
+    return value
+
+
+def text(spec: PolicySpec, key: str, default: str) -> str:
+    value = spec.params.get(key, default)
+    if not isinstance(value, str):
+        raise _bad(f"{spec.name}: {key} must be a token or string, got {value!r}")
+    return value
 
 
 class Policy(ABC):
@@ -19,13 +47,22 @@ class Policy(ABC):
 
     name: ClassVar[str]
     params: ClassVar[frozenset[str]] = frozenset()
+    searches: ClassVar[bool] = False  # needs the prompt embedded and the index searched
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
 
     def check_params(self, spec: PolicySpec) -> None:
         unknown = sorted(set(spec.params) - self.params)
         if unknown:
             allowed = ", ".join(sorted(self.params)) or "none"
-            raise InvalidRequest(f"policy {self.name!r} does not take {unknown}; its parameters: {allowed}",
-                                 param="X-Adapter-Policy", code="invalid_policy")
+            raise _bad(f"policy {self.name!r} does not take {unknown}; its parameters: {allowed}")
+
+    def decision(self, query: RoutingQuery, adapters: tuple[AdapterWeight, ...] = (), *,
+                 method: str | None = None) -> RoutingDecision:
+        return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name, adapters=adapters,
+                               candidates=query.candidates, method=method,
+                               fallback=self.searches and not adapters)
 
     @abstractmethod
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
@@ -38,7 +75,13 @@ class BasePolicy(Policy):
     name = "base"
 
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
-        return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name)
+        return self.decision(query)
+
+
+def registered(query: RoutingQuery, name: str) -> str:
+    if name not in query.adapters:
+        raise NotFound(f"adapter {name!r} is not registered", param="adapter", code="adapter_not_found")
+    return name
 
 
 class PinPolicy(Policy):
@@ -50,15 +93,107 @@ class PinPolicy(Policy):
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
         adapter = query.policy.params.get("adapter")
         if not isinstance(adapter, str) or not adapter:
-            raise InvalidRequest('pin needs an adapter: pin;adapter="name"', param="X-Adapter-Policy",
-                                 code="invalid_policy")
-        if adapter not in query.adapters:
-            raise NotFound(f"adapter {adapter!r} is not registered", param="adapter", code="adapter_not_found")
-        return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name,
-                               adapters=(AdapterWeight(adapter, 1.0),))
+            raise _bad('pin needs an adapter: pin;adapter="name"')
+        return self.decision(query, (AdapterWeight(registered(query, adapter), 1.0),))
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (BasePolicy, PinPolicy)}
+class SelectPolicy(Policy):
+    """Dynamic selection: the nearest adapter when its score reaches ``min_score``, else the base."""
+
+    name = "select"
+    params = frozenset({"min_score"})
+    searches = True
+
+    def check_params(self, spec: PolicySpec) -> None:
+        super().check_params(spec)
+        number(spec, "min_score", self.config.min_score, -1.0, 1.0)
+
+    async def decide(self, query: RoutingQuery) -> RoutingDecision:
+        min_score = number(query.policy, "min_score", self.config.min_score, -1.0, 1.0)
+        if query.candidates and query.candidates[0][1] >= min_score:
+            return self.decision(query, (AdapterWeight(query.candidates[0][0], 1.0),))
+        return self.decision(query)
+
+
+def similarity_weights(scores: list[float], how: str, temperature: float) -> list[float]:
+    """Turn similarity scores into weights that sum to 1."""
+    if how == "uniform":
+        return [1.0 / len(scores)] * len(scores)
+    if how == "score":
+        clipped = [max(s, 0.0) for s in scores]
+        total = sum(clipped)
+        return [c / total for c in clipped] if total > 0 else [1.0 / len(scores)] * len(scores)
+    top = max(scores)
+    exps = [math.exp((s - top) / temperature) for s in scores]
+    return [e / sum(exps) for e in exps]
+
+
+class AveragePolicy(Policy):
+    """Parameter averaging: a weighted merge of the top-k adapters above ``min_score`` (or a given list)."""
+
+    name = "average"
+    params = frozenset({"k", "min_score", "method", "weights", "temperature", "adapters"})
+    searches = True
+
+    def check_params(self, spec: PolicySpec) -> None:
+        super().check_params(spec)
+        number(spec, "k", self.config.k, 1, self.config.max_k, integer=True)
+        number(spec, "min_score", self.config.min_score, -1.0, 1.0)
+        number(spec, "temperature", self.config.temperature, 0.0, 100.0, open_low=True)
+        get_method(text(spec, "method", self.config.method))  # 400 listing the merge methods
+        weights = text(spec, "weights", self.config.weights)
+        if weights not in WEIGHTINGS:
+            explicit = self._explicit_weights(spec, weights)
+            names = self._explicit_adapters(spec)
+            if names is None or len(names) != len(explicit):
+                raise _bad(f'average: explicit weights need adapters="a b" of the same length; valid weightings: '
+                           f"{', '.join(WEIGHTINGS)} or numbers")
+
+    @staticmethod
+    def _explicit_adapters(spec: PolicySpec) -> list[str] | None:
+        raw = spec.params.get("adapters")
+        if raw is None:
+            return None
+        names = str(raw).split()
+        if not names or len(set(names)) != len(names):
+            raise _bad(f"average: adapters must list distinct names, got {raw!r}")
+        return names
+
+    @staticmethod
+    def _explicit_weights(spec: PolicySpec, raw: str) -> list[float]:
+        try:
+            values = [float(w) for w in raw.split()]
+        except ValueError as exc:
+            raise _bad(f"average: weights must be one of {', '.join(WEIGHTINGS)} or numbers, got {raw!r}") from exc
+        if not values or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+            raise _bad(f"average: explicit weights must be non-negative with a positive sum, got {raw!r}")
+        return [v / sum(values) for v in values]
+
+    async def decide(self, query: RoutingQuery) -> RoutingDecision:
+        spec = query.policy
+        method = text(spec, "method", self.config.method)
+        how = text(spec, "weights", self.config.weights)
+        names = self._explicit_adapters(spec)
+        scores = dict(query.candidates)
+        if names is not None:
+            chosen = [(registered(query, n), scores.get(n, 0.0)) for n in names]
+        else:
+            k = int(number(spec, "k", self.config.k, 1, self.config.max_k, integer=True))
+            min_score = number(spec, "min_score", self.config.min_score, -1.0, 1.0)
+            chosen = [(n, s) for n, s in query.candidates[:k] if s >= min_score]
+        if not chosen:
+            return self.decision(query)
+        if how in WEIGHTINGS:
+            temperature = number(spec, "temperature", self.config.temperature, 0.0, 100.0, open_low=True)
+            weights = round_weights(similarity_weights([s for _, s in chosen], how, temperature),
+                                    self.config.weight_step)
+        else:
+            weights = self._explicit_weights(spec, how)
+        kept = tuple(AdapterWeight(n, w) for (n, _), w in zip(chosen, weights, strict=True) if w > 0)
+        return self.decision(query, kept, method=method if len(kept) > 1 else None)
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (BasePolicy, PinPolicy, SelectPolicy, AveragePolicy)}
 AUTO = "auto"
 
 

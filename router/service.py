@@ -1,24 +1,45 @@
-"""The router service: resolves ``auto``, looks the policy up and asks it to decide."""
+"""The router service: resolves ``auto``, embeds and searches for searching policies, asks the policy.
+
+Built once at startup. For ``select``/``average`` it embeds the prompt (micro-batched with other
+requests), searches the descriptor index and runs compositional detection, then hands the policy
+an immutable :class:`RoutingQuery`. ``base`` and ``pin`` never pay for an embedding.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Protocol
 
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest
+from loragate.router.compositional import Detector
+from loragate.router.index import DescriptorIndex, TextEncoder, Vectors
 from loragate.router.policies import AUTO, POLICIES, Policy, policy_names
-from loragate.router.types import PolicySpec, RoutingDecision, RoutingQuery
+from loragate.router.types import PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
+
+
+class PromptEmbedder(TextEncoder, Protocol):
+    """What the router needs from the embedder: one prompt, or many (clauses, descriptors)."""
+
+    async def embed(self, text: str) -> Vectors: ...
 
 
 class Router:
-    """Built once at startup; holds one instance of every registered policy."""
+    """Holds one instance of every registered policy and the search machinery they share."""
 
-    def __init__(self, default_policy: PolicySpec) -> None:
-        self._policies: dict[str, Policy] = {name: cls() for name, cls in POLICIES.items()}
+    def __init__(self, default_policy: PolicySpec, config: RouterConfig | None = None, *,
+                 embedder: PromptEmbedder | None = None, index: DescriptorIndex | None = None,
+                 detector: Detector | None = None) -> None:
+        self.config = config or RouterConfig()
+        self._policies: dict[str, Policy] = {name: cls(self.config) for name, cls in POLICIES.items()}
         if default_policy.name == AUTO:
             raise ValueError("the default policy cannot itself be 'auto'")
         self.default_policy = default_policy
+        self.embedder = embedder
+        self.index = index
+        self.detector = detector
         self.resolve(default_policy)  # fail at startup, not on the first request
 
     def resolve(self, spec: PolicySpec) -> tuple[Policy, PolicySpec]:
@@ -29,11 +50,28 @@ class Router:
         if policy is None:
             raise InvalidRequest(f"unsupported adapter policy {spec.name!r}; supported: {', '.join(policy_names())}",
                                  param="X-Adapter-Policy", code="unsupported_policy")
+        if policy.searches and (self.embedder is None or self.index is None):
+            raise InvalidRequest(f"policy {spec.name!r} needs semantic routing, which is not configured here",
+                                 param="X-Adapter-Policy", code="unsupported_policy")
         policy.check_params(spec)
         return policy, spec
 
-    async def decide(self, prompt: str, spec: PolicySpec, adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:
+    async def decide(self, prompt: str, spec: PolicySpec,
+                     adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:
         policy, effective = self.resolve(spec)
-        decision = await policy.decide(RoutingQuery(prompt=prompt, policy=effective, adapters=adapters))
+        candidates: tuple[tuple[str, float], ...] = ()
+        compositional: bool | None = None
+        embed_s = search_s = 0.0
+        if policy.searches and prompt.strip() and self.embedder and self.index and self.index.snapshot().size:
+            started = time.perf_counter()
+            vector = await self.embedder.embed(prompt)
+            embed_s = time.perf_counter() - started
+            candidates = tuple((n, s) for n, s in self.index.search(vector, self.config.candidates) if n in adapters)
+            search_s = time.perf_counter() - started - embed_s
+            if self.detector is not None:
+                compositional = await self.detector.detect(prompt, candidates, self.embedder, self.index.search)
+        query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates)
+        decision = await policy.decide(query)
         # keep what the client asked for ("auto"), not what it resolved to, in the record
-        return decision if effective is spec else replace(decision, policy_asked=spec.text())
+        return replace(decision, policy_asked=spec.text(), compositional=compositional, embed_s=embed_s,
+                       search_s=search_s)

@@ -42,6 +42,7 @@ class RoutingQuery:
     prompt: str
     policy: PolicySpec
     adapters: Mapping[str, AdapterRecord]
+    candidates: tuple[tuple[str, float], ...] = ()  # nearest adapters, best first (searching policies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,24 @@ class RoutingDecision:
     candidates: tuple[tuple[str, float], ...] = ()
     method: str | None = None
     compositional: bool | None = None
+    fallback: bool = False  # a searching policy found nothing good enough and answered with the base
+    embed_s: float = 0.0
+    search_s: float = 0.0
 
     @property
     def is_base(self) -> bool:
         return not self.adapters
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Defaults for policy parameters a request leaves out (from the gateway's settings)."""
+
+    min_score: float = 0.3
+    k: int = 2
+    method: str = "cat"
+    weights: str = "softmax"
+    temperature: float = 0.05
+    weight_step: float = 0.05
+    max_k: int = 8
+    candidates: int = 5

@@ -15,6 +15,7 @@ from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.adapters.registry import AdapterRegistry, validate_descriptors, validate_name
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unauthorized
+from loragate.router.index import DescriptorIndex
 from loragate.workers.pool import WorkerPool
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -41,10 +42,18 @@ class AdminAuth:
 class AdminService:
     """What the /admin routes and the `loragate adapters` CLI do."""
 
-    def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_bytes: int) -> None:
+    def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_bytes: int,
+                 index: DescriptorIndex | None = None) -> None:
         self.registry = registry
         self.pool = pool
         self.max_bytes = max_bytes
+        self.index = index
+
+    async def _changed(self, record: AdapterRecord) -> AdapterRecord:
+        """Registry changes reach routing at once: the descriptor index re-syncs (only what changed)."""
+        if self.index is not None:
+            await self.index.sync(self.registry.snapshot())
+        return record
 
     async def register_path(self, name: str, path: str, description: str = "",
                             examples: Iterable[str] = ()) -> AdapterRecord:
@@ -52,7 +61,7 @@ class AdminService:
         if not path:
             raise InvalidRequest("path is required (a server-side directory) unless files are uploaded",
                                  param="path")
-        return await self.registry.add_from_path(name, Path(path), descriptors)
+        return await self._changed(await self.registry.add_from_path(name, Path(path), descriptors))
 
     async def register_upload(self, name: str, files: dict[str, AsyncIterator[bytes]], description: str,
                               examples: list[str]) -> AdapterRecord:
@@ -76,7 +85,7 @@ class AdminService:
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        return await self.registry.add_staged(name, staged, descriptors)
+        return await self._changed(await self.registry.add_staged(name, staged, descriptors))
 
     async def patch(self, name: str, description: str | None, examples: list[str] | None) -> AdapterRecord:
         current = self.registry.get(name).descriptors
@@ -84,12 +93,12 @@ class AdminService:
             current.description if description is None else description,
             list(current.examples) if examples is None else examples,
         )
-        return await self.registry.update_descriptors(name, descriptors)
+        return await self._changed(await self.registry.update_descriptors(name, descriptors))
 
     async def delete(self, name: str) -> AdapterRecord:
         record = await self.registry.remove(name)
         await self.pool.forget(name)
-        return record
+        return await self._changed(record)
 
     def adapters(self) -> list[AdapterRecord]:
         return list(self.registry.snapshot().values())

@@ -13,10 +13,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loragate import __version__
+from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.errors import InvalidRequest, LoragateError
+from loragate.router.compositional import make_detector
+from loragate.router.embedder import Embedder, make_backend
 from loragate.router.grammar import parse_policy
+from loragate.router.index import DescriptorIndex
 from loragate.router.service import Router
+from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.pipeline import CompletionService
@@ -36,6 +41,26 @@ class Services:
     admin: AdminService
     auth: AdminAuth
     metrics: GatewayMetrics
+    embedder: Embedder | None
+    index: DescriptorIndex | None
+
+
+def build_router(settings: Settings) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
+    """The router with its embedder, descriptor index and compositional detector (unless embedder=none)."""
+    config = RouterConfig(min_score=settings.select_min_score, k=settings.average_k, method=settings.average_method,
+                          weights=settings.average_weights, temperature=settings.average_temperature,
+                          weight_step=settings.merge_weight_step, candidates=settings.route_candidates)
+    default = parse_policy(settings.default_policy, source="default")
+    if settings.embedder == "none":
+        return Router(default, config), None, None
+    options = {"model_dir": settings.embedder_model_dir} if settings.embedder_model_dir else {}
+    embedder = Embedder(make_backend(settings.embedder, **options), max_batch=settings.embed_max_batch,
+                        max_wait_ms=settings.embed_max_wait_ms, cache_size=settings.embed_cache_size)
+    index = DescriptorIndex(embedder, settings.data_dir / "index", embedder.identity,
+                            exact_max=settings.index_exact_max, aggregate=settings.index_aggregate)
+    router = Router(default, config, embedder=embedder, index=index,
+                    detector=make_detector(settings.compositional_detector))
+    return router, embedder, index
 
 
 def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
@@ -45,13 +70,15 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
         max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots)))
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics)
-    router = Router(parse_policy(settings.default_policy, source="default"))
+    router, embedder, index = build_router(settings)
+    merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     return Services(
-        settings=settings, registry=registry, pool=pool, metrics=metrics,
+        settings=settings, registry=registry, pool=pool, metrics=metrics, embedder=embedder, index=index,
         completions=CompletionService(model=settings.model, registry=registry, router=router, pool=pool,
-                                      http=http, metrics=metrics),
-        admin=AdminService(registry, pool, settings.max_adapter_bytes),
+                                      http=http, metrics=metrics, merges=merges,
+                                      max_rank=settings.max_lora_rank),
+        admin=AdminService(registry, pool, settings.max_adapter_bytes, index),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
     )
 
@@ -72,9 +99,13 @@ def create_app(settings: Settings) -> FastAPI:
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
             services = build_services(settings, http)
             app.state.services = services
+            if services.index is not None:
+                await services.index.sync(services.registry.snapshot())
             try:
                 yield
             finally:
+                if services.embedder is not None:
+                    await services.embedder.close()
                 services.registry.close()
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan)

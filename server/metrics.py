@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from loragate.router.types import RoutingDecision
+
+MAX_ADAPTER_LABELS = 200
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5)
 
@@ -34,6 +37,22 @@ class GatewayMetrics:
         self.loaded_adapters = Gauge("loragate_worker_loaded_adapters", "Adapters loaded per worker (gateway view)",
                                      ["worker"], registry=r)
         self.registered_adapters = Gauge("loragate_registered_adapters", "Adapters in the registry", registry=r)
+        self.routing = Counter("loragate_routing_decisions_total",
+                               "Decisions of searching policies: hit (adapters chosen) or fallback (base)",
+                               ["policy", "result"], registry=r)
+        self.route_score = Histogram("loragate_route_top_score", "Similarity of the nearest adapter per routed request",
+                                     ["policy"], buckets=(0, .1, .2, .3, .4, .5, .6, .7, .8, .9, 1), registry=r)
+        self.compositional = Counter("loragate_compositional_queries_total",
+                                     "Routed requests by compositional flag", ["policy", "compositional"], registry=r)
+        self.selections = Counter("loragate_adapter_selections_total", "Adapters chosen by decisions",
+                                  ["adapter"], registry=r)
+        self.route_latency = Histogram("loragate_route_seconds", "Routing time (embed + search + decide)",
+                                       ["policy"], buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.merge_builds = Histogram("loragate_merge_build_seconds", "Time to build one merged adapter",
+                                      ["method"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.merge_cache = Counter("loragate_merge_cache_total", "Merged-adapter lookups: hit or build",
+                                   ["result"], registry=r)
+        self._selection_labels: set[str] = set()
 
     # -- PoolObserver ----------------------------------------------------------------------------
     def adapter_loaded(self, worker: str, adapter: str, seconds: float, ok: bool) -> None:
@@ -49,6 +68,31 @@ class GatewayMetrics:
         if upstream_s is not None:
             self.upstream_latency.labels(route).observe(upstream_s)
         self.overhead.labels(route).observe(max(overhead_s, 0.0))
+
+    def decided(self, decision: RoutingDecision, route_s: float) -> None:
+        """Routing read-outs of one decision (searching policies only say hit/fallback)."""
+        policy = decision.policy_applied
+        self.route_latency.labels(policy).observe(route_s)
+        for chosen in decision.adapters:
+            self.selections.labels(self._adapter_label(chosen.name)).inc()
+        if decision.candidates or decision.fallback:
+            self.routing.labels(policy, "fallback" if decision.fallback else "hit").inc()
+            if decision.candidates:
+                self.route_score.labels(policy).observe(decision.candidates[0][1])
+        if decision.compositional is not None:
+            self.compositional.labels(policy, str(decision.compositional).lower()).inc()
+
+    def _adapter_label(self, name: str) -> str:
+        """Adapter names as labels, capped so that label cardinality stays bounded."""
+        if name in self._selection_labels or len(self._selection_labels) < MAX_ADAPTER_LABELS:
+            self._selection_labels.add(name)
+            return name
+        return "other"
+
+    def merged(self, method: str, built: bool, seconds: float) -> None:
+        self.merge_cache.labels("build" if built else "hit").inc()
+        if built:
+            self.merge_builds.labels(method).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,8 +19,8 @@ import httpx
 from http_sfv.item import Item
 from http_sfv.list import List as SfList
 
+from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.registry import AdapterRegistry
-from loragate.adapters.types import AdapterRecord
 from loragate.errors import (
     InvalidRequest,
     LoragateError,
@@ -112,17 +112,50 @@ def adapters_header(decision: RoutingDecision) -> str | None:
     return str(items)
 
 
+@dataclass(frozen=True, slots=True)
+class Servable:
+    """The adapter a worker loads for a decision: its vLLM name and path (a merge has a method)."""
+
+    name: str
+    path: str
+    method: str | None = None
+
+
+def decision_headers(request: CompletionRequest, decision: RoutingDecision, adapter: Servable | None
+                     ) -> dict[str, str]:
+    """The X-* headers that make a decision visible to the client."""
+    headers = {"x-request-id": request.request_id, "x-adapter-policy-applied": decision.policy_applied}
+    if (adapters := adapters_header(decision)) is not None:
+        headers["x-adapters"] = adapters
+    if decision.candidates:
+        scores = SfList()
+        for name, score in decision.candidates:
+            item = Item(name)
+            item.params["s"] = round(score, 3)
+            scores.append(item)
+        headers["x-route-scores"] = str(scores)
+    if decision.compositional is not None:
+        headers["x-compositional"] = "?1" if decision.compositional else "?0"
+    if adapter is not None and adapter.method is not None:
+        headers["x-adapter-merge"] = f'"{adapter.name}";method={adapter.method}'
+    if decision.fallback:
+        headers["x-route-fallback"] = "?1"
+    return headers
+
+
 class CompletionService:
     """Runs completions end to end; built once at startup with every collaborator it needs."""
 
     def __init__(self, *, model: str, registry: AdapterRegistry, router: Router, pool: WorkerPool,
-                 http: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
+                 http: httpx.AsyncClient, metrics: GatewayMetrics, merges: MergeCache, max_rank: int) -> None:
         self.model = model
         self.registry = registry
         self.router = router
         self.pool = pool
         self.http = http
         self.metrics = metrics
+        self.merges = merges
+        self.max_rank = max_rank
 
     async def policy_for(self, request: CompletionRequest) -> PolicySpec:
         """Header > body ``adapter_policy`` > ``model`` naming an adapter (pin) > the default (auto)."""
@@ -146,39 +179,44 @@ class CompletionService:
             return PolicySpec("pin", {"adapter": model}, source="model")
         return PolicySpec("auto", source="default")
 
-    def servable(self, decision: RoutingDecision) -> AdapterRecord | None:
+    async def servable(self, decision: RoutingDecision) -> Servable | None:
+        """What the worker loads: a registered adapter, or a cached merge built on demand."""
         if decision.is_base:
             return None
-        if len(decision.adapters) > 1:
-            raise InvalidRequest("merged adapters are not served yet", code="unsupported_policy")
-        return self.registry.get(decision.adapters[0].name)
+        records = [self.registry.get(a.name) for a in decision.adapters]
+        if len(records) == 1:
+            return Servable(records[0].name, str(records[0].path))
+        merged = await self.merges.get_or_build(records, [a.weight for a in decision.adapters],
+                                                decision.method or self.router.config.method, self.max_rank)
+        self.metrics.merged(merged.method, merged.built, merged.seconds)
+        return Servable(merged.name, str(merged.path), merged.method)
 
     async def complete(self, request: CompletionRequest) -> ProxiedResponse:
         decision: RoutingDecision | None = None
         try:
             spec = await self.policy_for(request)
+            route_started = time.perf_counter()
             decision = await self.router.decide(prompt_text(request.route, request.body), spec,
                                                 self.registry.snapshot())
-            adapter = self.servable(decision)
+            self.metrics.decided(decision, time.perf_counter() - route_started)
+            adapter = await self.servable(decision)
             body = {k: v for k, v in request.body.items() if k != POLICY_FIELD}
             body["model"] = adapter.name if adapter else self.model
             stream = bool(body.get("stream"))
-            headers = {"x-request-id": request.request_id, "x-adapter-policy-applied": decision.policy_applied}
-            if (adapters := adapters_header(decision)) is not None:
-                headers["x-adapters"] = adapters
-            return await self._proxy(request, decision, adapter, body, stream, headers)
+            return await self._proxy(request, decision, adapter, body, stream, decision_headers(request, decision,
+                                                                                               adapter))
         except LoragateError as exc:
             policy = decision.policy_applied if decision else "rejected"
             self._record(request.route, policy, request.received_at, exc.status, None, 0.0)
             raise
 
-    async def _proxy(self, request: CompletionRequest, decision: RoutingDecision, adapter: AdapterRecord | None,
+    async def _proxy(self, request: CompletionRequest, decision: RoutingDecision, adapter: Servable | None,
                      body: dict[str, Any], stream: bool, headers: dict[str, str]) -> ProxiedResponse:
         stack = AsyncExitStack()
         try:
             load_started = time.perf_counter()
             worker = await stack.enter_async_context(
-                self.pool.lease(adapter.name if adapter else None, str(adapter.path) if adapter else None))
+                self.pool.lease(adapter.name if adapter else None, adapter.path if adapter else None))
             load_s = time.perf_counter() - load_started
             upstream_started = time.perf_counter()
             upstream = self.http.build_request(

@@ -49,6 +49,25 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout.")
     load_timeout_s: float = Field(120.0, gt=0, description="Timeout of one adapter load on a worker.")
     max_connections: int = Field(512, gt=0, description="Pooled upstream connections (all workers).")
+    # -- semantic routing -------------------------------------------------------------------------
+    embedder: str = Field("minilm", description="Embedding backend for routing: minilm | static | none (no routing).")
+    embedder_model_dir: Path | None = Field(
+        None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
+    embed_max_batch: int = Field(32, gt=0, description="Largest micro-batch of prompts embedded together.")
+    embed_max_wait_ms: float = Field(2.0, ge=0, le=100, description="Longest wait to fill a micro-batch (ms).")
+    embed_cache_size: int = Field(4096, ge=0, description="Prompts whose embeddings are kept (LRU).")
+    index_exact_max: int = Field(50_000, gt=0, description="Descriptor vectors searched exactly; HNSW above.")
+    index_aggregate: str = Field("max", description="Adapter score from its descriptor vectors: max | top2mean.")
+    route_candidates: int = Field(5, gt=0, le=64, description="Nearest adapters reported per routed request.")
+    select_min_score: float = Field(0.3, ge=-1, le=1, description="Default min_score of select and average.")
+    average_k: int = Field(2, ge=1, le=8, description="Default k of average.")
+    average_method: str = Field("cat", description="Default merge method of average: linear | cat | svd.")
+    average_weights: str = Field("softmax", description="Default weighting of average: uniform | score | softmax.")
+    average_temperature: float = Field(0.05, gt=0, le=100, description="Default softmax temperature of average.")
+    merge_weight_step: float = Field(
+        0.05, ge=0, le=0.5, description="Similarity-derived merge weights are rounded to this step (0 = off).")
+    merge_cache_bytes: int = Field(4 << 30, gt=0, description="Disk budget of the merged-adapter cache (LRU).")
+    compositional_detector: str = Field("segments", description="Compositional detection: segments | gap.")
 
     @field_validator("workers")
     @classmethod

@@ -25,6 +25,13 @@ from loragate.workers.launch import WorkerLaunch, WorkerProcess
 TOKEN = "integration-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 MODEL = "tiny-llama"
+# Routing descriptors of the two session adapters (their weights are random; routing reads only these).
+DESCRIPTORS = {
+    "alpha": ("Cooking: recipes, baking and kitchen techniques.",
+              ["How long should I bake a loaf of bread?", "What can I cook with leftover rice?"]),
+    "beta": ("Astronomy: planets, stars, galaxies and telescopes.",
+             ["How far is Mars from the Sun?", "Why do stars twinkle at night?"]),
+}
 
 
 def free_port() -> int:
@@ -87,8 +94,9 @@ def stack(tiny: Tiny, worker: str, tmp_path_factory: pytest.TempPathFactory) -> 
     stack = Stack(gateway=f"http://127.0.0.1:{settings.port}", worker=worker, tiny=tiny, data_dir=data_dir)
     with stack.admin() as admin:
         for name, seed in (("alpha", 1), ("beta", 2)):
+            description, examples = DESCRIPTORS[name]
             response = admin.post("/admin/adapters", json={"name": name, "path": str(tiny.adapter(name, seed)),
-                                                           "description": f"adapter {name}"})
+                                                           "description": description, "examples": examples})
             assert response.status_code == 201, response.text
     try:
         yield stack

@@ -47,9 +47,14 @@ async def test_pin_without_adapter_is_400() -> None:
         await Router(PolicySpec("base")).decide("q", PolicySpec("pin"), ADAPTERS)
 
 
-@pytest.mark.parametrize("text", ["select;min_score=0.3", "average;k=2", "magic"])
-async def test_unsupported_policies_list_what_is_supported(text: str) -> None:
-    with pytest.raises(InvalidRequest, match="supported: auto, base, pin"):
+async def test_unknown_policies_list_what_is_supported() -> None:
+    with pytest.raises(InvalidRequest, match="supported: auto, average, base, pin, select"):
+        await Router(PolicySpec("base")).decide("q", parse_policy("magic", source="h"), ADAPTERS)
+
+
+@pytest.mark.parametrize("text", ["select;min_score=0.3", "average;k=2"])
+async def test_searching_policies_need_an_embedder(text: str) -> None:
+    with pytest.raises(InvalidRequest, match="needs semantic routing"):
         await Router(PolicySpec("base")).decide("q", parse_policy(text, source="h"), ADAPTERS)
 
 

@@ -35,7 +35,7 @@ def imports(tmp_path: Path) -> Path:
 
 def make_client(tmp_path: Path, imports: Path, **overrides: object) -> TestClient:
     settings = Settings(data_dir=tmp_path / "data", workers=[f"http://127.0.0.1:{closed_port()}"],
-                        import_roots=[imports], **overrides)  # type: ignore[arg-type]
+                        import_roots=[imports], embedder="none", **overrides)  # type: ignore[arg-type]
     return TestClient(create_app(settings))
 
 
@@ -114,7 +114,9 @@ def test_upload_over_the_limit_is_413(tmp_path: Path, imports: Path) -> None:
     (b'{"prompt": "hi"}', {}, 400, "model is required"),
     (b'{"model": "nope", "prompt": "hi"}', {}, 404, "the model 'nope' does not exist"),
     (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "pin;adapter=\"x"}, 400, "RFC 8941"),
-    (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "select"}, 400, "supported: auto, base, pin"),
+    (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "magic"}, 400,
+     "supported: auto, average, base, pin"),
+    (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "select"}, 400, "needs semantic routing"),
     (b'{"model": "tiny-llama", "prompt": "hi", "adapter_policy": 3}', {}, 400, "adapter_policy must be a string"),
     (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": 'pin;adapter="ghost"'}, 404, "'ghost'"),
     (b'{"model": "tiny-llama", "prompt": 5}', {}, 400, "prompt must be"),

