@@ -17,7 +17,9 @@ from safetensors.numpy import save_file
 def write_lora(directory: Path, *, rank: int = 8, alpha: int = 16, base: str = "tiny-llama",
                targets: tuple[str, ...] = ("q_proj", "v_proj"), layers: int = 2, hidden: int = 128,
                seed: int = 0, config_overrides: dict[str, Any] | None = None,
-               tensors: dict[str, np.ndarray] | None = None) -> Path:
+               tensors: dict[str, np.ndarray] | None = None, prefix: str = "base_model.model.",
+               in_dim: int | None = None, out_dim: int | None = None) -> Path:
+    """A PEFT dir with random A (rank x in_dim) and B (out_dim x rank) per target module per layer."""
     directory.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
@@ -30,8 +32,8 @@ def write_lora(directory: Path, *, rank: int = 8, alpha: int = 16, base: str = "
         tensors = {}
         for layer in range(layers):
             for module in targets:
-                prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-                tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, hidden)).astype(np.float32)
-                tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((hidden, rank)).astype(np.float32)
+                path = f"{prefix}model.layers.{layer}.self_attn.{module}"
+                tensors[f"{path}.lora_A.weight"] = rng.standard_normal((rank, in_dim or hidden)).astype(np.float32)
+                tensors[f"{path}.lora_B.weight"] = rng.standard_normal((out_dim or hidden, rank)).astype(np.float32)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     return directory

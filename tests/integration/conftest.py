@@ -6,7 +6,6 @@ weights, word-level tokenizer), so the suite needs no downloads.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
+from examples.demo import free_port
 from examples.tiny_model import build_tiny_lora, build_tiny_model
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
@@ -32,12 +32,6 @@ DESCRIPTORS = {
     "beta": ("Astronomy: planets, stars, galaxies and telescopes.",
              ["How far is Mars from the Sun?", "Why do stars twinkle at night?"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

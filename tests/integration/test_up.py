@@ -5,26 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.conftest import Tiny, free_port
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"loragate up exited early with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} not healthy after {timeout}s")
+from examples.demo import free_port, wait_for
+from tests.integration.conftest import Tiny
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -35,7 +22,7 @@ def test_up_serves_and_stops_its_worker_on_signal(tiny: Tiny, tmp_path: Path, si
                              "--set", f"port={port}", "--set", f"data_dir={tmp_path / 'data'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=400)
+        wait_for(f"http://127.0.0.1:{port}/health", proc, timeout=400)
         response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                               json={"model": "tiny-llama", "prompt": "the cat", "max_tokens": 3, "temperature": 0})
         assert response.status_code == 200 and response.json()["choices"][0]["text"]

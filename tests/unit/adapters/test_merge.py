@@ -40,15 +40,8 @@ def lora(directory: Path, *, rank: int, alpha: int, seed: int, targets: tuple[st
          rslora: bool = False, base: str = "tiny-llama", layers: int = 2, prefix: str = "base_model.model.",
          d: int = D, k: int = K, overrides: dict[str, object] | None = None) -> Path:
     """A PEFT dir with random A (r x k) and B (d x r) for each target in each layer."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(layers):
-        for module in targets:
-            path = f"{prefix}model.layers.{layer}.self_attn.{module}"
-            tensors[f"{path}.lora_A.weight"] = rng.standard_normal((rank, k)).astype(np.float32)
-            tensors[f"{path}.lora_B.weight"] = rng.standard_normal((d, rank)).astype(np.float32)
-    return write_lora(directory, rank=rank, alpha=alpha, base=base, targets=targets, tensors=tensors,
-                      config_overrides={"use_rslora": rslora, **(overrides or {})})
+    return write_lora(directory, rank=rank, alpha=alpha, base=base, targets=targets, layers=layers, seed=seed,
+                      prefix=prefix, in_dim=k, out_dim=d, config_overrides={"use_rslora": rslora, **(overrides or {})})
 
 
 def record(directory: Path, name: str, **overrides: object) -> AdapterRecord:

@@ -5,25 +5,19 @@ The worker URL points at a closed port, which doubles as fault injection for "wo
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from examples.demo import free_port
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
 from tests.lora_files import write_lora
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -34,7 +28,7 @@ def imports(tmp_path: Path) -> Path:
 
 
 def make_client(tmp_path: Path, imports: Path, **overrides: object) -> TestClient:
-    settings = Settings(data_dir=tmp_path / "data", workers=[f"http://127.0.0.1:{closed_port()}"],
+    settings = Settings(data_dir=tmp_path / "data", workers=[f"http://127.0.0.1:{free_port()}"],
                         import_roots=[imports], embedder="none", **overrides)  # type: ignore[arg-type]
     return TestClient(create_app(settings))
 
