@@ -45,14 +45,19 @@ def _commit() -> str:
         return "unknown"
 
 
-def write_section(name: str, title: str, body: str) -> Path:
-    """Store one benchmark's markdown section and rebuild docs/BENCHMARKS.md."""
-    SECTIONS.mkdir(parents=True, exist_ok=True)
+def write_section(name: str, title: str, body: str, out_dir: Path | None = None) -> Path:
+    """Store one benchmark's markdown section and rebuild docs/BENCHMARKS.md.
+
+    With ``out_dir`` (smoke tests, trial runs) the section goes there and docs/ is left alone.
+    """
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = f"## {title}\n\n_Run {stamp} at commit {_commit()} on: {machine()}._\n\n"
-    path = SECTIONS / f"{name}.md"
+    target = out_dir or SECTIONS
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"{name}.md"
     path.write_text(header + body.strip() + "\n")
-    assemble()
+    if out_dir is None:
+        assemble()
     return path
 
 

@@ -4,11 +4,15 @@ The canonical case is a two-hop question whose hops live in different adapters (
 spouse of X born?": spouses, then birthplaces). The reuse-limit literature finds that averaging and
 selection mostly fail there, so the gateway flags these queries to show operators where.
 
-Two detectors, in a registry, measured on ``tests/data/routing`` by ``make bench``:
-- ``gap``: the two best adapters are both similar to the prompt and close to each other.
-- ``segments``: split the prompt into clauses (and short word windows); if different clauses are
-  each clearly nearest to a different adapter, the prompt spans domains. Costs one batched
-  embedding of the clauses.
+Detectors, in a registry, measured on ``tests/data/routing`` by ``make bench``:
+- ``gap`` (default): the two best adapters are both similar to the prompt and close to each other.
+  Free: it reads the scores the router already has.
+- ``segments``: split the prompt into clauses; if different clauses are each clearly nearest to a
+  different adapter, the prompt spans domains.
+- ``hybrid``: either of the two; the best recall, for one larger embedding batch per request.
+
+A detector names the extra texts it needs embedded (:meth:`Detector.texts`); the router embeds
+them in the same batch as the prompt, so detection never costs a second round trip.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from loragate.errors import InvalidRequest
-from loragate.router.index import TextEncoder, Vectors
+from loragate.router.index import Vectors
 
 Candidates = tuple[tuple[str, float], ...]
 Search = Callable[[Vectors, int], Candidates]
@@ -46,9 +50,16 @@ def segments(prompt: str, window: int = 6, stride: int = 3) -> list[str]:
 class Detector(ABC):
     name: ClassVar[str]
 
+    def texts(self, prompt: str) -> list[str]:
+        """Extra texts to embed together with the prompt (none by default)."""
+        return []
+
     @abstractmethod
-    async def detect(self, prompt: str, candidates: Candidates, encoder: TextEncoder, search: Search) -> bool:
-        """True when the prompt spans more than one adapter's domain."""
+    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
+        """True when the prompt spans more than one adapter's domain.
+
+        ``candidates`` are the prompt's nearest adapters; ``vectors`` the embeddings of :meth:`texts`.
+        """
 
 
 class GapDetector(Detector):
@@ -56,11 +67,11 @@ class GapDetector(Detector):
 
     name = "gap"
 
-    def __init__(self, min_second: float = 0.3, max_gap: float = 0.08) -> None:
+    def __init__(self, min_second: float = 0.35, max_gap: float = 0.1) -> None:
         self.min_second = min_second
         self.max_gap = max_gap
 
-    async def detect(self, prompt: str, candidates: Candidates, encoder: TextEncoder, search: Search) -> bool:
+    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
         if len(candidates) < 2:
             return False
         (_, first), (_, second) = candidates[0], candidates[1]
@@ -72,18 +83,18 @@ class SegmentDetector(Detector):
 
     name = "segments"
 
-    def __init__(self, min_score: float = 0.4, margin: float = 0.03) -> None:
+    def __init__(self, min_score: float = 0.35, margin: float = 0.03) -> None:
         self.min_score = min_score
         self.margin = margin
 
-    async def detect(self, prompt: str, candidates: Candidates, encoder: TextEncoder, search: Search) -> bool:
-        if len(candidates) < 2:
-            return False
+    def texts(self, prompt: str) -> list[str]:
         parts = segments(prompt)
-        if len(parts) < 2:
+        return parts if len(parts) >= 2 else []
+
+    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
+        if len(candidates) < 2 or len(vectors) < 2:
             return False
         winners: set[str] = set()
-        vectors = await encoder.embed_many(parts)
         for vector in vectors:
             found = search(vector, 2)
             if not found or found[0][1] < self.min_score:
@@ -94,7 +105,23 @@ class SegmentDetector(Detector):
         return len(winners) >= 2
 
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (GapDetector, SegmentDetector)}
+class HybridDetector(Detector):
+    """Either a near tie of the top-2 adapters or clauses that point at different adapters."""
+
+    name = "hybrid"
+
+    def __init__(self) -> None:
+        self.gap = GapDetector()
+        self.segments = SegmentDetector()
+
+    def texts(self, prompt: str) -> list[str]:
+        return self.segments.texts(prompt)
+
+    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
+        return self.gap.detect(candidates, vectors, search) or self.segments.detect(candidates, vectors, search)
+
+
+DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (GapDetector, SegmentDetector, HybridDetector)}
 
 
 def make_detector(name: str) -> Detector:
@@ -103,6 +130,3 @@ def make_detector(name: str) -> Detector:
     except KeyError:
         raise InvalidRequest(f"unknown compositional detector {name!r}; valid: {', '.join(sorted(DETECTORS))}",
                              code="invalid_config") from None
-
-
-__all__ = ["DETECTORS", "Detector", "GapDetector", "SegmentDetector", "make_detector", "segments"]

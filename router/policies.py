@@ -185,8 +185,9 @@ class AveragePolicy(Policy):
             return self.decision(query)
         if how in WEIGHTINGS:
             temperature = number(spec, "temperature", self.config.temperature, 0.0, 100.0, open_low=True)
-            weights = round_weights(similarity_weights([s for _, s in chosen], how, temperature),
-                                    self.config.weight_step)
+            weights = similarity_weights([s for _, s in chosen], how, temperature)
+            if self.config.weight_step > 0:  # nearby decisions then share one merged adapter
+                weights = round_weights(weights, self.config.weight_step)
         else:
             weights = self._explicit_weights(spec, how)
         kept = tuple(AdapterWeight(n, w) for (n, _), w in zip(chosen, weights, strict=True) if w > 0)

@@ -10,27 +10,20 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Protocol
 
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest
 from loragate.router.compositional import Detector
-from loragate.router.index import DescriptorIndex, TextEncoder, Vectors
+from loragate.router.index import DescriptorIndex, TextEncoder
 from loragate.router.policies import AUTO, POLICIES, Policy, policy_names
 from loragate.router.types import PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
-
-
-class PromptEmbedder(TextEncoder, Protocol):
-    """What the router needs from the embedder: one prompt, or many (clauses, descriptors)."""
-
-    async def embed(self, text: str) -> Vectors: ...
 
 
 class Router:
     """Holds one instance of every registered policy and the search machinery they share."""
 
     def __init__(self, default_policy: PolicySpec, config: RouterConfig | None = None, *,
-                 embedder: PromptEmbedder | None = None, index: DescriptorIndex | None = None,
+                 embedder: TextEncoder | None = None, index: DescriptorIndex | None = None,
                  detector: Detector | None = None) -> None:
         self.config = config or RouterConfig()
         self._policies: dict[str, Policy] = {name: cls(self.config) for name, cls in POLICIES.items()}
@@ -63,13 +56,15 @@ class Router:
         compositional: bool | None = None
         embed_s = search_s = 0.0
         if policy.searches and prompt.strip() and self.embedder and self.index and self.index.snapshot().size:
+            extra = self.detector.texts(prompt) if self.detector else []
             started = time.perf_counter()
-            vector = await self.embedder.embed(prompt)
+            vectors = await self.embedder.embed_many([prompt, *extra])  # one batch: prompt + detector clauses
             embed_s = time.perf_counter() - started
-            candidates = tuple((n, s) for n, s in self.index.search(vector, self.config.candidates) if n in adapters)
+            candidates = tuple((n, s) for n, s in self.index.search(vectors[0], self.config.candidates)
+                               if n in adapters)
             search_s = time.perf_counter() - started - embed_s
             if self.detector is not None:
-                compositional = await self.detector.detect(prompt, candidates, self.embedder, self.index.search)
+                compositional = self.detector.detect(candidates, vectors[1:], self.index.search)
         query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates)
         decision = await policy.decide(query)
         # keep what the client asked for ("auto"), not what it resolved to, in the record

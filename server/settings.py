@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     merge_weight_step: float = Field(
         0.05, ge=0, le=0.5, description="Similarity-derived merge weights are rounded to this step (0 = off).")
     merge_cache_bytes: int = Field(4 << 30, gt=0, description="Disk budget of the merged-adapter cache (LRU).")
-    compositional_detector: str = Field("segments", description="Compositional detection: segments | gap.")
+    compositional_detector: str = Field(
+        "gap", description="Compositional detection: gap (free) | segments | hybrid (best recall, larger embed batch).")
 
     @field_validator("workers")
     @classmethod

@@ -97,3 +97,10 @@ def test_similarity_weights() -> None:
     assert similarity_weights([-0.5, -0.2], "score", 1) == pytest.approx([0.5, 0.5])
     soft = similarity_weights([0.6, 0.5], "softmax", 0.05)
     assert soft[0] / soft[1] == pytest.approx(math.exp(2.0))
+
+
+async def test_weight_step_zero_keeps_exact_softmax_weights() -> None:
+    spec = parse_policy("average;k=2;weights=softmax;temperature=0.05", source="header")
+    policy = POLICIES["average"](RouterConfig(weight_step=0.0))
+    decision = await policy.decide(RoutingQuery("q", spec, ADAPTERS, CANDIDATES))
+    assert [a.weight for a in decision.adapters] == pytest.approx(similarity_weights([0.62, 0.58], "softmax", 0.05))

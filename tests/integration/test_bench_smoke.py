@@ -1,0 +1,22 @@
+"""The routing and merge benchmarks keep working (tiny sizes, written to a temp dir, never to docs/)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(("module", "section", "headline"), [
+    ("bench_routing", "routing.md", "routing p50"),
+    ("bench_merge", "merge.md", "cat merge"),
+])
+def test_benchmark_quick_run(tmp_path: Path, module: str, section: str, headline: str) -> None:
+    result = subprocess.run([sys.executable, "-m", f"loragate.loadtest.{module}", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith(headline)
+    text = (tmp_path / section).read_text()
+    assert "| " in text and "Run " in text
