@@ -24,7 +24,8 @@ from loragate.router.service import Router
 from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
 from loragate.server.metrics import GatewayMetrics
-from loragate.server.pipeline import CompletionService
+from loragate.server.outcomes import OutcomeLog
+from loragate.server.pipeline import CompletionService, ShadowConfig
 from loragate.server.settings import Settings
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.pool import WorkerPool
@@ -43,6 +44,7 @@ class Services:
     metrics: GatewayMetrics
     embedder: Embedder | None
     index: DescriptorIndex | None
+    outcomes: OutcomeLog
 
 
 def build_router(settings: Settings) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
@@ -72,12 +74,18 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics)
     router, embedder, index = build_router(settings)
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
+    outcomes = OutcomeLog(settings.data_dir / "outcomes.sqlite3", retention_days=settings.outcomes_retention_days,
+                          interval_s=settings.outcomes_flush_interval_s)
+    if settings.shadow_policy:
+        router.resolve(parse_policy(settings.shadow_policy, source="shadow"))  # fail at startup
+    shadow = ShadowConfig(settings.shadow_policy, settings.shadow_rate, settings.shadow_max_concurrency)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     return Services(
         settings=settings, registry=registry, pool=pool, metrics=metrics, embedder=embedder, index=index,
+        outcomes=outcomes,
         completions=CompletionService(model=settings.model, registry=registry, router=router, pool=pool,
                                       http=http, metrics=metrics, merges=merges,
-                                      max_rank=settings.max_lora_rank),
+                                      max_rank=settings.max_lora_rank, outcomes=outcomes, shadow=shadow),
         admin=AdminService(registry, pool, settings.max_adapter_bytes, index),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
     )
@@ -101,9 +109,12 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.services = services
             if services.index is not None:
                 await services.index.sync(services.registry.snapshot())
+            services.outcomes.start()
             try:
                 yield
             finally:
+                await services.completions.close()  # running shadows finish and are recorded
+                await services.outcomes.close()  # drains the queue: nothing recorded is lost
                 if services.embedder is not None:
                     await services.embedder.close()
                 services.registry.close()
@@ -111,8 +122,12 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan)
 
     @app.exception_handler(LoragateError)
-    async def _loragate_error(_: Request, exc: LoragateError) -> JSONResponse:
-        return error_response(exc)
+    async def _loragate_error(request: Request, exc: LoragateError) -> JSONResponse:
+        response = error_response(exc)
+        request_id = getattr(request.state, "request_id", None)
+        if request_id is not None:  # errors of completions carry the id too (outcome log, feedback)
+            response.headers["x-request-id"] = request_id
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

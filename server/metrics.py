@@ -52,6 +52,11 @@ class GatewayMetrics:
                                       ["method"], buckets=_LATENCY_BUCKETS, registry=r)
         self.merge_cache = Counter("loragate_merge_cache_total", "Merged-adapter lookups: hit or build",
                                    ["result"], registry=r)
+        self.outcomes = Counter("loragate_outcomes_total",
+                                "Graded requests by applied policy, compositional flag, result, kind (primary|shadow)",
+                                ["policy", "compositional", "result", "kind"], registry=r)
+        self.shadow_runs = Counter("loragate_shadow_runs_total", "Shadow-policy runs: done, error or dropped (busy)",
+                                   ["result"], registry=r)
         self._selection_labels: set[str] = set()
 
     # -- PoolObserver ----------------------------------------------------------------------------
@@ -93,6 +98,13 @@ class GatewayMetrics:
         self.merge_cache.labels("build" if built else "hit").inc()
         if built:
             self.merge_builds.labels(method).observe(seconds)
+
+    def outcome(self, policy: str, compositional: bool | None, result: str, kind: str) -> None:
+        flag = "unknown" if compositional is None else str(compositional).lower()
+        self.outcomes.labels(policy, flag, result, kind).inc()
+
+    def shadow_run(self, result: str) -> None:
+        self.shadow_runs.labels(result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,11 +8,13 @@ Each step hands the next an immutable value. Handlers in ``routes/`` only transl
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -33,10 +35,13 @@ from loragate.router.grammar import parse_policy
 from loragate.router.service import Router
 from loragate.router.types import PolicySpec, RoutingDecision
 from loragate.server.metrics import GatewayMetrics
+from loragate.server.outcomes import OutcomeLog, OutcomeRecord, contains_answer
 from loragate.workers.client import error_message
 from loragate.workers.pool import WorkerPool
 
 POLICY_HEADER = "x-adapter-policy"
+SHADOW_HEADER = "x-adapter-policy-shadow"
+EXPECTED_HEADER = "x-expected-answer"
 POLICY_FIELD = "adapter_policy"
 ROUTE_PATHS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/completions"}
 
@@ -50,6 +55,8 @@ class CompletionRequest:
     request_id: str
     policy_header: str | None
     received_at: float
+    expected: str | None = None  # X-Expected-Answer: graded here, never forwarded upstream
+    shadow_header: str | None = None  # X-Adapter-Policy-Shadow
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +150,80 @@ def decision_headers(request: CompletionRequest, decision: RoutingDecision, adap
     return headers
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowConfig:
+    """Shadow runs: a configured policy sampled at ``rate`` (the header asks per request), bounded."""
+
+    policy: str | None = None
+    rate: float = 0.0
+    max_concurrency: int = 4
+
+
+@dataclass(slots=True)
+class Trace:
+    """One request's timings and result as it moves along the path.
+
+    Mutable but private to one request; :meth:`CompletionService._finish` freezes it into an
+    :class:`OutcomeRecord` when the response is complete.
+    """
+
+    request: CompletionRequest
+    kind: str = "primary"
+    shadow_of: str | None = None
+    decision: RoutingDecision | None = None
+    merge_s: float = 0.0
+    load_s: float = 0.0
+    upstream_s: float | None = None
+    worker: str | None = None
+
+
+def completion_text(route: str, body: bytes) -> str:
+    """The generated text of a non-streamed response (for grading)."""
+    try:
+        choices = json.loads(body).get("choices") or []
+    except (ValueError, AttributeError):
+        return ""
+    return "".join(_choice_text(route, c) for c in choices[:1])
+
+
+def _choice_text(route: str, choice: Any) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    if route == "chat.completions":
+        part = choice.get("message") or choice.get("delta") or {}
+        return str(part.get("content") or "") if isinstance(part, dict) else ""
+    return str(choice.get("text") or "")
+
+
+class SSEText:
+    """Collects the generated text from SSE bytes as they pass (only when an answer is to be graded)."""
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self._buffer = b""
+        self.parts: list[str] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                try:
+                    choices = json.loads(line[6:]).get("choices") or []
+                except (ValueError, AttributeError):
+                    continue
+                self.parts.extend(_choice_text(self.route, c) for c in choices[:1])
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
 class CompletionService:
     """Runs completions end to end; built once at startup with every collaborator it needs."""
 
     def __init__(self, *, model: str, registry: AdapterRegistry, router: Router, pool: WorkerPool,
-                 http: httpx.AsyncClient, metrics: GatewayMetrics, merges: MergeCache, max_rank: int) -> None:
+                 http: httpx.AsyncClient, metrics: GatewayMetrics, merges: MergeCache, max_rank: int,
+                 outcomes: OutcomeLog, shadow: ShadowConfig | None = None) -> None:
         self.model = model
         self.registry = registry
         self.router = router
@@ -156,6 +232,11 @@ class CompletionService:
         self.metrics = metrics
         self.merges = merges
         self.max_rank = max_rank
+        self.outcomes = outcomes
+        self.shadow = shadow or ShadowConfig()
+        self._shadow_slots = asyncio.Semaphore(self.shadow.max_concurrency)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._random = random.Random()
 
     async def policy_for(self, request: CompletionRequest) -> PolicySpec:
         """Header > body ``adapter_policy`` > ``model`` naming an adapter (pin) > the default (auto)."""
@@ -191,33 +272,42 @@ class CompletionService:
         self.metrics.merged(merged.method, merged.built, merged.seconds)
         return Servable(merged.name, str(merged.path), merged.method)
 
+    async def _route(self, trace: Trace, spec: PolicySpec) -> tuple[RoutingDecision, Servable | None, dict[str, Any]]:
+        """Decide, make the decision servable, and write the upstream body (``model`` = what to run)."""
+        request = trace.request
+        started = time.perf_counter()
+        decision = await self.router.decide(prompt_text(request.route, request.body), spec, self.registry.snapshot())
+        trace.decision = decision
+        self.metrics.decided(decision, time.perf_counter() - started)
+        started = time.perf_counter()
+        adapter = await self.servable(decision)
+        trace.merge_s = time.perf_counter() - started if adapter and adapter.method else 0.0
+        body = {k: v for k, v in request.body.items() if k != POLICY_FIELD}
+        body["model"] = adapter.name if adapter else self.model
+        return decision, adapter, body
+
     async def complete(self, request: CompletionRequest) -> ProxiedResponse:
-        decision: RoutingDecision | None = None
+        trace = Trace(request)
         try:
-            spec = await self.policy_for(request)
-            route_started = time.perf_counter()
-            decision = await self.router.decide(prompt_text(request.route, request.body), spec,
-                                                self.registry.snapshot())
-            self.metrics.decided(decision, time.perf_counter() - route_started)
-            adapter = await self.servable(decision)
-            body = {k: v for k, v in request.body.items() if k != POLICY_FIELD}
-            body["model"] = adapter.name if adapter else self.model
+            if request.shadow_header is not None:  # a bad shadow policy is the client's mistake too
+                self.router.resolve(parse_policy(request.shadow_header, source="shadow"))
+            decision, adapter, body = await self._route(trace, await self.policy_for(request))
             stream = bool(body.get("stream"))
-            return await self._proxy(request, decision, adapter, body, stream, decision_headers(request, decision,
-                                                                                               adapter))
+            return await self._proxy(trace, adapter, body, stream, decision_headers(request, decision, adapter))
         except LoragateError as exc:
-            policy = decision.policy_applied if decision else "rejected"
-            self._record(request.route, policy, request.received_at, exc.status, None, 0.0)
+            self._finish(trace, exc.status, None)
             raise
 
-    async def _proxy(self, request: CompletionRequest, decision: RoutingDecision, adapter: Servable | None,
-                     body: dict[str, Any], stream: bool, headers: dict[str, str]) -> ProxiedResponse:
+    async def _proxy(self, trace: Trace, adapter: Servable | None, body: dict[str, Any], stream: bool,
+                     headers: dict[str, str]) -> ProxiedResponse:
+        request = trace.request
         stack = AsyncExitStack()
         try:
             load_started = time.perf_counter()
             worker = await stack.enter_async_context(
                 self.pool.lease(adapter.name if adapter else None, adapter.path if adapter else None))
-            load_s = time.perf_counter() - load_started
+            trace.load_s = time.perf_counter() - load_started
+            trace.worker = worker.url
             upstream_started = time.perf_counter()
             upstream = self.http.build_request(
                 "POST", worker.url + ROUTE_PATHS[request.route], json=body,
@@ -237,21 +327,25 @@ class CompletionService:
             if not stream:
                 content = await response.aread()
                 await stack.aclose()
-                self._record(request.route, decision.policy_applied, request.received_at, 200,
-                             time.perf_counter() - upstream_started, load_s)
+                trace.upstream_s = time.perf_counter() - upstream_started
+                output = completion_text(request.route, content) if request.expected is not None else None
+                self._finish(trace, 200, output)
                 return ProxiedResponse(200, headers, media_type, content=content)
             return ProxiedResponse(200, headers, media_type,
-                                   stream=self._relay(request, decision, response, stack, upstream_started, load_s))
+                                   stream=self._relay(trace, response, stack, upstream_started))
         except BaseException:
             await stack.aclose()
             raise
 
-    async def _relay(self, request: CompletionRequest, decision: RoutingDecision, response: httpx.Response,
-                     stack: AsyncExitStack, upstream_started: float, load_s: float) -> AsyncIterator[bytes]:
+    async def _relay(self, trace: Trace, response: httpx.Response, stack: AsyncExitStack,
+                     upstream_started: float) -> AsyncIterator[bytes]:
         """Pass SSE bytes through as they arrive; a stream that breaks ends with an SSE error event."""
         status = 200
+        collector = SSEText(trace.request.route) if trace.request.expected is not None else None
         try:
             async for chunk in response.aiter_raw():
+                if collector is not None:
+                    collector.feed(chunk)
                 yield chunk
         except httpx.HTTPError as exc:
             status = 502
@@ -259,10 +353,68 @@ class CompletionService:
             yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
         finally:
             await stack.aclose()
-            self._record(request.route, decision.policy_applied, request.received_at, status,
-                         time.perf_counter() - upstream_started, load_s)
+            trace.upstream_s = time.perf_counter() - upstream_started
+            self._finish(trace, status, collector.text() if collector else None)
 
-    def _record(self, route: str, policy: str, received_at: float, status: int, upstream_s: float | None,
-                load_s: float) -> None:
-        overhead = time.perf_counter() - received_at - (upstream_s or 0.0) - load_s
-        self.metrics.request_done(route, policy, status, upstream_s, overhead)
+    def _finish(self, trace: Trace, status: int, output: str | None) -> None:
+        """Metrics, the outcome record (graded when an expected answer came with it), and shadows."""
+        request, decision = trace.request, trace.decision
+        total = time.perf_counter() - request.received_at
+        overhead = total - (trace.upstream_s or 0.0) - trace.load_s - trace.merge_s
+        if trace.kind == "primary":
+            self.metrics.request_done(request.route, decision.policy_applied if decision else "rejected", status,
+                                      trace.upstream_s, overhead)
+        if decision is None:
+            return  # refused before routing: nothing was decided
+        graded = request.expected is not None and output is not None and status == 200
+        success = graded and contains_answer(output or "", request.expected or "")
+        self.outcomes.add(OutcomeRecord(
+            request_id=request.request_id, ts=time.time(), kind=trace.kind, shadow_of=trace.shadow_of,
+            route=request.route, policy_asked=decision.policy_asked, policy_applied=decision.policy_applied,
+            candidates=tuple((n, round(s, 4)) for n, s in decision.candidates),
+            adapters=tuple((a.name, a.weight) for a in decision.adapters), method=decision.method,
+            compositional=decision.compositional, fallback=decision.fallback, worker=trace.worker,
+            embed_ms=decision.embed_s * 1e3, search_ms=decision.search_s * 1e3, merge_ms=trace.merge_s * 1e3,
+            load_ms=trace.load_s * 1e3, upstream_ms=None if trace.upstream_s is None else trace.upstream_s * 1e3,
+            total_ms=total * 1e3, status=status, expected=request.expected,
+            result=("success" if success else "failure") if graded else "unknown",
+            score=float(success) if graded else None, graded_by="expected" if graded else None))
+        if graded:
+            self.metrics.outcome(decision.policy_applied, decision.compositional, "success" if success else "failure",
+                                 trace.kind)
+        if trace.kind == "primary" and status == 200:
+            self._maybe_shadow(request)
+
+    # -- shadow policies ---------------------------------------------------------------------------
+    def _maybe_shadow(self, request: CompletionRequest) -> None:
+        policy = request.shadow_header
+        if policy is None and self.shadow.policy and self._random.random() < self.shadow.rate:
+            policy = self.shadow.policy
+        if policy is None:
+            return
+        if self._shadow_slots.locked():
+            self.metrics.shadow_run("dropped")  # never queue up work behind the client's traffic
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow(request, policy))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, request: CompletionRequest, policy: str) -> None:
+        """The same request under another policy, off the client's path, graded the same way."""
+        async with self._shadow_slots:
+            body = {k: v for k, v in request.body.items() if k not in (POLICY_FIELD, "stream", "stream_options")}
+            shadow = replace(request, body=body, request_id=f"{request.request_id}-shadow", policy_header=policy,
+                             shadow_header=None, received_at=time.perf_counter())
+            trace = Trace(shadow, kind="shadow", shadow_of=request.request_id)
+            try:
+                _, adapter, upstream_body = await self._route(trace, parse_policy(policy, source="shadow"))
+                await self._proxy(trace, adapter, upstream_body, False, {})
+                self.metrics.shadow_run("done")
+            except LoragateError as exc:
+                self._finish(trace, exc.status, None)
+                self.metrics.shadow_run("error")
+
+    async def close(self) -> None:
+        """Let running shadow requests finish (bounded), so their records are not lost."""
+        if self._shadow_tasks:
+            await asyncio.wait(self._shadow_tasks, timeout=30)

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     merge_weight_step: float = Field(
         0.05, ge=0, le=0.5, description="Similarity-derived merge weights are rounded to this step (0 = off).")
     merge_cache_bytes: int = Field(4 << 30, gt=0, description="Disk budget of the merged-adapter cache (LRU).")
+    outcomes_retention_days: float = Field(30.0, gt=0, description="Outcome records older than this are deleted.")
+    outcomes_flush_interval_s: float = Field(0.25, gt=0, le=3600,
+                                             description="How often queued outcome records are written.")
+    shadow_policy: str | None = Field(None, description="Policy to run as a shadow on sampled requests (unset: off).")
+    shadow_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that get a shadow run of shadow_policy.")
+    shadow_max_concurrency: int = Field(4, gt=0, description="Shadow runs in flight at most (more are dropped).")
     compositional_detector: str = Field(
         "gap", description="Compositional detection: gap (free) | segments | hybrid (best recall, larger embed batch).")
 

@@ -94,3 +94,17 @@ async def workers(svc: Services = Depends(authorized)) -> dict[str, object]:
     return {"object": "list", "data": [
         {"url": w.url, "healthy": w.healthy, "in_flight": w.in_flight, "loaded_adapters": list(w.loaded)}
         for w in svc.pool.views()]}
+
+
+@router.get("/outcomes/summary")
+async def outcomes_summary(svc: Services = Depends(authorized)) -> dict[str, object]:
+    """Success rate with a Wilson 95% interval by policy x compositional, and paired shadow comparisons."""
+    return await svc.outcomes.summary()
+
+
+@router.get("/outcomes")
+async def outcomes(limit: int = 100, svc: Services = Depends(authorized)) -> dict[str, object]:
+    """The most recent outcome records."""
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest("limit must be in [1, 10000]", param="limit")
+    return {"object": "list", "data": await svc.outcomes.records(limit)}

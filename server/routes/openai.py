@@ -7,17 +7,29 @@ import time
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from loragate.errors import InvalidRequest
 from loragate.server.app import Services
-from loragate.server.pipeline import POLICY_HEADER, CompletionRequest, parse_json_body
+from loragate.server.outcomes import Feedback
+from loragate.server.pipeline import EXPECTED_HEADER, POLICY_HEADER, SHADOW_HEADER, CompletionRequest, parse_json_body
 from loragate.server.routes.deps import request_id, services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
+def expected_answer(request: Request) -> str | None:
+    """X-Expected-Answer (evaluation traffic): graded by the gateway, never sent to the worker."""
+    value = request.headers.get(EXPECTED_HEADER)
+    if value is not None and not 0 < len(value.strip()) <= 1000:
+        raise InvalidRequest("X-Expected-Answer must be 1 to 1000 characters", param="X-Expected-Answer")
+    return value
+
+
 async def _complete(route: str, request: Request, svc: Services) -> Response:
     received = time.perf_counter()
-    call = CompletionRequest(route=route, body=parse_json_body(await request.body()), request_id=request_id(request),
-                             policy_header=request.headers.get(POLICY_HEADER), received_at=received)
+    request.state.request_id = rid = request_id(request)
+    call = CompletionRequest(route=route, body=parse_json_body(await request.body()), request_id=rid,
+                             policy_header=request.headers.get(POLICY_HEADER), received_at=received,
+                             expected=expected_answer(request), shadow_header=request.headers.get(SHADOW_HEADER))
     result = await svc.completions.complete(call)
     if result.stream is not None:
         return StreamingResponse(result.stream, status_code=result.status, headers=dict(result.headers),
@@ -44,3 +56,12 @@ async def models(svc: Services = Depends(services)) -> dict[str, object]:
     data += [{"id": r.name, "object": "model", "created": int(r.created_at), "owned_by": "loragate",
               "root": r.sha256, "parent": base} for r in svc.registry.snapshot().values()]
     return {"object": "list", "data": data}
+
+
+@router.post("/feedback")
+async def feedback(request: Request, svc: Services = Depends(services)) -> dict[str, object]:
+    """Grade a past request: ``{request_id, success | score, note, overwrite}``."""
+    graded = await svc.outcomes.feedback(Feedback.parse(parse_json_body(await request.body())))
+    svc.metrics.outcome(str(graded["policy"]), {"true": True, "false": False}.get(str(graded["compositional"])),
+                        str(graded["result"]), "primary")
+    return {"object": "feedback", **graded}

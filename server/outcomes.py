@@ -1,0 +1,346 @@
+"""The outcome log: one durable record per routed request, completed later by grading or feedback.
+
+This is what shows, on live traffic, where adapter reuse works: every decision (policy asked and
+applied, candidates, adapters and weights, merge method, compositional flag, worker, latencies,
+status) is stored, and its outcome (success/failure/score) arrives later, from client feedback
+(``POST /v1/feedback``) or from the gateway grading the answer against ``X-Expected-Answer``.
+
+Writes never touch the request path: records go into an in-memory queue that a background task
+writes to SQLite (WAL) in batches, off the event loop. ``close()`` drains the queue, so a graceful
+shutdown loses nothing; feedback flushes first so it can grade a record written a moment ago.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loragate.errors import Conflict, InvalidRequest, NotFound
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,               -- primary | shadow
+    shadow_of TEXT,                   -- for shadows: the primary request id
+    route TEXT NOT NULL,
+    policy_asked TEXT NOT NULL,
+    policy_applied TEXT NOT NULL,
+    candidates TEXT NOT NULL,         -- JSON [[name, score], ...]
+    adapters TEXT NOT NULL,           -- JSON [[name, weight], ...]
+    method TEXT,
+    compositional INTEGER,            -- 1 | 0 | NULL (not routed)
+    fallback INTEGER NOT NULL,
+    worker TEXT,
+    embed_ms REAL, search_ms REAL, merge_ms REAL, load_ms REAL, upstream_ms REAL, total_ms REAL,
+    status INTEGER NOT NULL,
+    expected TEXT,
+    result TEXT NOT NULL DEFAULT 'unknown',   -- unknown | success | failure
+    score REAL,
+    note TEXT,
+    graded_by TEXT,                   -- expected | feedback
+    graded_at REAL
+);
+CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
+CREATE INDEX IF NOT EXISTS outcomes_shadow_of ON outcomes (shadow_of);
+"""
+
+_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+
+
+def normalise(text: str) -> str:
+    """Lower-case, accents folded, punctuation dropped, whitespace collapsed."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return " ".join(_PUNCT.sub(" ", folded.lower()).split())
+
+
+def contains_answer(output: str, expected: str) -> bool:
+    """Normalised containment on word boundaries: "Paris" is in "It is paris." but not in "Parisian"."""
+    want = normalise(expected)
+    return bool(want) and f" {want} " in f" {normalise(output)} "
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (95% by default); (0, 1) with no data."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRecord:
+    """One request's decision and result, as logged."""
+
+    request_id: str
+    ts: float
+    kind: str
+    shadow_of: str | None
+    route: str
+    policy_asked: str
+    policy_applied: str
+    candidates: tuple[tuple[str, float], ...]
+    adapters: tuple[tuple[str, float], ...]
+    method: str | None
+    compositional: bool | None
+    fallback: bool
+    worker: str | None
+    embed_ms: float
+    search_ms: float
+    merge_ms: float
+    load_ms: float
+    upstream_ms: float | None
+    total_ms: float
+    status: int
+    expected: str | None = None
+    result: str = "unknown"
+    score: float | None = None
+    graded_by: str | None = None
+
+    def row(self) -> tuple[Any, ...]:
+        d = asdict(self)
+        d["candidates"] = json.dumps([list(c) for c in self.candidates])
+        d["adapters"] = json.dumps([list(a) for a in self.adapters])
+        d["compositional"] = None if self.compositional is None else int(self.compositional)
+        d["fallback"] = int(self.fallback)
+        d["graded_at"] = self.ts if self.graded_by else None
+        return tuple(d[c] for c in _INSERT_COLUMNS)
+
+
+_INSERT_COLUMNS = ("request_id", "ts", "kind", "shadow_of", "route", "policy_asked", "policy_applied", "candidates",
+                   "adapters", "method", "compositional", "fallback", "worker", "embed_ms", "search_ms", "merge_ms",
+                   "load_ms", "upstream_ms", "total_ms", "status", "expected", "result", "score", "graded_by",
+                   "graded_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A client's verdict on one request."""
+
+    request_id: str
+    success: bool | None
+    score: float | None
+    note: str | None
+    overwrite: bool = False
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> Feedback:
+        """Validate ``{request_id, success | score, note, overwrite}`` (400 on anything else)."""
+        unknown = sorted(set(body) - {"request_id", "success", "score", "note", "overwrite"})
+        if unknown:
+            raise InvalidRequest(f"unknown feedback fields {unknown}", param=unknown[0])
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequest("request_id (the X-Request-Id of the response) is required", param="request_id")
+        success, score = body.get("success"), body.get("score")
+        if success is None and score is None:
+            raise InvalidRequest("give success (true/false) or score (0..1)", param="success")
+        if success is not None and not isinstance(success, bool):
+            raise InvalidRequest("success must be true or false", param="success")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
+                                  or not 0 <= score <= 1):
+            raise InvalidRequest("score must be a number in [0, 1]", param="score")
+        note = body.get("note")
+        if note is not None and (not isinstance(note, str) or len(note) > 2000):
+            raise InvalidRequest("note must be a string of at most 2000 characters", param="note")
+        overwrite = body.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise InvalidRequest("overwrite must be true or false", param="overwrite")
+        return cls(request_id, success, None if score is None else float(score), note, overwrite)
+
+    @property
+    def result(self) -> str:
+        ok = self.success if self.success is not None else (self.score or 0.0) >= 0.5
+        return "success" if ok else "failure"
+
+
+class OutcomeLog:
+    """Batched, durable storage of outcome records in ``<data_dir>/outcomes.sqlite3``."""
+
+    def __init__(self, path: Path, *, retention_days: float = 30.0, batch: int = 256,
+                 interval_s: float = 0.25) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self.retention_s = retention_days * 86400
+        self._batch = batch
+        self._interval = interval_s
+        self._pending: list[OutcomeRecord] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+        self.written = 0
+
+    # -- writing ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="outcome-log-writer")
+
+    def add(self, record: OutcomeRecord) -> None:
+        """Queue a record (never blocks the request path)."""
+        self._pending.append(record)
+        if len(self._pending) >= self._batch:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything queued so far (in a thread); also applies retention once an hour."""
+        due = time.time() - self._last_prune > 3600
+        if self._pending or due:
+            await self._write_pending(prune=due)
+
+    async def prune(self) -> int:
+        """Write what is queued, then apply retention now; returns the number of records removed."""
+        return await self._write_pending(prune=True)
+
+    async def _write_pending(self, *, prune: bool) -> int:
+        batch, self._pending = self._pending, []
+        return await asyncio.to_thread(self._write, batch, prune)
+
+    def _write(self, batch: list[OutcomeRecord], prune: bool) -> int:
+        removed = 0
+        with self._lock:
+            if batch:
+                placeholders = ",".join("?" * len(_INSERT_COLUMNS))
+                self._db.execute("BEGIN")
+                self._db.executemany(f"INSERT OR REPLACE INTO outcomes ({','.join(_INSERT_COLUMNS)}) "
+                                     f"VALUES ({placeholders})", [r.row() for r in batch])
+                self._db.execute("COMMIT")
+                self.written += len(batch)
+            if prune:
+                self._last_prune = time.time()
+                removed = self._db.execute("DELETE FROM outcomes WHERE ts < ?",
+                                           (self._last_prune - self.retention_s,)).rowcount
+        return removed
+
+    async def close(self) -> None:
+        """Stop the writer and drain the queue: a graceful shutdown loses no record."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        with self._lock:
+            self._db.close()
+
+    # -- grading ---------------------------------------------------------------------------------
+    async def feedback(self, fb: Feedback) -> dict[str, Any]:
+        """Grade a record from client feedback: 404 unknown id, 409 already graded unless overwrite."""
+        await self.flush()
+
+        def run() -> dict[str, Any]:
+            with self._lock:
+                row = self._db.execute("SELECT result, policy_applied, compositional, kind FROM outcomes "
+                                       "WHERE request_id = ?", (fb.request_id,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no request with id {fb.request_id!r} in the outcome log", param="request_id",
+                                   code="request_not_found")
+                if row["result"] != "unknown" and not fb.overwrite:
+                    raise Conflict(f"request {fb.request_id!r} is already graded ({row['result']}); "
+                                   "send overwrite=true to replace it", param="request_id", code="already_graded")
+                self._db.execute("UPDATE outcomes SET result = ?, score = ?, note = ?, graded_by = 'feedback', "
+                                 "graded_at = ? WHERE request_id = ?",
+                                 (fb.result, fb.score if fb.score is not None else float(fb.result == "success"),
+                                  fb.note, time.time(), fb.request_id))
+                return {"request_id": fb.request_id, "result": fb.result, "policy": row["policy_applied"],
+                        "compositional": _flag(row["compositional"]), "previous": row["result"]}
+
+        return await asyncio.to_thread(run)
+
+    # -- reading ---------------------------------------------------------------------------------
+    async def records(self, limit: int = 100) -> list[dict[str, Any]]:
+        await self.flush()
+
+        def run() -> list[dict[str, Any]]:
+            with self._lock:
+                rows = self._db.execute("SELECT * FROM outcomes ORDER BY ts DESC LIMIT ?", (limit,)).fetchall()
+                return [dict(r) for r in rows]
+
+        return await asyncio.to_thread(run)
+
+    async def summary(self) -> dict[str, Any]:
+        """Success rate with a Wilson 95% interval by policy x compositional, and paired shadow comparisons."""
+        await self.flush()
+
+        def run() -> dict[str, Any]:
+            with self._lock:
+                groups = self._db.execute(
+                    "SELECT policy_applied, compositional, COUNT(*) AS n, "
+                    "SUM(result != 'unknown') AS graded, SUM(result = 'success') AS ok "
+                    "FROM outcomes WHERE kind = 'primary' AND status < 400 "
+                    "GROUP BY policy_applied, compositional ORDER BY policy_applied, compositional").fetchall()
+                pairs = self._db.execute(
+                    "SELECT p.policy_applied AS primary_policy, s.policy_applied AS shadow_policy, "
+                    "p.compositional AS compositional, COUNT(*) AS n, "
+                    "SUM(p.result = 'success') AS primary_ok, SUM(s.result = 'success') AS shadow_ok, "
+                    "SUM(p.result = 'success' AND s.result = 'success') AS both_ok, "
+                    "SUM(p.result = 'success' AND s.result != 'success') AS only_primary, "
+                    "SUM(p.result != 'success' AND s.result = 'success') AS only_shadow "
+                    "FROM outcomes s JOIN outcomes p ON s.shadow_of = p.request_id "
+                    "WHERE s.kind = 'shadow' AND p.result != 'unknown' AND s.result != 'unknown' "
+                    "GROUP BY primary_policy, shadow_policy, p.compositional").fetchall()
+            return {"object": "outcomes.summary", "groups": [_group(g) for g in groups],
+                    "shadow_pairs": [_pair(p) for p in pairs]}
+
+        return await asyncio.to_thread(run)
+
+
+def _flag(value: int | None) -> str:
+    return "unknown" if value is None else ("true" if value else "false")
+
+
+def _group(g: sqlite3.Row) -> dict[str, Any]:
+    graded, ok = int(g["graded"] or 0), int(g["ok"] or 0)
+    low, high = wilson(ok, graded)
+    return {"policy": g["policy_applied"], "compositional": _flag(g["compositional"]), "requests": g["n"],
+            "graded": graded, "successes": ok, "success_rate": ok / graded if graded else None,
+            "ci95": [round(low, 4), round(high, 4)]}
+
+
+def _pair(p: sqlite3.Row) -> dict[str, Any]:
+    n = int(p["n"])
+    return {"primary_policy": p["primary_policy"], "shadow_policy": p["shadow_policy"],
+            "compositional": _flag(p["compositional"]), "pairs": n,
+            "primary_success_rate": int(p["primary_ok"]) / n, "shadow_success_rate": int(p["shadow_ok"]) / n,
+            "both": int(p["both_ok"]), "only_primary": int(p["only_primary"]), "only_shadow": int(p["only_shadow"]),
+            "neither": n - int(p["both_ok"]) - int(p["only_primary"]) - int(p["only_shadow"])}
+
+
+def format_summary(summary: dict[str, Any], lines: Iterable[str] = ()) -> str:
+    """The summary as the plain-text tables `loragate outcomes` prints."""
+    out = list(lines)
+    out.append(f"{'POLICY':24} {'COMPOSITIONAL':13} {'REQUESTS':>8} {'GRADED':>6} {'SUCCESS':>8}  95% CI")
+    for g in summary["groups"]:
+        rate = "-" if g["success_rate"] is None else f"{g['success_rate']:.1%}"
+        out.append(f"{g['policy']:24} {g['compositional']:13} {g['requests']:>8} {g['graded']:>6} {rate:>8}  "
+                   f"[{g['ci95'][0]:.1%}, {g['ci95'][1]:.1%}]")
+    if summary["shadow_pairs"]:
+        out.append("")
+        out.append(f"{'PRIMARY':16} {'SHADOW':16} {'COMPOSITIONAL':13} {'PAIRS':>5} {'PRIMARY OK':>10} "
+                   f"{'SHADOW OK':>9} {'ONLY P':>6} {'ONLY S':>6}")
+        for p in summary["shadow_pairs"]:
+            out.append(f"{p['primary_policy']:16} {p['shadow_policy']:16} {p['compositional']:13} {p['pairs']:>5} "
+                       f"{p['primary_success_rate']:>10.1%} {p['shadow_success_rate']:>9.1%} "
+                       f"{p['only_primary']:>6} {p['only_shadow']:>6}")
+    return "\n".join(out)

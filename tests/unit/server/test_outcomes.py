@@ -1,0 +1,111 @@
+"""The outcome log on a real SQLite file: batching, grading, feedback rules, summaries, retention."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from loragate.errors import Conflict, InvalidRequest, NotFound
+from loragate.server.outcomes import Feedback, OutcomeLog, OutcomeRecord, contains_answer, format_summary, wilson
+
+
+def record(rid: str, policy: str = "select", compositional: bool | None = False, result: str = "unknown",
+           kind: str = "primary", shadow_of: str | None = None, ts: float | None = None,
+           status: int = 200) -> OutcomeRecord:
+    graded = result != "unknown"
+    return OutcomeRecord(
+        request_id=rid, ts=time.time() if ts is None else ts, kind=kind, shadow_of=shadow_of,
+        route="completions", policy_asked=policy, policy_applied=policy, candidates=(("a", 0.5),),
+        adapters=(("a", 1.0),), method=None, compositional=compositional, fallback=False, worker="w",
+        embed_ms=1, search_ms=0.1, merge_ms=0, load_ms=0, upstream_ms=10, total_ms=12, status=status,
+        expected="x" if graded else None, result=result, score=float(result == "success") if graded else None,
+        graded_by="expected" if graded else None)
+
+
+@pytest.mark.parametrize(("output", "expected", "ok"), [
+    ("The capital is Paris.", "paris", True),
+    ("It was born in  SAN  josé!", "San Jose", True),
+    ("Parisian food", "Paris", False),
+    ("", "x", False),
+    ("anything", "   ", False),
+])
+def test_normalised_containment(output: str, expected: str, ok: bool) -> None:
+    assert contains_answer(output, expected) is ok
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({}, "request_id"),
+    ({"request_id": "r"}, "success"),
+    ({"request_id": "r", "success": "yes"}, "true or false"),
+    ({"request_id": "r", "score": 2}, "[0, 1]"),
+    ({"request_id": "r", "success": True, "colour": 1}, "unknown feedback fields"),
+    ({"request_id": "r", "success": True, "overwrite": "no"}, "overwrite"),
+])
+def test_malformed_feedback_is_400(body: dict[str, object], fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment):
+        Feedback.parse(body)
+
+
+async def test_feedback_grades_once_unless_overwrite(tmp_path: Path) -> None:
+    log = OutcomeLog(tmp_path / "o.sqlite3")
+    log.start()
+    log.add(record("r1"))
+    with pytest.raises(NotFound):
+        await log.feedback(Feedback.parse({"request_id": "nope", "success": True}))
+    graded = await log.feedback(Feedback.parse({"request_id": "r1", "success": True, "note": "good"}))
+    assert graded["result"] == "success" and graded["previous"] == "unknown"
+    with pytest.raises(Conflict, match="already graded"):
+        await log.feedback(Feedback.parse({"request_id": "r1", "score": 0.1}))
+    again = await log.feedback(Feedback.parse({"request_id": "r1", "score": 0.1, "overwrite": True}))
+    assert again["result"] == "failure"
+    rows = await log.records()
+    assert rows[0]["result"] == "failure" and rows[0]["score"] == pytest.approx(0.1) and rows[0]["note"] is None
+    await log.close()
+
+
+async def test_summary_matches_a_recount_and_pairs_shadows(tmp_path: Path) -> None:
+    log = OutcomeLog(tmp_path / "o.sqlite3")
+    results = ["success", "failure", "success", "unknown", "success"]
+    for i, result in enumerate(results):
+        log.add(record(f"s{i}", "select", compositional=bool(i % 2), result=result))
+        log.add(record(f"s{i}-shadow", "average", compositional=bool(i % 2), kind="shadow", shadow_of=f"s{i}",
+                       result="failure" if i < 3 else "success"))
+    log.add(record("bad", "select", status=502))
+    summary = await log.summary()
+    groups = {(g["policy"], g["compositional"]): g for g in summary["groups"]}
+    assert set(groups) == {("select", "false"), ("select", "true")}  # shadows and failures are not primaries
+    plain = groups[("select", "false")]  # i = 0, 2, 4
+    assert (plain["requests"], plain["graded"], plain["successes"]) == (3, 3, 3)
+    comp = groups[("select", "true")]  # i = 1, 3
+    assert (comp["requests"], comp["graded"], comp["successes"]) == (2, 1, 0)
+    assert comp["ci95"] == [round(v, 4) for v in wilson(0, 1)]
+    pairs = {(p["compositional"]): p for p in summary["shadow_pairs"]}
+    assert pairs["false"]["pairs"] == 3 and pairs["false"]["only_primary"] == 2 and pairs["false"]["both"] == 1
+    assert pairs["true"]["pairs"] == 1  # i = 3 is ungraded on the primary side
+    text = format_summary(summary)
+    assert "select" in text and "average" in text
+    await log.close()
+
+
+async def test_close_drains_the_queue_and_retention_prunes(tmp_path: Path) -> None:
+    log = OutcomeLog(tmp_path / "o.sqlite3", retention_days=30, interval_s=3600)
+    log.start()
+    log.add(record("old", ts=time.time() - 3 * 86400))
+    log.add(record("new"))
+    await log.close()  # the writer never woke up: close must write both
+    kept = OutcomeLog(tmp_path / "o.sqlite3", retention_days=30)
+    assert {r["request_id"] for r in await kept.records()} == {"old", "new"}
+    await kept.close()
+    reopened = OutcomeLog(tmp_path / "o.sqlite3", retention_days=1)
+    assert await reopened.prune() == 1
+    assert [r["request_id"] for r in await reopened.records()] == ["new"]
+    await reopened.close()
