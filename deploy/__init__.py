@@ -1,0 +1,1 @@
+"""Deployment files (compose, Prometheus, Grafana) and the code that generates the dashboards."""
