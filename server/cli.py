@@ -120,6 +120,81 @@ def up(
         process.stop()
 
 
+# -- load testing --------------------------------------------------------------------------------------
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Option(help="Base URL of the gateway (or any OpenAI-compatible server).")]
+    = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="`model` sent with every request (items may override).")]
+    = "tiny-llama",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Closed loop: concurrent clients.")] = 1,
+    rate: Annotated[float | None, typer.Option(help="Open loop: Poisson arrivals at this many requests/s "
+                                                    "(switches to open-loop mode).")] = None,
+    requests: Annotated[int | None, typer.Option("--requests", "-n", help="Stop after this many requests.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (with -n: first reached; "
+                                                        "neither: 100 requests).")] = None,
+    workload: Annotated[Path | None, typer.Option(help="JSONL file: {\"prompt\", \"policy\"?, \"expected\"?, "
+                                                       "\"model\"?} per line; graded when `expected` is given.")]
+    = None,
+    generate: Annotated[int, typer.Option(help="Without --workload: this many generated prompts.")] = 256,
+    prompt_words: Annotated[int, typer.Option(help="Words per generated prompt.")] = 12,
+    policy: Annotated[str | None, typer.Option(help="X-Adapter-Policy for items without their own.")] = None,
+    stream: Annotated[bool, typer.Option(help="Stream answers; measures time to first token and "
+                                              "inter-token latency.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens per request.")] = 16,
+    temperature: Annotated[float, typer.Option(help="temperature per request.")] = 0.0,
+    header: Annotated[list[str] | None, typer.Option(help="Extra request header 'Name: value' (repeatable).")]
+    = None,
+    warmup: Annotated[int, typer.Option(help="Unrecorded requests sent first, one at a time.")] = 0,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 60.0,
+    seed: Annotated[int, typer.Option(help="Seed of generated prompts and the Poisson schedule.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write spec, summary and every request here.")]
+    = None,
+    plot: Annotated[Path | None, typer.Option(help="Write PNGs here: latency CDF, throughput over time, "
+                                                   "success by policy.")] = None,
+    allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback target (only one you may load).")]
+    = False,
+    unbounded: Annotated[bool, typer.Option(help="Lift the caps on --requests and --duration.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Load-test /v1/completions: closed loop (-c N) or open loop (--rate R); prints p50/p90/p99 and more."""
+    from loragate.loadtest.command import execute
+    from loragate.loadtest.loadgen import LoadSpec, LoadSpecError
+    from loragate.loadtest.workloads import WorkloadError, generated, load_jsonl
+
+    headers = []
+    for raw in header or []:
+        name, sep, value = raw.partition(":")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"{raw!r}: expected 'Name: value'", param_hint="--header")
+        headers.append((name.strip(), value.strip()))
+    try:
+        items = load_jsonl(workload) if workload is not None else generated(generate, prompt_words, seed)
+        spec = LoadSpec(url=url, model=model, mode="open" if rate is not None else "closed", concurrency=concurrency,
+                        rate=rate, requests=requests, duration_s=duration, stream=stream, max_tokens=max_tokens,
+                        temperature=temperature, policy=policy, headers=tuple(headers), timeout_s=timeout, seed=seed,
+                        warmup=warmup, allow_remote=allow_remote, unbounded=unbounded)
+        _summary, table = execute(spec, items, json_out=json_out, plot_dir=plot, show_progress=progress)
+    except (WorkloadError, LoadSpecError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(table)
+
+
+@app.command()
+def stub(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8100,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    model: Annotated[str, typer.Option(help="Base model name it reports.")] = "tiny-llama",
+    tokens: Annotated[int, typer.Option(help="Words per answer (at most max_tokens).")] = 16,
+    token_delay_ms: Annotated[float, typer.Option(help="Pause before each streamed word.")] = 0.0,
+) -> None:
+    """An instant OpenAI-compatible upstream (usable as a worker) for measuring gateway overhead."""
+    from loragate.loadtest.stub import serve as serve_stub
+
+    serve_stub(port, host, model, tokens, token_delay_ms)
+
+
 # -- adapters admin client -----------------------------------------------------------------------------
 UrlOpt = Annotated[str, typer.Option(envvar="LORAGATE_URL", help="Gateway base URL.")]
 TokenOpt = Annotated[str | None, typer.Option(envvar="LORAGATE_ADMIN_TOKEN", help="Admin bearer token.")]
@@ -187,6 +262,16 @@ def adapters_rm(name: str, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOp
     """Remove an adapter (also unloads it from the workers)."""
     _admin("DELETE", url, token, f"/admin/adapters/{name}")
     typer.echo(f"removed {name}")
+
+
+@app.command()
+def outcomes(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print the raw summary JSON.")] = False) -> None:
+    """Success rate by policy x compositional (Wilson 95% interval) and paired shadow comparisons."""
+    from loragate.server.outcomes import format_summary
+
+    summary = _admin("GET", url, token, "/admin/outcomes/summary")
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def main() -> None:

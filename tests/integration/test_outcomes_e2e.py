@@ -124,3 +124,15 @@ def test_records_survive_sigterm(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "outcomes.sqlite3")
     stored = {row[0]: row[1] for row in db.execute("SELECT request_id, status FROM outcomes")}
     assert stored == dict.fromkeys(ids, 502)  # the worker was unreachable: recorded as such
+
+
+def test_outcomes_cli_prints_the_summary(stack: Stack) -> None:
+    from typer.testing import CliRunner
+
+    from loragate.server.cli import app
+    from tests.integration.conftest import TOKEN
+
+    ask(stack, PROMPTS[3], "base", expected="moon")
+    result = CliRunner().invoke(app, ["outcomes", "--url", stack.gateway, "--token", TOKEN], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "POLICY" in result.output and "base" in result.output and "95% CI" in result.output

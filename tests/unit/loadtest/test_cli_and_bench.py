@@ -1,0 +1,65 @@
+"""`loragate loadtest`/`stub` help and refusals; the benchmark helpers that need no servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loragate.loadtest import benchkit, report
+from loragate.loadtest.bench_litellm import LiteLLMUnavailable, ensure_litellm, litellm_config
+from loragate.server.cli import app
+
+
+@pytest.mark.parametrize("command", ["loadtest", "stub"])
+def test_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_loadtest_refuses_a_remote_target_before_sending() -> None:
+    result = CliRunner().invoke(app, ["loadtest", "--url", "http://192.0.2.1:8000", "-n", "1", "--no-progress"])
+    assert result.exit_code == 2
+    assert "--allow-remote" in result.output
+
+
+def test_loadtest_rejects_bad_headers_and_workloads(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["loadtest", "--header", "no-colon"])
+    assert result.exit_code != 0
+    bad = tmp_path / "w.jsonl"
+    bad.write_text("{oops\n")
+    result = CliRunner().invoke(app, ["loadtest", "--workload", str(bad)])
+    assert result.exit_code == 2
+    assert "w.jsonl:1" in result.output
+
+
+def test_output_dir_from_flag_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(benchkit.OUT_ENV, raising=False)
+    assert benchkit.output_dir(None) is None
+    assert benchkit.plot_file("x", None) == report.plot_path("x")
+    assert benchkit.output_dir(tmp_path) == tmp_path
+    monkeypatch.setenv(benchkit.OUT_ENV, str(tmp_path / "env"))
+    assert benchkit.output_dir(None) == tmp_path / "env"
+    assert benchkit.plot_file("cdf", tmp_path / "env") == tmp_path / "env" / "cdf.png"
+
+
+def test_topical_prompts_are_distinct() -> None:
+    prompts = benchkit.topical_prompts(500, seed=1)
+    assert len({p.prompt for p in prompts}) == 500
+    assert prompts == benchkit.topical_prompts(500, seed=1)
+
+
+def test_litellm_config_points_at_the_stub() -> None:
+    config = litellm_config("http://127.0.0.1:9", "tiny-llama")
+    json.dumps(config)
+    deployment = config["model_list"][0]  # type: ignore[index]
+    assert deployment["litellm_params"]["api_base"] == "http://127.0.0.1:9/v1"
+    assert config["litellm_settings"] == {"telemetry": False, "drop_params": True}
+
+
+def test_missing_litellm_without_install_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(LiteLLMUnavailable, match="does not exist"):
+        ensure_litellm(tmp_path / "venv", install=False)
