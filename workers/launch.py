@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,7 @@ class WorkerLaunch:
     dtype: str = "float32"
     kv_cache_gib: int = 1
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    env: tuple[tuple[str, str], ...] = ()  # extra environment, e.g. from resolver_env()
 
     @property
     def url(self) -> str:
@@ -55,7 +57,20 @@ class WorkerLaunch:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
+        env.update(self.env)
         return env
+
+
+def resolver_env(gateway_url: str, token: str | None, cache_dir: Path | None = None) -> tuple[tuple[str, str], ...]:
+    """Environment that activates loragate's LoRA resolver plugin in a worker (see ``resolver_plugin``)."""
+    from loragate.workers.resolver_plugin import ENV_CACHE, ENV_TOKEN, ENV_URL
+
+    pairs = [(ENV_URL, gateway_url.rstrip("/"))]
+    if token:
+        pairs.append((ENV_TOKEN, token))
+    if cache_dir is not None:
+        pairs.append((ENV_CACHE, str(cache_dir)))
+    return tuple(pairs)
 
 
 class WorkerProcess:
@@ -94,6 +109,21 @@ class WorkerProcess:
                 time.sleep(0.5)
         raise TimeoutError(f"vLLM worker not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (fault injection: a worker dying without goodbye)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        proc.wait(timeout=10)
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -115,3 +145,40 @@ class WorkerProcess:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+class WorkerFleet:
+    """N local workers on consecutive ports, started together (``loragate up --workers N``).
+
+    All processes start at once and are awaited in parallel: a vLLM start is mostly model and
+    engine initialisation, so N workers take about as long as the slowest one, not N times one
+    (on a 2-core machine they do contend for the CPU). If any fails, all are stopped.
+    """
+
+    def __init__(self, template: WorkerLaunch, count: int, log_dir: Path) -> None:
+        if count < 1:
+            raise ValueError("a fleet needs at least one worker")
+        self.launches = [replace(template, port=template.port + i) for i in range(count)]
+        self.processes = [WorkerProcess(launch, log_dir / f"worker-{launch.port}.log") for launch in self.launches]
+
+    @property
+    def urls(self) -> list[str]:
+        return [launch.url for launch in self.launches]
+
+    def start(self, timeout: float = 300.0, progress: bool = False) -> list[float]:
+        """Start every worker and block until all are ready; returns each one's start seconds."""
+        for process in self.processes:
+            process.start()
+        try:
+            with ThreadPoolExecutor(max_workers=len(self.processes)) as executor:
+                futures = [executor.submit(p.wait_ready, timeout, progress and i == 0)
+                           for i, p in enumerate(self.processes)]
+                return [f.result() for f in futures]
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop all workers in parallel (each gets its own grace period)."""
+        with ThreadPoolExecutor(max_workers=len(self.processes)) as executor:
+            list(executor.map(lambda p: p.stop(grace), self.processes))

@@ -300,9 +300,14 @@ def serving_dashboard() -> dashboard.Dashboard:
              [Query(quantile(0.5, "loragate_adapter_load_seconds", "worker"), "p50 {{worker}}"),
               Query(quantile(0.99, "loragate_adapter_load_seconds", "worker"), "p99 {{worker}}")]))
          .with_panel(graph(
-             "Loaded adapters per worker", "Adapters loaded on each worker, as the gateway knows it "
-             "(in-flight requests per worker are not exported yet).", "none",
+             "Loaded adapters per worker", "Adapters loaded on each worker, as the gateway knows it.", "none",
              [Query("max by (worker) (loragate_worker_loaded_adapters)", "{{worker}}")]))
+         .with_panel(graph(
+             "In-flight requests per worker", "Requests the gateway has in flight on each worker.", "none",
+             [Query("max by (worker) (loragate_worker_inflight_requests)", "{{worker}}")]))
+         .with_panel(graph(
+             "Workers in rotation", "1 while a worker passes the gateway's health probes (0: out of rotation).",
+             "none", [Query("max by (worker) (loragate_worker_healthy)", "{{worker}}")]))
          .with_panel(graph(
              "Worker scrape health", "Prometheus' own view: 1 when a worker's /metrics answered the last scrape.",
              "none", [Query('up{job="vllm"}', "{{instance}}")])))

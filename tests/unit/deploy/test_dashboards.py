@@ -20,7 +20,7 @@ PROMQL_WORDS = {"sum", "by", "rate", "increase", "or", "and", "unless", "histogr
 def catalogued_series() -> set[str]:
     """Every series name the gateway exports (histograms with their suffixes), plus Prometheus' ``up``."""
     names = {"up"}
-    for family in GatewayMetrics().registry.collect():
+    for family in GatewayMetrics.catalogue().registry.collect():
         if family.type == "histogram":
             names.update(family.name + suffix for suffix in HISTOGRAM_SUFFIXES)
         elif family.type == "counter":

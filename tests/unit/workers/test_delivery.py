@@ -1,0 +1,158 @@
+"""Adapter delivery without a shared disk: the gateway's file index and the worker's resolver fetcher."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loragate.adapters.store import AdapterStore
+from loragate.errors import Forbidden, NotFound, Unauthorized
+from loragate.workers import resolver_plugin
+from loragate.workers.delivery import AdapterFiles
+from loragate.workers.resolver_plugin import (
+    AdapterRefused,
+    GatewayAdapterFetcher,
+    ResolverSettings,
+    make_resolver,
+    register,
+)
+from tests.lora_files import write_lora
+
+TOKEN = "delivery-token"
+
+
+@pytest.fixture
+def adapters(tmp_path: Path) -> dict[str, Path]:
+    return {"alpha": write_lora(tmp_path / "src" / "alpha", seed=1), "beta": write_lora(tmp_path / "src" / "beta",
+                                                                                        seed=2)}
+
+
+def files_for(adapters: dict[str, Path]) -> AdapterFiles:
+    return AdapterFiles(TOKEN, adapters.get)
+
+
+def transport(files: AdapterFiles, tamper: bool = False) -> httpx.MockTransport:
+    """The proposed gateway route, as a MockTransport over :class:`AdapterFiles`."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        try:
+            files.authorize(request.headers.get("authorization"))
+            parts = request.url.path.split("/")
+            if parts[2] == "by-name":
+                manifest = asyncio.run(files.manifest(parts[3]))
+                return httpx.Response(200, json=manifest.as_json())
+            content = files.file(parts[2], parts[3]).read_bytes()
+            if tamper and parts[3].endswith(".safetensors"):
+                content = content[:-1] + bytes([content[-1] ^ 1])  # same size, one bit flipped
+            return httpx.Response(200, content=content)
+        except (NotFound, Unauthorized, Forbidden) as exc:
+            return httpx.Response(exc.status, json=exc.body())
+
+    return httpx.MockTransport(handle)
+
+
+def fetcher(tmp_path: Path, files: AdapterFiles, token: str | None = TOKEN, tamper: bool = False
+            ) -> GatewayAdapterFetcher:
+    settings = ResolverSettings(url="http://gateway", token=token, cache_dir=tmp_path / "cache")
+    return GatewayAdapterFetcher(settings, transport=transport(files, tamper))
+
+
+# -- gateway side -------------------------------------------------------------------------------------
+async def test_manifest_is_the_store_content_hash(adapters: dict[str, Path]) -> None:
+    files = files_for(adapters)
+    manifest = await files.manifest("alpha")
+    assert manifest.sha256 == AdapterStore.content_hash(adapters["alpha"])[0]
+    assert [n for n, _ in manifest.files] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files.file(manifest.sha256, "adapter_config.json") == adapters["alpha"] / "adapter_config.json"
+
+
+async def test_files_are_only_known_names_under_known_hashes(adapters: dict[str, Path]) -> None:
+    files = files_for(adapters)
+    with pytest.raises(NotFound):
+        await files.manifest("nope")
+    sha = (await files.manifest("alpha")).sha256
+    for bad_sha, bad_name in ((sha, "../../etc/passwd"), (sha, "secrets.txt"), ("0" * 64, "adapter_config.json"),
+                              ("../" + sha, "adapter_config.json")):
+        with pytest.raises(NotFound):
+            files.file(bad_sha, bad_name)
+
+
+def test_file_routes_need_the_token() -> None:
+    files = AdapterFiles(TOKEN, {}.get)
+    files.authorize(f"Bearer {TOKEN}")
+    for header in (None, "Bearer wrong", f"Basic {TOKEN}"):
+        with pytest.raises(Unauthorized):
+            files.authorize(header)
+    with pytest.raises(Forbidden):
+        AdapterFiles(None, {}.get).authorize(f"Bearer {TOKEN}")
+
+
+def test_store_entries_resolve_by_hash_without_a_manifest(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    sha, _ = AdapterStore.content_hash(adapters["beta"])
+    entry = tmp_path / "store" / sha
+    entry.parent.mkdir()
+    adapters["beta"].rename(entry)
+    assert AdapterFiles(TOKEN, {}.get, store_root=tmp_path / "store").file(sha, "adapter_config.json").is_file()
+
+
+# -- worker side --------------------------------------------------------------------------------------
+async def test_fetch_verifies_and_caches_by_hash(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    files = files_for(adapters)
+    path = await fetcher(tmp_path, files).fetch("alpha")
+    assert path is not None and path.name == AdapterStore.content_hash(adapters["alpha"])[0]
+    assert (path / "adapter_model.safetensors").read_bytes() == (adapters["alpha"] /
+                                                                 "adapter_model.safetensors").read_bytes()
+    assert await fetcher(tmp_path, files).fetch("alpha") == path  # cache hit
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no staging leftovers
+
+
+async def test_a_tampered_file_is_refused_and_not_cached(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    with pytest.raises(AdapterRefused, match="hash"):
+        await fetcher(tmp_path, files_for(adapters), tamper=True).fetch("alpha")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+async def test_unknown_or_unsafe_names_resolve_to_none(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    fetch = fetcher(tmp_path, files_for(adapters))
+    assert await fetch.fetch("nope") is None
+    assert await fetch.fetch("../admin") is None
+
+
+async def test_wrong_token_is_an_http_error(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    with pytest.raises(httpx.HTTPStatusError):
+        await fetcher(tmp_path, files_for(adapters), token="wrong").fetch("alpha")
+
+
+def test_settings_from_env_activate_only_with_a_url(tmp_path: Path) -> None:
+    assert ResolverSettings.from_env({}) is None
+    settings = ResolverSettings.from_env({"LORAGATE_RESOLVER_URL": "http://g:8000/", "LORAGATE_RESOLVER_TOKEN": "t",
+                                          "LORAGATE_RESOLVER_CACHE": str(tmp_path)})
+    assert settings == ResolverSettings("http://g:8000", "t", tmp_path)
+
+
+async def test_vllm_resolver_returns_a_lora_request_or_none(tmp_path: Path, adapters: dict[str, Path]) -> None:
+    resolver = make_resolver(fetcher(tmp_path, files_for(adapters)))
+    request = await resolver.resolve_lora("/models/tiny", "beta")
+    assert request.lora_name == "beta" and request.lora_path.endswith(AdapterStore.content_hash(adapters["beta"])[0])
+    assert await resolver.resolve_lora("/models/tiny", "nope") is None
+    refusing = make_resolver(fetcher(tmp_path / "other", files_for(adapters), tamper=True))
+    assert await refusing.resolve_lora("/models/tiny", "beta") is None
+
+
+def test_register_is_a_no_op_without_env_and_registers_with_it(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    registered: dict[str, object] = {}
+    fake = types.SimpleNamespace(register_resolver=lambda name, resolver: registered.__setitem__(name, resolver))
+    monkeypatch.setattr(resolver_plugin, "_registry", lambda: fake)
+    monkeypatch.delenv("LORAGATE_RESOLVER_URL", raising=False)
+    register()
+    assert registered == {}
+    monkeypatch.setenv("LORAGATE_RESOLVER_URL", "http://gateway")
+    monkeypatch.setenv("LORAGATE_RESOLVER_CACHE", str(tmp_path))
+    register()
+    assert list(registered) == ["loragate"]
+    assert type(registered["loragate"]).__name__ == "LoragateResolver"

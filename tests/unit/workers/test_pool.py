@@ -1,0 +1,262 @@
+"""The pool with a fake worker API: affinity, capacity and LRU eviction, health, failover, load failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from loragate.errors import InvalidRequest, NoWorkerAvailable, UpstreamError, WorkerRejected
+from loragate.workers.pool import PoolConfig, WorkerPool, WorkerSpec
+from loragate.workers.stats import EngineStats
+from tests.unit.workers.fakes import FakeAdmin, RecordingObserver
+
+W0, W1, W2 = "http://w0:8100", "http://w1:8100", "http://w2:8100"
+
+
+def make_pool(urls: list[str] | None = None, **config: object) -> tuple[WorkerPool, FakeAdmin, RecordingObserver]:
+    admin, observer = FakeAdmin(), RecordingObserver()
+    pool = WorkerPool(urls or [W0, W1], admin, observer, PoolConfig(**config))  # type: ignore[arg-type]
+    return pool, admin, observer
+
+
+async def serve(pool: WorkerPool, adapter: str | None, **kwargs: object) -> str:
+    async with pool.lease(adapter, f"/store/{adapter}" if adapter else None, **kwargs) as lease:  # type: ignore[arg-type]
+        return lease.url
+
+
+# -- configuration -------------------------------------------------------------------------------------
+def test_worker_specs_from_urls_fragments_and_mappings() -> None:
+    assert WorkerSpec.parse("http://h:8100/") == WorkerSpec("http://h:8100")
+    assert WorkerSpec.parse("http://h:8100#max_loras=8") == WorkerSpec("http://h:8100", 8)
+    assert WorkerSpec.parse({"url": "http://h:1", "max_loras": 3}) == WorkerSpec("http://h:1", 3)
+    for bad in ("h:8100", "http://h#max_loras=x", "http://h#max_loras=0", {"url": 5}):
+        with pytest.raises(InvalidRequest):
+            WorkerSpec.parse(bad)  # type: ignore[arg-type]
+
+
+def test_pool_config_is_validated() -> None:
+    with pytest.raises(InvalidRequest, match="path"):
+        PoolConfig(delivery="nfs")
+    with pytest.raises(InvalidRequest, match="duplicate"):
+        WorkerPool([W0, W0 + "/"], FakeAdmin(), RecordingObserver())  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="affinity"):
+        WorkerPool([W0], FakeAdmin(), RecordingObserver(), PoolConfig(strategy="nope"))  # type: ignore[arg-type]
+
+
+def test_per_worker_cap_overrides_the_default() -> None:
+    pool, _, _ = make_pool([W0 + "#max_loras=1", W1], max_loras=3)
+    assert [v.max_loras for v in pool.views()] == [1, 3]
+
+
+# -- affinity ------------------------------------------------------------------------------------------
+async def test_requests_for_an_adapter_stay_where_it_is_loaded() -> None:
+    pool, admin, _ = make_pool([W0, W1, W2])
+    first = await serve(pool, "a")
+    assert [await serve(pool, "a") for _ in range(10)] == [first] * 10
+    assert admin.count("load") == 1
+
+
+async def test_new_adapters_fill_free_slots_before_anyone_evicts() -> None:
+    pool, admin, _ = make_pool([W0, W1], max_loras=1)
+    assert await serve(pool, "a") == W0
+    assert await serve(pool, "b") == W1  # W0 has no free slot, W1 has one
+    assert admin.count("unload") == 0
+
+
+async def test_base_model_requests_ignore_adapters_and_spread_by_load() -> None:
+    pool, admin, _ = make_pool([W0, W1])
+    async with pool.lease(None, None) as first, pool.lease(None, None) as second:
+        assert (first.url, second.url) == (W0, W1)
+    assert admin.calls == []
+
+
+# -- capacity ------------------------------------------------------------------------------------------
+async def test_lru_adapter_is_unloaded_beyond_the_cap() -> None:
+    pool, admin, observer = make_pool([W0], max_loras=2)
+    for adapter in ("a", "b", "a", "c"):  # a was used after b: b is least recently used
+        await serve(pool, adapter)
+    assert ("unload", W0, "b") in admin.calls
+    assert pool.views()[0].loaded == ("a", "c")
+    assert admin.loaded[W0] == {"a", "c"}
+    assert ("evicted", W0, "b") in observer.events
+
+
+async def test_an_adapter_with_requests_in_flight_is_never_evicted() -> None:
+    pool, admin, _ = make_pool([W0], max_loras=2)
+    async with pool.lease("a", "/a"):  # a is LRU but busy
+        await serve(pool, "b")
+        await serve(pool, "c")
+        assert ("unload", W0, "a") not in admin.calls
+        assert ("unload", W0, "b") in admin.calls
+    async with pool.lease("a", "/a"), pool.lease("c", "/c"):
+        await serve(pool, "d")  # both loaded adapters busy: load over the cap rather than break one
+        assert admin.count("unload") == 1
+        assert set(pool.views()[0].loaded) == {"a", "c", "d"}
+    await serve(pool, "e")  # next load brings it back under the cap
+    assert len(pool.views()[0].loaded) == 2
+
+
+async def test_in_flight_is_tracked_per_worker_and_adapter() -> None:
+    pool, _, _ = make_pool([W0])
+    async with pool.lease("a", "/a"), pool.lease("a", "/a"), pool.lease("b", "/b"):
+        view = pool.views()[0]
+        assert view.in_flight == 3 and view.adapter_in_flight == (("a", 2), ("b", 1))
+    assert pool.views()[0].adapter_in_flight == () and pool.views()[0].in_flight == 0
+
+
+async def test_concurrent_first_requests_share_one_load() -> None:
+    pool, admin, _ = make_pool([W0])
+    admin.gate = asyncio.Event()
+    tasks = [asyncio.create_task(serve(pool, "a")) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    assert pool.views()[0].loading == ("a",)
+    admin.gate.set()
+    assert await asyncio.gather(*tasks) == [W0] * 5
+    assert admin.count("load") == 1
+
+
+async def test_a_cancelled_client_does_not_cancel_the_shared_load() -> None:
+    pool, admin, _ = make_pool([W0])
+    admin.gate = asyncio.Event()
+    leader = asyncio.create_task(serve(pool, "a"))
+    follower = asyncio.create_task(serve(pool, "a"))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    admin.gate.set()
+    assert await follower == W0
+    assert pool.views()[0].loaded == ("a",)
+
+
+async def test_reload_of_an_adapter_being_evicted_waits_for_the_unload() -> None:
+    pool, admin, _ = make_pool([W0], max_loras=1)
+    await serve(pool, "a")
+    gate = asyncio.Event()
+    unload = admin.unload_adapter
+
+    async def slow_unload(url: str, name: str) -> bool:
+        await gate.wait()
+        return await unload(url, name)
+
+    admin.unload_adapter = slow_unload  # type: ignore[method-assign]
+    evicting = asyncio.create_task(serve(pool, "b"))
+    await asyncio.sleep(0.01)
+    reloading = asyncio.create_task(serve(pool, "a"))
+    await asyncio.sleep(0.01)
+    assert not reloading.done()
+    gate.set()
+    await asyncio.gather(evicting, reloading)
+    kinds = [(k, n) for k, _, n in admin.calls]
+    assert kinds.index(("unload", "a")) < len(kinds) - 1 - kinds[::-1].index(("load", "a"))
+    assert "a" in admin.loaded[W0]
+
+
+# -- load failures -------------------------------------------------------------------------------------
+async def test_load_failures_are_reported_and_backed_off_not_retried_forever() -> None:
+    pool, admin, observer = make_pool([W0, W1], load_backoff_s=60)
+    admin.bad_adapters.add("broken")
+    for _ in range(2):
+        with pytest.raises(WorkerRejected):
+            await serve(pool, "broken")
+    with pytest.raises(WorkerRejected, match="failed to load on every worker") as info:
+        await serve(pool, "broken")
+    assert info.value.status == 502 and info.value.code == "adapter_load_failed"
+    assert admin.count("load") == 2  # once per worker, then fail fast
+    assert [e[1] for e in observer.of("load_failed")] == [W0, W1]
+    assert observer.of("loaded") == [("loaded", W0, "broken", False), ("loaded", W1, "broken", False)]
+    assert await serve(pool, "fine") == W0  # other adapters are unaffected
+
+
+async def test_backoff_expires_and_success_clears_it() -> None:
+    pool, admin, _ = make_pool([W0], load_backoff_s=0.02)
+    admin.bad_adapters.add("flaky")
+    with pytest.raises(WorkerRejected):
+        await serve(pool, "flaky")
+    admin.bad_adapters.clear()
+    await asyncio.sleep(0.03)
+    assert await serve(pool, "flaky") == W0
+
+
+async def test_unreachable_worker_during_load_leaves_rotation() -> None:
+    pool, admin, observer = make_pool([W0, W1])
+    admin.down.add(W0)
+    with pytest.raises(UpstreamError):
+        await serve(pool, "a")
+    assert [v.healthy for v in pool.views()] == [False, True]
+    assert ("health", W0, False) in observer.events
+    assert await serve(pool, "a") == W1
+
+
+# -- health and failover -------------------------------------------------------------------------------
+async def test_probes_move_workers_out_and_back_with_state_reset() -> None:
+    pool, admin, observer = make_pool([W0, W1], healthy_after=2)
+    await serve(pool, "a")
+    admin.down.add(W0)
+    await pool.probe_once()
+    assert [v.healthy for v in pool.views()] == [False, True]
+    assert await serve(pool, "a") == W1
+    admin.down.clear()
+    await pool.probe_once()
+    assert not pool.views()[0].healthy  # one good probe is not enough: a restarting vLLM flaps
+    await pool.probe_once()
+    assert pool.views()[0].healthy and pool.views()[0].loaded == ()
+    assert observer.of("health") == [("health", W0, False), ("health", W0, True)]
+
+
+async def test_no_healthy_worker_is_a_503() -> None:
+    pool, admin, _ = make_pool([W0])
+    admin.down.add(W0)
+    await pool.probe_once()
+    with pytest.raises(NoWorkerAvailable) as info:
+        await serve(pool, "a")
+    assert info.value.status == 503
+
+
+async def test_retry_elsewhere_with_report_failure_and_exclude() -> None:
+    pool, _, observer = make_pool([W0, W1])
+    failed = await serve(pool, None)
+    pool.report_failure(failed, "connect error")
+    assert await serve(pool, None, exclude={failed}) == W1
+    assert ("health", W0, False) in observer.events
+    with pytest.raises(NoWorkerAvailable, match="excluded"):
+        await serve(pool, None, exclude={W1})
+
+
+async def test_background_probe_takes_a_dead_worker_out_quickly() -> None:
+    pool, admin, _ = make_pool([W0, W1], probe_interval_s=0.02, scrape_interval_s=0.02)
+    await pool.start()
+    try:
+        admin.down.add(W1)
+        admin.engine[W0] = EngineStats(running=2, running_adapters=frozenset({"hot"}), scraped_at=1.0)
+        await asyncio.sleep(0.1)
+        assert [v.healthy for v in pool.views()] == [True, False]
+        assert pool.views()[0].engine.running_adapters == {"hot"}
+        assert pool.pick("hot").url == W0
+    finally:
+        await pool.stop()
+    assert pool._tasks == []
+
+
+async def test_forget_unloads_everywhere_and_skips_dead_workers() -> None:
+    pool, admin, _ = make_pool([W0, W1])
+    await serve(pool, "a")
+    admin.down.add(W1)
+    await pool.forget("a")
+    assert pool.views()[0].loaded == ()
+    assert admin.loaded[W0] == set()
+
+
+async def test_resolver_delivery_makes_the_worker_fetch_by_name() -> None:
+    pool, admin, _ = make_pool([W0], delivery="resolver")
+    await serve(pool, "a")
+    assert admin.calls[0] == ("resolve", W0, "a")
+
+
+async def test_round_robin_pool_loads_more_than_affinity() -> None:
+    loads = {}
+    for strategy in ("affinity", "round-robin"):
+        pool, admin, _ = make_pool([W0, W1, W2], strategy=strategy, max_loras=2)
+        for i in range(60):
+            await serve(pool, "abcd"[i % 4])
+        loads[strategy] = admin.count("load")
+    assert loads["affinity"] == 4 and loads["round-robin"] > 4 * loads["affinity"]
