@@ -127,11 +127,15 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
     _model, adapters = build_adapters(tiny_dir, ["cooking", "astronomy", "family"])
     litellm_error: str | None = None
     with start_stub(work / "logs") as stub, \
-            start_gateway(work / "logs", work / "gateway-data", [stub.url], tiny_dir, embedder="minilm") as gateway:
+            start_gateway(work / "logs", work / "gateway-data", [stub.url], tiny_dir, embedder="minilm") as gateway, \
+            start_gateway(work / "logs", work / "gateway-static", [stub.url], tiny_dir, embedder="static",
+                          embed_max_wait_ms=0) as fast:
         register(gateway.url, adapters)
+        register(fast.url, adapters)
         targets = [Target("direct (stub)", stub.url, servers=(stub,)),
                    Target("loragate pin", gateway.url, PIN, servers=(gateway,)),
-                   Target("loragate select (MiniLM)", gateway.url, "select", servers=(gateway,))]
+                   Target("loragate select (MiniLM)", gateway.url, "select", servers=(gateway,)),
+                   Target("loragate select (static)", fast.url, "select", servers=(fast,))]
         litellm: ServerProcess | None = None
         try:
             litellm = start_litellm(ensure_litellm(install=install), stub.url, "tiny-llama", work)
@@ -184,6 +188,8 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
     pin_over_ok = over["loragate pin"][0] <= 0.3 * over[lite][0]
     tput_ok = tp["loragate pin"].summary.throughput_rps >= 4 * tp[lite].summary.throughput_rps
     sel_ok = over["loragate select (MiniLM)"][0] <= over[lite][0]
+    static_p50 = ratio(over["loragate select (static)"][0], over[lite][0])
+    static_ok = over["loragate select (static)"][0] <= over[lite][0]
     body += [
         "| ratio loragate / LiteLLM | measured | target | met |",
         "|---|---:|---:|:---:|",
@@ -193,12 +199,13 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
         f"| pin CPU per request | {cpu} | | |",
         f"| select (MiniLM routing) overhead p50 | {sel_p50} | <= 1.00x | {'yes' if sel_ok else 'no'} |",
         f"| select max throughput | {sel_tput} | | |",
+        f"| select (static embedder routing) overhead p50 | {static_p50} | <= 1.00x | {'yes' if static_ok else 'no'} |",
         "",
         f"![latency CDF]({plot.name})",
         "",
     ]
     headline = (f"loragate pin vs LiteLLM: overhead p50 {pin_p50} (p99 {pin_p99}), max throughput {tput}, "
-                f"CPU/request {cpu}; select overhead p50 {sel_p50} of LiteLLM's")
+                f"CPU/request {cpu}; select overhead p50 {sel_p50} (MiniLM) / {static_p50} (static) of LiteLLM's")
     report.write_section("litellm", "loragate vs LiteLLM", "\n".join([*body, f"**Headline:** {headline}."]),
                              out_dir=out)
     return "\n".join(body), headline

@@ -87,7 +87,8 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
                           interval_s=settings.outcomes_flush_interval_s)
     if settings.shadow_policy:
         router.resolve(parse_policy(settings.shadow_policy, source="shadow"))  # fail at startup
-    shadow = ShadowConfig(settings.shadow_policy, settings.shadow_rate, settings.shadow_max_concurrency)
+    shadow = ShadowConfig(settings.shadow_policy, settings.shadow_rate, settings.shadow_max_concurrency,
+                          settings.shadow_max_pending, settings.shadow_max_wait_s)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     return Services(
         settings=settings, registry=registry, pool=pool, metrics=metrics, embedder=embedder, index=index,

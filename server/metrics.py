@@ -77,7 +77,8 @@ class GatewayMetrics:
         self.outcomes = Counter("loragate_outcomes_total",
                                 "Graded requests by applied policy, compositional flag, result, kind (primary|shadow)",
                                 ["policy", "compositional", "result", "kind"], registry=r)
-        self.shadow_runs = Counter("loragate_shadow_runs_total", "Shadow-policy runs: done, error or dropped (busy)",
+        self.shadow_runs = Counter("loragate_shadow_runs_total",
+                                   "Shadow runs: done, error, dropped (too many pending), expired (no idle moment)",
                                    ["result"], registry=r)
         self.worker_transitions = Counter("loragate_worker_health_transitions_total",
                                           "Workers leaving (to=down) or re-entering (to=up) rotation",

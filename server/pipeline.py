@@ -9,6 +9,7 @@ Each step hands the next an immutable value. Handlers in ``routes/`` only transl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -157,7 +158,10 @@ class ShadowConfig:
 
     policy: str | None = None
     rate: float = 0.0
-    max_concurrency: int = 4
+    max_concurrency: int = 4  # shadows running at once
+    max_pending: int = 256  # shadows waiting for an idle moment; beyond this they are dropped
+    max_wait_s: float = 30.0  # a shadow that finds no idle moment in this time expires (never competes)
+    idle_s: float = 0.005  # an idle moment: no client request started or in flight for this long
 
 
 @dataclass(slots=True)
@@ -246,6 +250,11 @@ class CompletionService:
         self.outcomes = outcomes
         self.shadow = shadow or ShadowConfig()
         self._shadow_slots = asyncio.Semaphore(self.shadow.max_concurrency)
+        self._active = 0  # client requests in flight (shadows run when this reaches 0)
+        self._starts = 0  # client requests started so far
+        self._pending = 0  # shadows scheduled and not finished
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
@@ -299,15 +308,30 @@ class CompletionService:
 
     async def complete(self, request: CompletionRequest) -> ProxiedResponse:
         trace = Trace(request)
+        self._active += 1
+        self._starts += 1
+        self._idle.clear()
+        streaming = False
         try:
             if request.shadow_header is not None:  # a bad shadow policy is the client's mistake too
                 self.router.resolve(parse_policy(request.shadow_header, source="shadow"))
             decision, adapter, body = await self._route(trace, await self.policy_for(request))
             stream = bool(body.get("stream"))
-            return await self._proxy(trace, adapter, body, stream, decision_headers(request, decision, adapter))
+            response = await self._proxy(trace, adapter, body, stream, decision_headers(request, decision, adapter))
+            streaming = response.stream is not None  # the relay leaves when the stream ends
+            return response
         except LoragateError as exc:
             self._finish(trace, exc.status, None)
             raise
+        finally:
+            if not streaming:
+                self._leave()
+
+    def _leave(self) -> None:
+        """A client request is done; shadows wait for the moment none is in flight."""
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     async def _proxy(self, trace: Trace, adapter: Servable | None, body: dict[str, Any], stream: bool,
                      headers: dict[str, str]) -> ProxiedResponse:
@@ -401,6 +425,8 @@ class CompletionService:
             await stack.aclose()
             trace.upstream_s = time.perf_counter() - upstream_started
             self._finish(trace, status, collector.text() if collector else None)
+            if trace.kind == "primary":
+                self._leave()
 
     def _finish(self, trace: Trace, status: int, output: str | None) -> None:
         """Metrics, the outcome record (graded when an expected answer came with it), and shadows."""
@@ -438,29 +464,56 @@ class CompletionService:
             policy = self.shadow.policy
         if policy is None:
             return
-        if self._shadow_slots.locked():
-            self.metrics.shadow_run("dropped")  # never queue up work behind the client's traffic
+        if self._pending >= self.shadow.max_pending:
+            self.metrics.shadow_run("dropped")  # never let shadow work pile up without bound
             return
+        self._pending += 1
         task = asyncio.get_running_loop().create_task(self._shadow(request, policy))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
     async def _shadow(self, request: CompletionRequest, policy: str) -> None:
-        """The same request under another policy, off the client's path, graded the same way."""
-        async with self._shadow_slots:
-            body = {k: v for k, v in request.body.items() if k not in (POLICY_FIELD, "stream", "stream_options")}
-            shadow = replace(request, body=body, request_id=f"{request.request_id}-shadow", policy_header=policy,
-                             shadow_header=None, received_at=time.perf_counter())
-            trace = Trace(shadow, kind="shadow", shadow_of=request.request_id)
-            try:
-                _, adapter, upstream_body = await self._route(trace, parse_policy(policy, source="shadow"))
-                await self._proxy(trace, adapter, upstream_body, False, {})
-                self.metrics.shadow_run("done")
-            except LoragateError as exc:
-                self._finish(trace, exc.status, None)
-                self.metrics.shadow_run("error")
+        """The same request under another policy, off the client's path, graded the same way.
+
+        It runs only in a moment with no client request in flight, so that shadows use the gateway's
+        and workers' idle time instead of competing with clients; one that finds no such moment
+        within ``max_wait_s`` expires (counted) rather than run on a saturated gateway.
+        """
+        try:
+            if not await self._quiet_moment():
+                self.metrics.shadow_run("expired")
+                return
+            async with self._shadow_slots:
+                body = {k: v for k, v in request.body.items() if k not in (POLICY_FIELD, "stream", "stream_options")}
+                shadow = replace(request, body=body, request_id=f"{request.request_id}-shadow", policy_header=policy,
+                                 shadow_header=None, received_at=time.perf_counter())
+                trace = Trace(shadow, kind="shadow", shadow_of=request.request_id)
+                try:
+                    _, adapter, upstream_body = await self._route(trace, parse_policy(policy, source="shadow"))
+                    await self._proxy(trace, adapter, upstream_body, False, {})
+                    self.metrics.shadow_run("done")
+                except LoragateError as exc:
+                    self._finish(trace, exc.status, None)
+                    self.metrics.shadow_run("error")
+        finally:
+            self._pending -= 1
+
+    async def _quiet_moment(self) -> bool:
+        """True once no client request has started for ``idle_s`` and none is in flight; False at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shadow.max_wait_s
+        while (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
+            seen = self._starts
+            await asyncio.sleep(self.shadow.idle_s)
+            if self._active == 0 and self._starts == seen:
+                return True
+        return False
 
     async def close(self) -> None:
-        """Let running shadow requests finish (bounded), so their records are not lost."""
+        """Let scheduled shadows run (no clients are left, so they find their idle moment), bounded."""
         if self._shadow_tasks:
             await asyncio.wait(self._shadow_tasks, timeout=30)
+        for task in self._shadow_tasks:
+            task.cancel()

@@ -86,7 +86,11 @@ class Settings(BaseSettings):
                                              description="How often queued outcome records are written.")
     shadow_policy: str | None = Field(None, description="Policy to run as a shadow on sampled requests (unset: off).")
     shadow_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that get a shadow run of shadow_policy.")
-    shadow_max_concurrency: int = Field(4, gt=0, description="Shadow runs in flight at most (more are dropped).")
+    shadow_max_concurrency: int = Field(4, gt=0, description="Shadow runs in flight at most.")
+    shadow_max_pending: int = Field(
+        256, gt=0, description="Shadows waiting for an idle moment (no client request in flight); more are dropped.")
+    shadow_max_wait_s: float = Field(
+        30.0, gt=0, description="A shadow that finds no idle moment within this time expires instead of running.")
     compositional_detector: str = Field(
         "gap", description="Compositional detection: gap (free) | segments | hybrid (best recall, larger embed batch).")
 
