@@ -123,7 +123,9 @@ def test_records_survive_sigterm(tmp_path: Path) -> None:
             proc.kill()
     db = sqlite3.connect(tmp_path / "outcomes.sqlite3")
     stored = {row[0]: row[1] for row in db.execute("SELECT request_id, status FROM outcomes")}
-    assert stored == dict.fromkeys(ids, 502)  # the worker was unreachable: recorded as such
+    assert set(stored) == set(ids)
+    # the worker was unreachable: 502 on the first try, 503 once the health probe took it out of rotation
+    assert set(stored.values()) <= {502, 503}
 
 
 def test_outcomes_cli_prints_the_summary(stack: Stack) -> None:
