@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from loragate.loadtest import report
 from loragate.loadtest.loadgen import LoadSpec, run_load
 from loragate.loadtest.stats import RequestRecord, Summary, summarize
 from loragate.loadtest.workloads import WorkItem
+from loragate.workers.launch import stop_process_group
 
 OUT_ENV = "LORAGATE_BENCH_DIR"
 ADMIN_TOKEN = "bench-token"
@@ -140,19 +140,7 @@ class ServerProcess:
         return total
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc)
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -73,6 +73,22 @@ def resolver_env(gateway_url: str, token: str | None, cache_dir: Path | None = N
     return tuple(pairs)
 
 
+def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its whole group; SIGKILL after ``grace``."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class WorkerProcess:
     """A vLLM worker subprocess in its own process group, so shutdown reaches its children too."""
 
@@ -132,19 +148,7 @@ class WorkerProcess:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self._proc, grace)
 
 
 class WorkerFleet:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from examples.demo import free_port
+from examples.demo import DESCRIPTORS, free_port
 from examples.tiny_model import build_tiny_lora, build_tiny_model
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
@@ -25,13 +25,6 @@ from loragate.workers.launch import WorkerLaunch, WorkerProcess
 TOKEN = "integration-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 MODEL = "tiny-llama"
-# Routing descriptors of the two session adapters (their weights are random; routing reads only these).
-DESCRIPTORS = {
-    "alpha": ("Cooking: recipes, baking and kitchen techniques.",
-              ["How long should I bake a loaf of bread?", "What can I cook with leftover rice?"]),
-    "beta": ("Astronomy: planets, stars, galaxies and telescopes.",
-             ["How far is Mars from the Sun?", "Why do stars twinkle at night?"]),
-}
 
 
 @dataclass(frozen=True)
