@@ -357,8 +357,9 @@ class SvdMerge(MergeMethod):
 def _stacked(parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
              dtype: type[np.floating[Any]]) -> tuple[NDArray[Any], NDArray[Any]]:
     """The ``cat`` factors: A = vstack(w_i s_i A_i), B = hstack(B_i)."""
-    a = np.vstack([(w * s) * p.a.astype(dtype) for p, s, w in zip(parts, scalings, weights, strict=True)])
-    b = np.hstack([p.b.astype(dtype) for p in parts])
+    # copy=False: inputs already in ``dtype`` are not copied before the one copy the stacking makes
+    a = np.vstack([p.a.astype(dtype, copy=False) * (w * s) for p, s, w in zip(parts, scalings, weights, strict=True)])
+    b = np.hstack([p.b.astype(dtype, copy=False) for p in parts])
     return a, b
 
 
