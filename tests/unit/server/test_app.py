@@ -138,3 +138,25 @@ def test_unknown_route_is_openai_style_404(client: TestClient) -> None:
     response = client.get("/v1/nothing")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "http_404"
+
+
+def test_adapter_file_delivery_for_the_resolver_plugin(tmp_path: Path, imports: Path) -> None:
+    with make_client(tmp_path, imports, admin_token=TOKEN, delivery_token="deliver") as c:
+        created = c.post("/admin/adapters", headers=AUTH, json={"name": "alpha", "path": str(imports / "alpha")})
+        assert created.status_code == 201
+        assert c.get("/adapters-files/by-name/alpha").status_code == 401
+        assert c.get("/adapters-files/by-name/alpha", headers={"authorization": "Bearer nope"}).status_code == 401
+        manifest = c.get("/adapters-files/by-name/alpha", headers={"authorization": "Bearer deliver"}).json()
+        assert manifest["sha256"] == created.json()["sha256"]
+        served = c.get(f"/adapters-files/{manifest['sha256']}/adapter_model.safetensors",
+                       headers={"authorization": "Bearer deliver"})
+        assert served.status_code == 200
+        assert served.content == (imports / "alpha" / "adapter_model.safetensors").read_bytes()
+        sneaky = c.get(f"/adapters-files/{manifest['sha256']}/..%2Fregistry.sqlite3",
+                       headers={"authorization": "Bearer deliver"})
+        assert sneaky.status_code == 404
+
+
+def test_adapter_file_delivery_is_off_without_a_token(client: TestClient) -> None:
+    response = client.get("/adapters-files/by-name/alpha", headers={"authorization": "Bearer x"})
+    assert response.status_code == 403
