@@ -98,6 +98,7 @@ class AdapterRegistry:
         self.store = store
         self.limits = limits
         self._snapshot: Mapping[str, AdapterRecord] = MappingProxyType({})
+        self._data_version = 0
         self._reload()
 
     @classmethod
@@ -124,8 +125,19 @@ class AdapterRegistry:
         return record
 
     def _reload(self) -> None:
+        # the data_version seen with these rows: a later change by another connection shows as a new one
+        self._data_version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM adapters ORDER BY name").fetchall()
         self._snapshot = MappingProxyType({row["name"]: _row_to_record(row) for row in rows})
+
+    async def changed_elsewhere(self) -> bool:
+        """True when another connection (a second gateway process) committed since the snapshot was read."""
+        def run() -> bool:
+            with self._lock:
+                version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+            return version != self._data_version
+
+        return await asyncio.to_thread(run)
 
     async def refresh(self) -> None:
         """Re-read rows written by another gateway process sharing the data dir."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,10 +28,12 @@ from loragate.server.admin import AdminAuth, AdminService
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog
 from loragate.server.pipeline import CompletionService, ShadowConfig
-from loragate.server.settings import Settings
+from loragate.server.settings import Settings, load_settings
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.delivery import AdapterFiles, adapter_dir_lookup
 from loragate.workers.pool import PoolConfig, WorkerPool
+
+logger = logging.getLogger("loragate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,24 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
     )
 
 
+async def follow_registry(services: Services) -> None:
+    """Pick up adapters that another gateway process (sharing the data dir) registered, patched or removed."""
+    while True:
+        await asyncio.sleep(services.settings.registry_poll_s)
+        try:
+            if await services.registry.changed_elsewhere():
+                await services.registry.refresh()
+                if services.index is not None:
+                    await services.index.sync(services.registry.snapshot())
+        except Exception:  # a failed poll must not end the follower; the next one tries again
+            logger.exception("registry poll failed")
+
+
+def app_from_env() -> FastAPI:
+    """The app factory of each process when ``processes`` > 1 (settings come from LORAGATE_* variables)."""
+    return create_app(load_settings())
+
+
 def error_response(error: LoragateError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
@@ -123,9 +145,11 @@ def create_app(settings: Settings) -> FastAPI:
                 await services.index.sync(services.registry.snapshot())
             services.outcomes.start()
             await services.pool.start()  # health probes and /metrics scrapes of the workers
+            poller = asyncio.get_running_loop().create_task(follow_registry(services), name="registry-follower")
             try:
                 yield
             finally:
+                poller.cancel()
                 await services.pool.stop()
                 await services.completions.close()  # running shadows finish and are recorded
                 await services.outcomes.close()  # drains the queue: nothing recorded is lost

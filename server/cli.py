@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from loragate.server.settings import Settings, describe_options, load_settings
+from loragate.server.settings import Settings, describe_options, load_settings, to_environment
 from loragate.workers.launch import WorkerFleet, WorkerLaunch, resolver_env
 
 app = typer.Typer(help="loragate: an OpenAI-compatible LoRA gateway over vLLM workers.", no_args_is_help=True,
@@ -48,8 +48,14 @@ def _serve(settings: Settings) -> None:
 
     from loragate.server.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=10)
+    if settings.processes == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                    timeout_graceful_shutdown=10)
+        return
+    # Several processes: each rebuilds the same settings from the environment in uvicorn's app factory.
+    os.environ.update(to_environment(settings))
+    uvicorn.run("loragate.server.app:app_from_env", factory=True, workers=settings.processes, host=settings.host,
+                port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
 
 
 @app.command(epilog=_OPTIONS_HELP)

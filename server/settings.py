@@ -7,6 +7,7 @@ the README never drift from the code.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data"), description="Directory for the registry database and adapter store.")
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    processes: int = Field(1, ge=1, le=64, description="Gateway server processes sharing the port (and data dir).")
+    registry_poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often a gateway picks up adapters registered by another process.")
     model: str = Field("tiny-llama", description="Base model name the workers serve (their --served-model-name).")
     model_aliases: list[str] = Field(
         default_factory=list,
@@ -127,6 +131,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise FileNotFoundError(f"config file {config_file} does not exist")
         os.environ[CONFIG_ENV] = str(config_file)
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def to_environment(settings: Settings) -> dict[str, str]:
+    """The settings as ``LORAGATE_*`` variables, so that child processes rebuild exactly these."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        raw = getattr(settings, name)
+        if raw is None:
+            continue
+        if isinstance(raw, SecretStr):
+            value = raw.get_secret_value()
+        env[f"LORAGATE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
 
 
 def describe_options() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -13,7 +15,7 @@ router = APIRouter(tags=["ops"])
 
 @router.get("/health")
 async def health(svc: Services = Depends(services)) -> dict[str, object]:
-    return {"status": "ok", "adapters": len(svc.registry.snapshot()),
+    return {"status": "ok", "pid": os.getpid(), "adapters": len(svc.registry.snapshot()),
             "workers": [{"url": w.url, "healthy": w.healthy} for w in svc.pool.views()]}
 
 

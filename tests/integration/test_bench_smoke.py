@@ -13,6 +13,7 @@ import pytest
     ("bench_routing", "routing.md", "routing p50"),
     ("bench_merge", "merge.md", "cat merge"),
     ("bench_shadow", "shadow.md", "shadow runs change"),
+    ("bench_processes", "processes.md", "2 gateway processes"),
 ])
 def test_benchmark_quick_run(tmp_path: Path, module: str, section: str, headline: str) -> None:
     result = subprocess.run([sys.executable, "-m", f"loragate.loadtest.{module}", "--quick", "--out", str(tmp_path)],

@@ -164,3 +164,16 @@ async def test_patch_descriptors_is_durable(tmp_path: Path, roots: Path) -> None
     assert updated.descriptors == Descriptors("new", ("q1", "q2"))
     registry.close()
     assert open_registry(tmp_path, roots).get("a").descriptors.description == "new"
+
+
+async def test_a_second_process_notices_registrations(tmp_path: Path, roots: Path) -> None:
+    first = open_registry(tmp_path, roots)
+    second = open_registry(tmp_path, roots)
+    assert await second.changed_elsewhere() is False
+    await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
+    assert await second.changed_elsewhere() is True
+    assert await second.changed_elsewhere() is True  # until it re-reads
+    assert "a" not in second.snapshot()
+    await second.refresh()
+    assert second.get("a").descriptors.description == "d"
+    assert await second.changed_elsewhere() is False

@@ -33,3 +33,16 @@ def test_unknown_or_invalid_options_fail_loudly(tmp_path: Path, monkeypatch: pyt
         load_settings(port=0)
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_settings_survive_the_trip_through_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from loragate.server.settings import to_environment
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    original = load_settings(port=9100, workers=["http://a:1", "http://b:2"], admin_token="s3cret",
+                             import_roots=[str(tmp_path)], processes=2, shadow_rate=0.25)
+    env = to_environment(original)
+    assert env["LORAGATE_ADMIN_TOKEN"] == "s3cret"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert load_settings() == original
