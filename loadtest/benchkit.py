@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,7 +226,7 @@ def _cpu(target: Target) -> float:
 
 def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequence[WorkItem], *,
                         requests: int | None = None, duration_s: float | None = None,
-                        **spec: object) -> dict[str, Measured]:
+                        between: Callable[[], object] | None = None, **spec: object) -> dict[str, Measured]:
     """``requests`` (or ``duration_s``) per target in ``rounds`` alternating slices (A B C A B C ...).
 
     Alternating spreads slow phases of a shared machine over every target instead of one, which is
@@ -249,6 +249,8 @@ def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequen
             cpu[target.label] += _cpu(target) - before
             elapsed[target.label] += result.elapsed_s
             records[target.label] += result.records
+            if between is not None:  # e.g. let background work of this slice finish before the next one
+                between()
     out = {}
     for target in targets:
         summary = summarize(records[target.label], elapsed[target.label])

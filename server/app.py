@@ -94,13 +94,14 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
     shadow = ShadowConfig(settings.shadow_policy, settings.shadow_rate, settings.shadow_max_concurrency,
                           settings.shadow_max_pending, settings.shadow_max_wait_s)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    completions = CompletionService(model=settings.model, registry=registry, router=router, pool=pool, http=http,
+                                    metrics=metrics, merges=merges, max_rank=settings.max_lora_rank,
+                                    outcomes=outcomes, shadow=shadow, upstream_attempts=settings.upstream_attempts)
+    metrics.shadow_pending.set_function(lambda: completions.pending_shadows)
     return Services(
         settings=settings, registry=registry, pool=pool, metrics=metrics, embedder=embedder, index=index,
         outcomes=outcomes,
-        completions=CompletionService(model=settings.model, registry=registry, router=router, pool=pool,
-                                      http=http, metrics=metrics, merges=merges,
-                                      max_rank=settings.max_lora_rank, outcomes=outcomes, shadow=shadow,
-                                      upstream_attempts=settings.upstream_attempts),
+        completions=completions,
         admin=AdminService(registry, pool, settings.max_adapter_bytes, index),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
         adapter_files=adapter_files,

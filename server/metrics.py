@@ -80,6 +80,7 @@ class GatewayMetrics:
         self.shadow_runs = Counter("loragate_shadow_runs_total",
                                    "Shadow runs: done, error, dropped (too many pending), expired (no idle moment)",
                                    ["result"], registry=r)
+        self.shadow_pending = Gauge("loragate_shadow_pending", "Shadow runs scheduled and not finished", registry=r)
         self.worker_transitions = Counter("loragate_worker_health_transitions_total",
                                           "Workers leaving (to=down) or re-entering (to=up) rotation",
                                           ["worker", "to"], registry=r)

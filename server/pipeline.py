@@ -161,7 +161,7 @@ class ShadowConfig:
     max_concurrency: int = 4  # shadows running at once
     max_pending: int = 256  # shadows waiting for an idle moment; beyond this they are dropped
     max_wait_s: float = 30.0  # a shadow that finds no idle moment in this time expires (never competes)
-    idle_s: float = 0.005  # an idle moment: no client request started or in flight for this long
+    idle_s: float = 0.02  # an idle moment: no client request started or in flight for this long
 
 
 @dataclass(slots=True)
@@ -497,6 +497,11 @@ class CompletionService:
                     self.metrics.shadow_run("error")
         finally:
             self._pending -= 1
+
+    @property
+    def pending_shadows(self) -> int:
+        """Shadows scheduled and not finished (waiting for an idle moment or running)."""
+        return self._pending
 
     async def _quiet_moment(self) -> bool:
         """True once no client request has started for ``idle_s`` and none is in flight; False at the deadline."""
