@@ -16,7 +16,6 @@ the headline figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from loragate.loadtest.benchkit import (
     ServerProcess,
     Target,
     assert_clean,
+    bench_parser,
     build_adapters,
     free_port,
     measure_interleaved,
@@ -212,11 +212,7 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (for the smoke test; numbers mean nothing)")
-    parser.add_argument("--out", type=Path, help="write the report here instead of docs/ (also $LORAGATE_BENCH_DIR)")
-    parser.add_argument("--tiny-dir", type=Path, default=report.ROOT / "data" / "bench" / "tiny",
-                        help="where the tiny model and adapters are built/cached (default: %(default)s)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--no-install", action="store_true",
                         help=f"do not create {VENV.name} when it is missing (the section then says so)")
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ the headline figure.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from loragate.loadtest.benchkit import (
     Measured,
     Target,
     assert_clean,
+    bench_parser,
     build_adapters,
     free_port,
     measure_interleaved,
@@ -202,11 +202,7 @@ def _vllm_row(label: str, p50: float, p99: float, over: tuple[float, float] | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (for the smoke test; numbers mean nothing)")
-    parser.add_argument("--out", type=Path, help="write the report here instead of docs/ (also $LORAGATE_BENCH_DIR)")
-    parser.add_argument("--tiny-dir", type=Path, default=report.ROOT / "data" / "bench" / "tiny",
-                        help="where the tiny model and adapters are built/cached (default: %(default)s)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--worker-url", help="use this running vLLM worker (serving the tiny model as "
                         f"{MODEL!r}) instead of starting one")
     parser.add_argument("--no-vllm", action="store_true", help="skip the real-worker part")

@@ -9,7 +9,6 @@ Run: ``python -m loragate.loadtest.bench_processes [--quick]``; prints its headl
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from loragate.loadtest import report
 from loragate.loadtest.benchkit import (
     Target,
     assert_clean,
+    bench_parser,
     build_adapters,
     measure_interleaved,
     ms,
@@ -66,11 +66,7 @@ def run(quick: bool, tiny_dir: Path, out: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test; numbers mean nothing)")
-    parser.add_argument("--out", type=Path, help="write the section here instead of docs/ (also $LORAGATE_BENCH_DIR)")
-    parser.add_argument("--tiny-dir", type=Path, default=report.ROOT / "data" / "bench" / "tiny",
-                        help="where the tiny model and adapters are built (cached)")
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
     print(run(args.quick, args.tiny_dir, output_dir(args.out)))
 
