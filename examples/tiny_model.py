@@ -76,6 +76,14 @@ user assistant system model
 WORDS = tuple(_WORD_TEXT.split())
 """A few hundred simple English words; ``user``/``assistant``/``system`` serve the chat template."""
 
+DESCRIPTORS = {
+    "alpha": ("Cooking: recipes, baking and kitchen techniques.",
+              ["How long should I bake a loaf of bread?", "What can I cook with leftover rice?"]),
+    "beta": ("Astronomy: planets, stars, galaxies and telescopes.",
+             ["How far is Mars from the Sun?", "Why do stars twinkle at night?"]),
+}
+"""Routing descriptors of the two random test adapters (their outputs are meaningless; the descriptors are not)."""
+
 DIGITS = tuple(str(d) for d in range(10))
 
 CHAT_TEMPLATE = (
@@ -141,12 +149,12 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def _save_tokenizer(out_dir: Path) -> None:
-    """Save a word-level fast tokenizer with BOS prepended and a chat template."""
+def save_word_tokenizer(out_dir: Path, tokens: list[str]) -> None:
+    """Save a word-level fast tokenizer over ``tokens`` (specials first), BOS prepended, with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(vocabulary())}
+    vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
@@ -210,7 +218,7 @@ def build_tiny_model(out_dir: Path, *, name: str = "tiny-llama", seed: int = 0) 
             for token in SPECIAL_TOKENS:
                 model.lm_head.weight[tokens.index(token)].zero_()
         model.save_pretrained(str(staging), safe_serialization=True)
-        _save_tokenizer(staging)
+        save_word_tokenizer(staging, vocabulary())
         (staging / "README.md").write_text(
             f"# {name}\n\nRandom tiny Llama for tests, built by loragate's examples/tiny_model.py "
             f"(seed {seed}). Its outputs are meaningless words.\n"

@@ -30,6 +30,8 @@ from loragate.loadtest.stats import RequestRecord
 from loragate.loadtest.workloads import WorkItem, is_correct
 
 POLICY_HEADER = "X-Adapter-Policy"
+EXPECTED_HEADER = "X-Expected-Answer"
+REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUESTS = 100_000
 """Most requests one run may send unless the caller lifts the cap."""
 MAX_DURATION_S = 3_600.0
@@ -64,6 +66,7 @@ class LoadSpec:
     allow_remote: bool = False
     unbounded: bool = False
     extra_body: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+    request_id_prefix: str | None = None  # X-Request-Id = "{prefix}-{index}": find a run's records in the outcome log
 
     @property
     def endpoint(self) -> str:
@@ -150,6 +153,10 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, item: WorkItem, index:
     """Send one request; ``scheduled`` is its intended start (perf_counter), latency counts from there."""
     policy = item.policy or spec.policy
     headers = {POLICY_HEADER: policy} if policy else {}
+    if len(item.expected) == 1:  # the gateway grades it into its outcome log (and never forwards it)
+        headers[EXPECTED_HEADER] = item.expected[0]
+    if spec.request_id_prefix is not None and index >= 0:  # warmups (index -1) keep fresh ids
+        headers[REQUEST_ID_HEADER] = f"{spec.request_id_prefix}-{index}"
     body: dict[str, object] = {"model": item.model or spec.model, "prompt": item.prompt,
                                "max_tokens": spec.max_tokens, "temperature": spec.temperature, **dict(spec.extra_body)}
     start = scheduled - t0

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from examples.demo import DESCRIPTORS, free_port
-from examples.tiny_model import build_tiny_lora, build_tiny_model
+from examples.stack import free_port
+from examples.tiny_model import DESCRIPTORS, build_tiny_lora, build_tiny_model
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
 from loragate.workers.launch import WorkerLaunch, WorkerProcess

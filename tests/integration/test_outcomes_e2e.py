@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from examples.demo import free_port, wait_for
+from examples.stack import free_port, wait_for
 from tests.integration.conftest import MODEL, Stack
 
 PROMPTS = ["the cat sat on the red chair and then", "where is the old road", "my friend has a black table",

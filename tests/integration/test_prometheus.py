@@ -48,7 +48,7 @@ import uvicorn
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from examples.demo import free_port, wait_for
+from examples.stack import free_port, wait_for
 from loragate.loadtest.stub import StubApp, answer_words
 from tests.lora_files import write_lora
 

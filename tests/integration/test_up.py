@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.demo import free_port, wait_for
+from examples.stack import free_port, wait_for
 from tests.integration.conftest import Tiny
 
 

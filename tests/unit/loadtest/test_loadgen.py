@@ -74,3 +74,28 @@ def test_planned_requests() -> None:
     assert planned_requests(LoadSpec(url="x", requests=7)) == 7
     assert planned_requests(LoadSpec(url="x", mode="open", rate=10, duration_s=3)) == 30
     assert planned_requests(LoadSpec(url="x", duration_s=3)) is None
+
+
+async def test_requests_carry_expected_answer_and_run_scoped_request_ids() -> None:
+    """The gateway grades what the load generator grades, and a run's records can be found by id."""
+    import httpx
+
+    from loragate.loadtest.loadgen import _one
+    from loragate.loadtest.workloads import WorkItem
+
+    seen: list[httpx.Headers] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers)
+        return httpx.Response(200, json={"choices": [{"text": "paris ."}], "usage": {"completion_tokens": 2}})
+
+    spec = LoadSpec(url="http://127.0.0.1:1", request_id_prefix="demo-7")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        graded = await _one(client, spec, WorkItem("q", expected=("Paris",)), 3, 0.0, 0.0)
+        several = await _one(client, spec, WorkItem("q", expected=("a", "b")), 4, 0.0, 0.0)
+        warmup = await _one(client, spec, WorkItem("q"), -1, 0.0, 0.0)
+    assert graded.correct is True and several.correct is False
+    assert seen[0]["x-expected-answer"] == "Paris" and seen[0]["x-request-id"] == "demo-7-3"
+    assert "x-expected-answer" not in seen[1]  # several acceptable answers: graded client-side only
+    assert seen[1]["x-request-id"] == "demo-7-4"
+    assert "x-request-id" not in seen[2] and warmup.correct is None

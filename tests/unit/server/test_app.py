@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from examples.demo import free_port
+from examples.stack import free_port
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
 from tests.lora_files import write_lora

