@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -38,7 +38,6 @@ import numpy as np
 import safetensors
 from numpy.typing import NDArray
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, inspect_dir, read_config
 from loragate.adapters.types import AdapterRecord
@@ -272,6 +271,17 @@ class MergeMethod(ABC):
                 rank: int) -> ModuleFactors:
         """Merged factors (rank ``rank``, scaling 1) of one module."""
 
+    def combine_into(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                     rank: int, out_a: Matrix, out_b: Matrix) -> None:
+        """Write the merged factors into ``out_a`` (rank x k) and ``out_b`` (d x rank), float32.
+
+        The writer streams every module through one scratch buffer into the output file; a method
+        that can build its factors in place (``cat``) overrides this and skips an intermediate copy.
+        """
+        merged = self.combine(parts, scalings, weights, rank)
+        out_a[...] = merged.a
+        out_b[...] = merged.b
+
 
 class LinearMerge(MergeMethod):
     """Average A and B separately after folding sqrt(s_i) into each (LoRAX ``linear``)."""
@@ -315,8 +325,19 @@ class CatMerge(MergeMethod):
 
     def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
                 rank: int) -> ModuleFactors:
-        a, b = _stacked(parts, scalings, weights, np.float32)
+        a = np.empty((rank, parts[0].a.shape[1]), np.float32)
+        b = np.empty((parts[0].b.shape[0], rank), np.float32)
+        self.combine_into(parts, scalings, weights, rank, a, b)
         return ModuleFactors(a, b)
+
+    def combine_into(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                     rank: int, out_a: Matrix, out_b: Matrix) -> None:
+        # The stacked factors are computed straight into the output: one pass over the inputs, no copies.
+        row = 0
+        for part, s, w in zip(parts, scalings, weights, strict=True):
+            np.multiply(part.a, np.float32(w * s), out=out_a[row:row + part.rank], casting="same_kind")
+            row += part.rank
+        np.concatenate([part.b for part in parts], axis=1, out=out_b, casting="same_kind")
 
 
 class SvdMerge(MergeMethod):
@@ -393,6 +414,37 @@ class MergedLora:
     task_type: str | None = None
 
 
+class CombinedModules(Mapping[str, ModuleFactors]):
+    """A merge's modules, validated but combined only when used.
+
+    Indexing combines one module in memory (tests, small merges); :func:`write_peft_dir` instead calls
+    :meth:`combine_into` per module with views into one scratch buffer that goes straight to the file,
+    so a large merge never holds all its merged factors, nor a stacked copy of them, in memory.
+    """
+
+    def __init__(self, merger: MergeMethod, parts: Mapping[str, Sequence[ModuleFactors]],
+                 scalings: Sequence[float], weights: Sequence[float], rank: int) -> None:
+        self._merger, self._parts = merger, parts
+        self._scalings, self._weights, self._rank = tuple(scalings), tuple(weights), rank
+
+    def __getitem__(self, module: str) -> ModuleFactors:
+        return self._merger.combine(self._parts[module], self._scalings, self._weights, self._rank)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def shapes(self, module: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(shape of A, shape of B) of the merged module."""
+        first = self._parts[module][0]
+        return (self._rank, int(first.a.shape[1])), (int(first.b.shape[0]), self._rank)
+
+    def combine_into(self, module: str, out_a: Matrix, out_b: Matrix) -> None:
+        self._merger.combine_into(self._parts[module], self._scalings, self._weights, self._rank, out_a, out_b)
+
+
 def _common(values: Sequence[tuple[str, object]], what: str, code: str) -> None:
     if len({v for _, v in values}) > 1:
         listed = ", ".join(f"{label}: {v!r}" for label, v in values)
@@ -429,7 +481,7 @@ def merge_factors(adapters: Sequence[LoraFactors], weights: Sequence[float], met
     _common([(a.label, a.fan_in_fan_out) for a in adapters], "fan_in_fan_out", "not_mergeable")
     rank = merger.output_rank([a.rank for a in adapters], labels, max_rank=max_rank, target_rank=target_rank)
     scalings = [a.scaling for a in adapters]
-    modules: dict[str, ModuleFactors] = {}
+    parts_by_module: dict[str, list[ModuleFactors]] = {}
     for module in sorted({m for a in adapters for m in a.modules}):
         present = [(a.label, a.modules[module]) for a in adapters if module in a.modules]
         shapes = {(int(f.b.shape[0]), int(f.a.shape[1])) for _, f in present}
@@ -439,11 +491,12 @@ def merge_factors(adapters: Sequence[LoraFactors], weights: Sequence[float], met
                                 "were they trained on different base models?", param="adapters",
                                 code="shape_mismatch")
         ((d, k),) = shapes
-        parts = [a.modules[module] if module in a.modules else _zeros(a.rank, d, k) for a in adapters]
-        modules[module] = merger.combine(parts, scalings, values, rank)
+        parts_by_module[module] = [a.modules[module] if module in a.modules else _zeros(a.rank, d, k)
+                                   for a in adapters]
     return MergedLora(method=merger.name, base_model=adapters[0].base_model, rank=rank,
-                      target_modules=_merged_targets(adapters, list(modules)),
-                      modules=MappingProxyType(modules), fan_in_fan_out=adapters[0].fan_in_fan_out,
+                      target_modules=_merged_targets(adapters, list(parts_by_module)),
+                      modules=CombinedModules(merger, parts_by_module, scalings, values, rank),
+                      fan_in_fan_out=adapters[0].fan_in_fan_out,
                       task_type=next((a.task_type for a in adapters if a.task_type), None))
 
 
@@ -469,28 +522,85 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _module_shapes(modules: Mapping[str, ModuleFactors], module: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    if isinstance(modules, CombinedModules):
+        return modules.shapes(module)
+    factors = modules[module]
+    return (int(factors.a.shape[0]), int(factors.a.shape[1])), (int(factors.b.shape[0]), int(factors.b.shape[1]))
+
+
+def _fill(modules: Mapping[str, ModuleFactors], module: str, out_a: Matrix, out_b: Matrix) -> None:
+    if isinstance(modules, CombinedModules):
+        modules.combine_into(module, out_a, out_b)
+    else:
+        out_a[...] = modules[module].a
+        out_b[...] = modules[module].b
+
+
+def write_safetensors(path: Path, modules: Mapping[str, ModuleFactors]) -> None:
+    """Write the factors as a PEFT safetensors file, module by module through one scratch buffer.
+
+    The format is an 8-byte header length, a JSON header of names, dtypes, shapes and byte offsets,
+    then the raw tensors; since every shape is known up front, the header is written first and each
+    module's A and B are combined into the scratch buffer and written at once. (``save_file`` would
+    need every merged tensor in memory and then copy each one into one bytes object.)
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    layout = []
+    offset = biggest = 0
+    for module in sorted(modules):
+        shape_a, shape_b = _module_shapes(modules, module)
+        size_a, size_b = shape_a[0] * shape_a[1], shape_b[0] * shape_b[1]
+        for name, shape, size in (("lora_A", shape_a, size_a), ("lora_B", shape_b, size_b)):
+            header[f"{PEFT_PREFIX}{module}.{name}.weight"] = {
+                "dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + 4 * size]}
+            offset += 4 * size
+        layout.append((module, shape_a, shape_b, size_a, size_b))
+        biggest = max(biggest, size_a + size_b)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    scratch = np.empty(biggest, np.float32)
+    with path.open("wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for module, shape_a, shape_b, size_a, size_b in layout:
+            _fill(modules, module, scratch[:size_a].reshape(shape_a), scratch[size_a:size_a + size_b].reshape(shape_b))
+            out.write(memoryview(scratch[:size_a + size_b]))
+
+
+def safetensors_intact(path: Path) -> bool:
+    """True when the file's size is what its header declares (a torn, unsynced write is not)."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return bool(path.stat().st_size == 8 + length + end)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 def write_peft_dir(merged: MergedLora, target: Path, *, staging_root: Path | None = None,
-                   info: Mapping[str, Any] | None = None) -> tuple[Path, bool]:
+                   info: Mapping[str, Any] | None = None, durable: bool = True) -> tuple[Path, bool]:
     """Write ``merged`` as a PEFT LoRA dir at ``target`` atomically; returns (target, newly_written).
 
-    Files go to a private staging dir on the same filesystem, are flushed, and the dir is renamed into
-    place: a reader (vLLM's ``/v1/load_lora_adapter``, a second gateway process) sees either nothing
-    or a complete adapter. If another writer got there first, its identical content is kept.
+    Files go to a private staging dir on the same filesystem and the dir is renamed into place: a
+    reader (vLLM's ``/v1/load_lora_adapter``, a second gateway process) sees either nothing or a
+    complete adapter. If another writer got there first, its identical content is kept.
+    ``durable=False`` skips the fsyncs (a third of a large merge's time): for a cache whose entries
+    can be rebuilt and are checked with :func:`safetensors_intact` when a process starts.
     """
     parent = staging_root or target.parent
     parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name[:16]}-"))
     try:
-        tensors: dict[str, Matrix] = {}
-        for module, factors in merged.modules.items():
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(factors.a, dtype=np.float32)
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(factors.b, dtype=np.float32)
-        save_file(tensors, str(staged / WEIGHTS_FILE))
+        write_safetensors(staged / WEIGHTS_FILE, merged.modules)
         (staged / CONFIG_FILE).write_text(json.dumps(peft_config(merged), indent=2), encoding="utf-8")
         if info is not None:
             (staged / INFO_FILE).write_text(json.dumps(dict(info), indent=2), encoding="utf-8")
-        for file in staged.iterdir():
-            _fsync(file)
+        if durable:
+            for file in staged.iterdir():
+                _fsync(file)
         try:
             staged.rename(target)
         except OSError:
@@ -583,9 +693,10 @@ def plan_merge(records: Sequence[AdapterRecord], weights: Sequence[float], metho
                      target_rank=keyed_rank)
 
 
-def build_merge(plan: MergePlan, target: Path, *, staging_root: Path | None = None) -> tuple[Path, bool]:
+def build_merge(plan: MergePlan, target: Path, *, staging_root: Path | None = None,
+                durable: bool = True) -> tuple[Path, bool]:
     """Load the plan's adapters, merge and write them atomically at ``target`` (blocking: run in a thread)."""
     factors = [load_factors(record.path, label=record.name) for record, _ in plan.inputs]
     merged = merge_factors(factors, [w for _, w in plan.inputs], plan.method, max_rank=plan.rank,
                            target_rank=plan.target_rank)
-    return write_peft_dir(merged, target, staging_root=staging_root, info=plan.info())
+    return write_peft_dir(merged, target, staging_root=staging_root, info=plan.info(), durable=durable)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loragate.adapters.merge import MergePlan, build_merge, plan_merge
+from loragate.adapters.merge import MergePlan, build_merge, plan_merge, safetensors_intact
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.adapters.types import AdapterRecord
 
@@ -119,8 +119,12 @@ class MergeCache:
                 shutil.rmtree(leftover, ignore_errors=True)
         found = []
         for entry in self.root.iterdir():
-            if entry.is_dir() and _KEY.fullmatch(entry.name) and _complete(entry):
-                found.append((entry.stat().st_mtime, entry.name, _dir_size(entry)))
+            if not (entry.is_dir() and _KEY.fullmatch(entry.name) and _complete(entry)):
+                continue
+            if not safetensors_intact(entry / WEIGHTS_FILE):  # written without fsync, torn by a crash
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            found.append((entry.stat().st_mtime, entry.name, _dir_size(entry)))
         for _, key, size in sorted(found):
             self._index[key] = size
         for trash in self._select_victims(protect=None):
@@ -172,7 +176,8 @@ class MergeCache:
         target = self.path_for(plan.key)
         created = False
         if not _complete(target):  # another process may have built it since our scan
-            _, created = build_merge(plan, target, staging_root=self.staging)
+            # No fsync: a merge is derived data, rebuilt on demand; _scan drops one a crash tore.
+            _, created = build_merge(plan, target, staging_root=self.staging, durable=False)
         return _dir_size(target), created
 
     async def _build(self, plan: MergePlan) -> MergedAdapter:

@@ -401,6 +401,34 @@ def test_written_merge_is_a_valid_peft_dir_and_round_trips(tmp_path: Path, three
     assert again == path and not created_again  # an existing merge is kept, the new copy discarded
 
 
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_streamed_safetensors_match_the_library_for_every_method(tmp_path: Path, three: list[LoraFactors],
+                                                                 method: str) -> None:
+    """The writer streams module by module; the safetensors library must read back exactly the merge."""
+    from safetensors.numpy import load_file
+
+    from loragate.adapters.merge import CombinedModules, safetensors_intact, write_safetensors
+
+    inputs = three[:1] * 2 if method == "linear" else three  # linear needs equal ranks
+    merged = merge_factors(inputs, [0.6, 0.4] if method == "linear" else [0.5, 0.3, 0.2], method, max_rank=16,
+                           target_rank=4 if method == "svd" else None)
+    assert isinstance(merged.modules, CombinedModules)
+    eager = {m: merged.modules[m] for m in merged.modules}  # combined in memory, the old way
+    streamed, plain = tmp_path / "streamed.safetensors", tmp_path / "plain.safetensors"
+    write_safetensors(streamed, merged.modules)
+    write_safetensors(plain, eager)
+    assert streamed.read_bytes() == plain.read_bytes()
+    tensors = load_file(str(streamed))
+    assert len(tensors) == 2 * len(eager)
+    for module, factors in eager.items():
+        np.testing.assert_array_equal(tensors[f"base_model.model.{module}.lora_A.weight"], factors.a)
+        np.testing.assert_array_equal(tensors[f"base_model.model.{module}.lora_B.weight"], factors.b)
+    assert safetensors_intact(streamed)
+    with streamed.open("r+b") as handle:
+        handle.truncate(streamed.stat().st_size - 4)
+    assert not safetensors_intact(streamed)
+
+
 def test_regex_targets_become_concrete_module_names(tmp_path: Path) -> None:
     a = load_factors(lora(tmp_path / "a", rank=2, alpha=2, seed=1,
                           overrides={"target_modules": r".*\.(q_proj|v_proj)"}))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from loragate.adapters import merge_cache
-from loragate.adapters.merge import MergePlan, build_merge
+from loragate.adapters.merge import MergePlan, build_merge, safetensors_intact
 from loragate.adapters.merge_cache import MergeCache
-from loragate.adapters.peft_format import inspect_dir
+from loragate.adapters.peft_format import WEIGHTS_FILE, inspect_dir
 from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest, Unprocessable
@@ -42,11 +42,13 @@ class BuildSpy:
         self.delay = delay
         monkeypatch.setattr(merge_cache, "build_merge", self)
 
-    def __call__(self, plan: MergePlan, target: Path, *, staging_root: Path | None = None) -> tuple[Path, bool]:
+    def __call__(self, plan: MergePlan, target: Path, *, staging_root: Path | None = None,
+                 durable: bool = True) -> tuple[Path, bool]:
         self.calls.append(plan.key)
         self.threads.add(threading.get_ident())
+        self.durable = durable
         time.sleep(self.delay)
-        return build_merge(plan, target, staging_root=staging_root)
+        return build_merge(plan, target, staging_root=staging_root, durable=durable)
 
 
 def entries(root: Path) -> set[str]:
@@ -183,3 +185,21 @@ async def test_invalid_requests_fail_before_the_cache(tmp_path: Path, adapters: 
     with pytest.raises(Unprocessable, match="4 \\+ 4 \\+ 4 = 12"):
         await cache.get_or_build(adapters, [0.4, 0.3, 0.3], "cat", 8)
     assert cache.stats() == merge_cache.MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0)
+
+
+async def test_cache_entries_skip_fsync_and_a_torn_one_is_dropped_at_startup(
+        tmp_path: Path, adapters: list[AdapterRecord], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges are rebuilt on demand, so they are written without fsync; a crash can tear one, and the
+    next process must not hand a truncated file to a worker."""
+    spy = BuildSpy(monkeypatch)
+    cache = MergeCache(tmp_path / "merges", max_bytes=1 << 30)
+    first = await cache.get_or_build(adapters[:2], [0.5, 0.5], "cat", max_rank=64)
+    second = await cache.get_or_build(adapters[1:], [0.5, 0.5], "cat", max_rank=64)
+    assert spy.durable is False
+    weights = first.path / WEIGHTS_FILE
+    with weights.open("r+b") as handle:  # what an unsynced write looks like after a power cut
+        handle.truncate(weights.stat().st_size // 2)
+    reopened = MergeCache(tmp_path / "merges", max_bytes=1 << 30)
+    assert entries(tmp_path / "merges") == {second.path.name}
+    again = await reopened.get_or_build(adapters[:2], [0.5, 0.5], "cat", max_rank=64)
+    assert again.built and again.path == first.path and safetensors_intact(again.path / WEIGHTS_FILE)
