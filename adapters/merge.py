@@ -565,7 +565,7 @@ def write_safetensors(path: Path, modules: Mapping[str, ModuleFactors]) -> None:
         out.write(encoded)
         for module, shape_a, shape_b, size_a, size_b in layout:
             _fill(modules, module, scratch[:size_a].reshape(shape_a), scratch[size_a:size_a + size_b].reshape(shape_b))
-            out.write(memoryview(scratch[:size_a + size_b]))
+            out.write(scratch[:size_a + size_b].data)
 
 
 def safetensors_intact(path: Path) -> bool:

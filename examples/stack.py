@@ -59,9 +59,16 @@ def loragate_up(model: Path, data_dir: Path, served_name: str, import_root: Path
 
 def register(admin: httpx.Client, name: str, path: Path, description: str = "", examples: list[str] | None = None
              ) -> None:
-    """Register ``name`` (or, when an earlier run registered it, bring its descriptors up to date)."""
+    """Register ``name``; when an earlier run registered it, update its descriptors, or replace it if
+    its files changed since (e.g. a rebuilt kit)."""
+    from loragate.adapters.store import AdapterStore
+
     body = {"description": description, "examples": examples or []}
-    if admin.get(f"/admin/adapters/{name}").status_code == 404:
+    existing = admin.get(f"/admin/adapters/{name}")
+    if existing.status_code == 200 and existing.json()["sha256"] != AdapterStore.content_hash(path)[0]:
+        admin.delete(f"/admin/adapters/{name}").raise_for_status()
+        existing = admin.get(f"/admin/adapters/{name}")
+    if existing.status_code == 404:
         response = admin.post("/admin/adapters", json={"name": name, "path": str(path), **body})
     else:
         response = admin.patch(f"/admin/adapters/{name}", json=body)

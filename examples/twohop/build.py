@@ -65,7 +65,7 @@ class TrainPlan:
 
 
 PLANS = {
-    "full": TrainPlan(w.FULL, layers=4, hidden=256, ffn=512, base_steps=2400, lora_steps=300),
+    "full": TrainPlan(w.FULL, layers=2, hidden=256, ffn=512, base_steps=1500, lora_steps=250),
     "small": TrainPlan(w.SMALL, layers=2, hidden=128, ffn=256, base_steps=500, lora_steps=150),
 }
 

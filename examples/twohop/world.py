@@ -94,7 +94,7 @@ class KitSize:
     held_out_share: float = 0.5
 
 
-FULL = KitSize(base_worlds=6, people_per_world=48, eval_people=48, cities=32)
+FULL = KitSize(base_worlds=4, people_per_world=24, eval_people=32, cities=16)
 SMALL = KitSize(base_worlds=2, people_per_world=24, eval_people=16, cities=12)
 
 

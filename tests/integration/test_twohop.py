@@ -22,7 +22,7 @@ def test_shipped_kit_through_the_gateway(tmp_path: Path, capsys: pytest.CaptureF
     """Hop LoRAs answer their own questions, the oracle composes, and the table is the outcome log's."""
     report = demo.verify_kit(demo.KIT)  # every shipped file matches the manifest
     assert report["plan"] == "full" and all(c["ok"] for c in report["controls"].values())
-    code = demo.main(["--data-dir", str(tmp_path), "--per-cell", "24", "--concurrency", "8"])
+    code = demo.main(["--data-dir", str(tmp_path), "--per-cell", "24"])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
     result = json.loads((tmp_path / "reuse.json").read_text())
