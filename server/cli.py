@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -287,6 +289,22 @@ def outcomes(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None,
 
     summary = _admin("GET", url, token, "/admin/outcomes/summary")
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo(ctx: typer.Context,
+         repo: Annotated[Path, typer.Option(help="The loragate checkout that holds examples/demo.py "
+                                                 "and the two-hop kit.")] = Path(".")) -> None:
+    """The two-hop reuse-limit demo (what `make demo` runs); options after `--` go to it (`-- --help`).
+
+    The kit and the demo script live in the repository, not in the installed package, so this runs
+    `examples/demo.py` of a checkout with this interpreter.
+    """
+    script = repo / "examples" / "demo.py"
+    if not script.is_file():
+        raise typer.BadParameter(f"{script} not found: run it in a loragate checkout or pass --repo",
+                                 param_hint="--repo")
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
 
 
 def main() -> None:

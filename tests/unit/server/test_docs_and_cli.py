@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ def test_every_metric_is_documented() -> None:
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["up"], ["worker"], ["adapters"], ["adapters", "add"],
                                      ["adapters", "ls"], ["adapters", "show"], ["adapters", "rm"],
-                                     ["outcomes"], ["loadtest"], ["stub"]])
+                                     ["outcomes"], ["loadtest"], ["stub"], ["demo"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -52,3 +54,14 @@ def test_set_rejects_unknown_options() -> None:
     result = CliRunner().invoke(app, ["serve", "--set", "colour=blue"])
     assert result.exit_code != 0
     assert "expected name=value" in result.output
+
+
+def test_demo_runs_the_checkout_script_and_passes_options_on(tmp_path: Path) -> None:
+    """`loragate demo` runs examples/demo.py of a checkout; without one it says where it looked."""
+    result = CliRunner().invoke(app, ["demo", "--repo", str(tmp_path)])
+    assert result.exit_code == 2 and "examples/demo.py not found" in result.output
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "demo.py").write_text("import sys; print('args', sys.argv[1:]); sys.exit(3)")
+    done = subprocess.run([sys.executable, "-m", "loragate.server.cli", "demo", "--repo", str(tmp_path), "--",
+                           "--per-cell", "2"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "args ['--per-cell', '2']" in done.stdout
