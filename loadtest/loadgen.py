@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from loragate.loadtest.workloads import WorkItem, is_correct
 POLICY_HEADER = "X-Adapter-Policy"
 EXPECTED_HEADER = "X-Expected-Answer"
 REQUEST_ID_HEADER = "X-Request-Id"
+_ID_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 MAX_REQUESTS = 100_000
 """Most requests one run may send unless the caller lifts the cap."""
 MAX_DURATION_S = 3_600.0
@@ -100,6 +102,8 @@ def validate(spec: LoadSpec) -> LoadSpec:
         raise LoadSpecError("--requests must be >= 1")
     if spec.duration_s is not None and spec.duration_s <= 0:
         raise LoadSpecError("--duration must be > 0")
+    if spec.request_id_prefix is not None and not _ID_PREFIX.fullmatch(spec.request_id_prefix):
+        raise LoadSpecError("--request-id-prefix must be 1-100 of A-Z a-z 0-9 . _ : - (what gateways accept as an id)")
     if spec.warmup < 0 or spec.max_tokens < 1:
         raise LoadSpecError("--warmup must be >= 0 and --max-tokens >= 1")
     if not spec.unbounded:

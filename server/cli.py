@@ -173,6 +173,9 @@ def loadtest(
     = False,
     unbounded: Annotated[bool, typer.Option(help="Lift the caps on --requests and --duration.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    request_id_prefix: Annotated[str | None, typer.Option(help="Send X-Request-Id PREFIX-N (N = request index) so "
+                                                               "the run's records can be found in the outcome log."
+                                                          )] = None,
 ) -> None:
     """Load-test /v1/completions: closed loop (-c N) or open loop (--rate R); prints p50/p90/p99 and more."""
     from loragate.loadtest.command import execute
@@ -190,7 +193,8 @@ def loadtest(
         spec = LoadSpec(url=url, model=model, mode="open" if rate is not None else "closed", concurrency=concurrency,
                         rate=rate, requests=requests, duration_s=duration, stream=stream, max_tokens=max_tokens,
                         temperature=temperature, policy=policy, headers=tuple(headers), timeout_s=timeout, seed=seed,
-                        warmup=warmup, allow_remote=allow_remote, unbounded=unbounded)
+                        warmup=warmup, allow_remote=allow_remote, unbounded=unbounded,
+                        request_id_prefix=request_id_prefix)
         _summary, table = execute(spec, items, json_out=json_out, plot_dir=plot, show_progress=progress)
     except (WorkloadError, LoadSpecError) as exc:
         typer.echo(f"error: {exc}", err=True)

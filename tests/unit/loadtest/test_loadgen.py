@@ -99,3 +99,5 @@ async def test_requests_carry_expected_answer_and_run_scoped_request_ids() -> No
     assert "x-expected-answer" not in seen[1]  # several acceptable answers: graded client-side only
     assert seen[1]["x-request-id"] == "demo-7-4"
     assert "x-request-id" not in seen[2] and warmup.correct is None
+    with pytest.raises(LoadSpecError, match="request-id-prefix"):
+        validate(LoadSpec(url="http://127.0.0.1:1", request_id_prefix="run 1/2"))
