@@ -116,15 +116,17 @@ def tabulate(rows: list[tuple[str, str, bool]]) -> dict[tuple[str, str], Cell]:
     return {(p, k): Cell(p, k, n[p, k], ok[p, k]) for p, _ in POLICIES for k in KINDS if n[p, k]}
 
 
+def planned(request_id: str, plan: list[tuple[str, str, WorkItem]]) -> tuple[str, str, WorkItem]:
+    """The planned (policy, kind, item) of a request, from its id ``{prefix}-{index}``."""
+    return plan[int(request_id.rsplit("-", 1)[1])]
+
+
 def recount(gateway: str, prefix: str, plan: list[tuple[str, str, WorkItem]]) -> tuple[list[dict[str, Any]],
                                                                                        dict[tuple[str, str], Cell]]:
     """The same table, recounted from the gateway's outcome records (found by request id)."""
     records = httpx.get(f"{gateway}/admin/outcomes", params={"limit": 10_000}, timeout=60).json()["data"]
     mine = [r for r in records if r["request_id"].startswith(f"{prefix}-") and r["kind"] == "primary"]
-    rows = []
-    for r in mine:
-        label, kind, _ = plan[int(r["request_id"].rsplit("-", 1)[1])]
-        rows.append((label, kind, r["result"] == "success"))
+    rows = [(*planned(r["request_id"], plan)[:2], r["result"] == "success") for r in mine]
     return mine, tabulate(rows)
 
 
@@ -132,7 +134,7 @@ def detection(records: list[dict[str, Any]], plan: list[tuple[str, str, WorkItem
     """Precision and recall of the router's compositional flag, two-hop queries being the positives."""
     tp = fp = fn = 0
     for r in records:
-        label, kind, _ = plan[int(r["request_id"].rsplit("-", 1)[1])]
+        label, kind, _ = planned(r["request_id"], plan)
         if label not in ROUTED or r["compositional"] is None:
             continue
         flagged, positive = bool(r["compositional"]), kind in TWOHOP

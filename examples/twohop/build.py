@@ -264,11 +264,8 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
     }}
     print("base:", json.dumps(results["base"]), flush=True)
 
-    lora_data = {
-        "spouses": w.hop_examples(evaluation, "hop1"),
-        "birthplaces": w.hop_examples(evaluation, "hop2"),
-        "oracle": w.hop_examples(evaluation, "hop1") + w.hop_examples(evaluation, "hop2"),
-    }
+    hop1, hop2 = w.hop_examples(evaluation, "hop1"), w.hop_examples(evaluation, "hop2")
+    lora_data = {"spouses": hop1, "birthplaces": hop2, "oracle": hop1 + hop2}
     for name, facts in lora_data.items():
         torch.manual_seed(seed + hash_name(name))
         lora = get_peft_model(LlamaForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32),

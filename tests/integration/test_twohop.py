@@ -39,7 +39,7 @@ def test_shipped_kit_through_the_gateway(tmp_path: Path, capsys: pytest.CaptureF
         rows = db.execute("SELECT request_id, result FROM outcomes WHERE kind = 'primary' AND request_id LIKE ?",
                           (f"{result['prefix']}-%",)).fetchall()
     plan = demo.plan_traffic(demo.KIT, 24, 0)
-    recount = demo.tabulate([(*plan[int(rid.rsplit("-", 1)[1])][:2], res == "success") for rid, res in rows])
+    recount = demo.tabulate([(*demo.planned(rid, plan)[:2], res == "success") for rid, res in rows])
     assert {k: (c.n, c.ok) for k, c in recount.items()} == {k: (c["n"], c["ok"]) for k, c in cells.items()}
     assert (tmp_path / "reuse.png").stat().st_size > 10_000
     assert "agrees with the table" in printed and "loragate_outcomes_total{" in printed
