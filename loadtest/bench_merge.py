@@ -27,6 +27,7 @@ from loragate.adapters.peft_format import inspect_dir
 from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import AdapterRecord
 from loragate.loadtest import report
+from loragate.loadtest.benchkit import bench_parser, output_dir
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
           "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}
@@ -95,15 +96,12 @@ async def run(args: argparse.Namespace) -> str:
             "reading the inputs; cached repeat <= 1 ms.\n\n"
             "| what | time | vs reading | cached repeat (median) | output |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
-    report.write_section("merge", "Merges", body, out_dir=args.out)
+    report.write_section("merge", "Merges", body, out_dir=output_dir(args.out))
     return f"cat merge {cat_ratio:.2f}x reading the inputs; cached repeat <= {repeat_ms_max:.3f} ms"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="scaled-down shapes (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="write the section here instead of docs/")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, tiny_model=False).parse_args()
     print(asyncio.run(run(args)))
 
 

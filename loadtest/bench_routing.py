@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from loragate.adapters.types import AdapterRecord, Descriptors
 from loragate.loadtest import report
+from loragate.loadtest.benchkit import bench_parser, output_dir
 from loragate.router.compositional import DETECTORS, make_detector
 from loragate.router.embedder import Embedder, EmbedderBackend, make_backend
 from loragate.router.grammar import parse_policy
@@ -291,7 +292,7 @@ async def main_async(args: argparse.Namespace) -> str:
     parts.append("### Search latency\n\n" + s_body)
     m_body, hit = await merge_reuse_section(records, prompts, 300 if quick else 2000)
     parts.append("### Merge reuse\n\n" + m_body)
-    report.write_section("routing", "Semantic routing", "\n".join(parts), out_dir=args.out)
+    report.write_section("routing", "Semantic routing", "\n".join(parts), out_dir=output_dir(args.out))
     return (f"routing p50 {o['gap_p50_ratio']:.2f}x bare embedding, c=32 throughput "
             f"{o['gap_tput_ratio']:.2f}x batched; select accuracy minilm {b['minilm_accuracy']:.1%} / "
             f"static {b['static_accuracy']:.1%}; search p99 {max(p99s.values()):.2f} ms at {max(p99s):,}; "
@@ -299,10 +300,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="write the section here instead of docs/")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, tiny_model=False).parse_args()
     print(asyncio.run(main_async(args)))
 
 

@@ -60,13 +60,14 @@ _FILL = ("red", "blue", "green", "small", "big", "old", "new", "happy", "sad", "
          "yellow", "black", "white", "brown", "quiet", "bright", "dark", "sweet", "bitter", "tall", "short")
 
 
-def bench_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The options every benchmark script shares: ``--quick``, ``--out`` and ``--tiny-dir``."""
+def bench_parser(doc: str | None, *, tiny_model: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: ``--quick``, ``--out`` and (with a tiny model) ``--tiny-dir``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test; numbers mean nothing)")
     parser.add_argument("--out", type=Path, help=f"write the section here instead of docs/ (also ${OUT_ENV})")
-    parser.add_argument("--tiny-dir", type=Path, default=report.ROOT / "data" / "bench" / "tiny",
-                        help="where the tiny model and adapters are built and cached (default: %(default)s)")
+    if tiny_model:
+        parser.add_argument("--tiny-dir", type=Path, default=report.ROOT / "data" / "bench" / "tiny",
+                            help="where the tiny model and adapters are built and cached (default: %(default)s)")
     return parser
 
 
