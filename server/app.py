@@ -77,14 +77,14 @@ def build_services(settings: Settings, http: httpx.AsyncClient) -> Services:
         base_models=settings.base_models, max_rank=settings.max_lora_rank,
         max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots)))
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
+    adapter_dirs = adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges")
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics, PoolConfig(
         strategy=settings.scheduling, max_loras=settings.worker_max_loras, delivery=settings.adapter_delivery,
         probe_interval_s=settings.probe_interval_s, probe_timeout_s=settings.probe_timeout_s,
-        scrape_interval_s=settings.scrape_interval_s))
+        scrape_interval_s=settings.scrape_interval_s), adoptable=adapter_dirs)
     metrics.watch_pool(pool.views)
     delivery_token = settings.delivery_token.get_secret_value() if settings.delivery_token else None
-    adapter_files = AdapterFiles(delivery_token, adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges"),
-                                 store_root=registry.store.root)
+    adapter_files = AdapterFiles(delivery_token, adapter_dirs, store_root=registry.store.root)
     router, embedder, index = build_router(settings)
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
     outcomes = OutcomeLog(settings.data_dir / "outcomes.sqlite3", retention_days=settings.outcomes_retention_days,

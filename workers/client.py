@@ -37,6 +37,8 @@ class WorkerAdmin(Protocol):
 
     async def resolve_adapter(self, base_url: str, name: str) -> bool: ...
 
+    async def list_adapters(self, base_url: str) -> dict[str, str]: ...
+
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool: ...
 
     async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats: ...
@@ -77,6 +79,20 @@ class VLLMAdminClient:
             return False
         raise WorkerRejected(f"worker {base_url} could not unload {name!r}: {error_message(response)}",
                              status=502, code="adapter_unload_failed")
+
+    async def list_adapters(self, base_url: str) -> dict[str, str]:
+        """The adapters the worker serves now: name -> the directory it loaded them from.
+
+        vLLM lists each LoRA in ``/v1/models`` with ``parent`` set to the base model and ``root`` set
+        to its path; the base model has no parent.
+        """
+        try:
+            response = await self._http.get(f"{base_url}/v1/models", timeout=self._load_timeout)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"worker {base_url} unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise UpstreamError(f"worker {base_url} answered {response.status_code} to GET /v1/models")
+        return {str(m["id"]): str(m.get("root") or "") for m in response.json().get("data", []) if m.get("parent")}
 
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
         """``GET /health`` answered 200 within ``timeout_s``; any transport error is "not healthy".

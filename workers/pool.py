@@ -17,6 +17,12 @@ What the pool guarantees, and how:
   ``/metrics`` scrape loop. A worker failing a probe, or reported by the request path with
   :meth:`report_failure`, leaves rotation at once; when it answers again its loaded-adapter
   state is reset (a restarted vLLM has nothing loaded; a blip costs at most a no-op reload).
+- **Reconciling**: the pool's view of a worker can be stale: a gateway restarted while its
+  workers kept running, or a worker came back from a blip with its adapters still loaded. When
+  the pool starts and whenever a worker returns to rotation, it lists the worker's adapters and
+  adopts those whose directory name (a sha256) is the one it would load now, as least recently
+  used, so they count against the cap and are evicted first; any other adapter (deleted, changed,
+  or unknown) is unloaded. Without an ``adoptable`` lookup, everything it did not load is unloaded.
 - **Load failures** are reported to the observer and backed off per (worker, adapter),
   exponentially up to a cap, so a broken adapter fails fast instead of being retried forever.
 
@@ -34,7 +40,8 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from pathlib import PurePath
+from typing import Any, ClassVar, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urldefrag
 
 from loragate.errors import InvalidRequest, LoragateError, NoWorkerAvailable, UpstreamError, WorkerRejected
@@ -218,7 +225,10 @@ class WorkerPool:
 
     def __init__(self, workers: Sequence[str | WorkerSpec | Mapping[str, object]], client: WorkerAdmin,
                  observer: PoolObserver, config: PoolConfig | None = None, *,
-                 strategy: Strategy | None = None) -> None:
+                 strategy: Strategy | None = None, adoptable: Callable[[str], PurePath | None] | None = None
+                 ) -> None:
+        """``adoptable`` maps an adapter name to the directory the gateway would load it from now
+        (the registry's and merge cache's lookup): how a reconcile tells current adapters from stale ones."""
         if not workers:
             raise ValueError("at least one worker URL is required")
         self.config = config or PoolConfig()
@@ -233,6 +243,8 @@ class WorkerPool:
         self.strategy = strategy or make_strategy(self.config.strategy)
         self._delivery = DELIVERIES[self.config.delivery]()
         self._tasks: list[asyncio.Task[None]] = []
+        self._adoptable = adoptable or (lambda name: None)
+        self._reconciles: set[asyncio.Task[object]] = set()
 
     # -- read side ------------------------------------------------------------------------------------
     def views(self) -> list[WorkerStats]:
@@ -360,7 +372,8 @@ class WorkerPool:
             worker.unloading[victim] = task
             await asyncio.shield(task)
 
-    async def _unload(self, worker: _Worker, adapter: str) -> None:
+    async def _unload(self, worker: _Worker, adapter: str, *, evicted: bool = True) -> None:
+        """Unload ``adapter``; ``evicted``: to make room (counted as an eviction), not a stale leftover."""
         try:
             await self._client.unload_adapter(worker.url, adapter)
         except LoragateError as exc:
@@ -368,7 +381,7 @@ class WorkerPool:
             log.warning("unloading %r from %s failed: %s", adapter, worker.url, exc.message)
         finally:
             worker.unloading.pop(adapter, None)
-        if self._fleet is not None:
+        if evicted and self._fleet is not None:
             self._fleet.adapter_evicted(worker.url, adapter)
         self._observer.adapters_on_worker(worker.url, len(worker.loaded))
 
@@ -398,10 +411,14 @@ class WorkerPool:
         self._tasks = [loop.create_task(self._every(self.config.probe_interval_s, self.probe_once), name="probe"),
                        loop.create_task(self._every(self.config.scrape_interval_s, self.scrape_once),
                                         name="scrape")]
+        for worker in self._workers:
+            self._schedule_reconcile(worker)
 
     async def stop(self) -> None:
         """Cancel the loops and wait for them to end."""
-        tasks, self._tasks = self._tasks, []
+        tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._reconciles]
+        self._tasks = []
+        self._reconciles.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -434,6 +451,7 @@ class WorkerPool:
             if not worker.healthy and worker.good_probes >= self.config.healthy_after:
                 self._reset(worker)
                 self._set_health(worker, True)
+                self._schedule_reconcile(worker)
         else:
             worker.bad_probes, worker.good_probes = worker.bad_probes + 1, 0
             if worker.healthy and worker.bad_probes >= self.config.unhealthy_after:
@@ -452,6 +470,50 @@ class WorkerPool:
         worker.load_failures.clear()
         worker.engine = EngineStats()
         self._observer.adapters_on_worker(worker.url, 0)
+
+    def _schedule_reconcile(self, worker: _Worker) -> None:
+        task = asyncio.get_running_loop().create_task(self.reconcile(worker.url), name=f"reconcile {worker.url}")
+        self._reconciles.add(task)
+        task.add_done_callback(self._reconciles.discard)
+
+    async def reconcile(self, url: str) -> tuple[list[str], list[str]]:
+        """Adopt the worker's current adapters and unload stale ones; returns (adopted, unloaded).
+
+        A failure to list is logged and ignored: the worker is then either down (and reconciled
+        when it returns) or up with adapters the pool will not count until the next reconcile.
+        """
+        worker = self._by_url[url.rstrip("/")]
+        generation = worker.generation
+        try:
+            served = await self._client.list_adapters(worker.url)
+        except LoragateError as exc:
+            log.warning("could not list the adapters of %s: %s", worker.url, exc.message)
+            return [], []
+        if worker.generation != generation:
+            return [], []  # reset meanwhile: a newer reconcile owns this worker
+        adopted, stale = [], []
+        for name, root in served.items():
+            if name in worker.loaded or name in worker.loading or name in worker.unloading:
+                continue  # this pool loaded it (or is changing it) meanwhile
+            expected = self._adoptable(name)
+            if expected is not None and root and PurePath(root).name == expected.name:
+                adopted.append(name)
+            else:
+                stale.append(name)
+        now = time.monotonic()
+        for name in adopted:  # least recently used: first to go when room is needed
+            worker.loaded[name] = now
+            worker.loaded.move_to_end(name, last=False)
+        unloads = []
+        for name in stale:
+            task = asyncio.get_running_loop().create_task(self._unload(worker, name, evicted=False))
+            worker.unloading[name] = task
+            unloads.append(task)
+        await asyncio.gather(*unloads)
+        if adopted or stale:
+            log.info("worker %s: adopted %s, unloaded %s", worker.url, adopted, stale)
+        self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+        return adopted, stale
 
     async def scrape_once(self) -> None:
         """Scrape every healthy worker's ``/metrics`` concurrently; a failed scrape clears its stats."""

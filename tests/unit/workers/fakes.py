@@ -14,6 +14,7 @@ class FakeAdmin:
     """Per-URL adapter sets, like real workers; every call is appended to ``calls``."""
 
     loaded: dict[str, set[str]] = field(default_factory=dict)
+    roots: dict[tuple[str, str], str] = field(default_factory=dict)  # (url, adapter) -> path it was loaded from
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     down: set[str] = field(default_factory=set)  # URLs that refuse connections
     bad_adapters: set[str] = field(default_factory=set)  # adapters whose load fails (bad files)
@@ -34,6 +35,7 @@ class FakeAdmin:
                                  code="adapter_load_failed")
         added = name not in self.loaded.setdefault(base_url, set())
         self.loaded[base_url].add(name)
+        self.roots[base_url, name] = path
         return added
 
     async def resolve_adapter(self, base_url: str, name: str) -> bool:
@@ -46,6 +48,11 @@ class FakeAdmin:
         had = name in self.loaded.get(base_url, set())
         self.loaded.get(base_url, set()).discard(name)
         return had
+
+    async def list_adapters(self, base_url: str) -> dict[str, str]:
+        self.calls.append(("list", base_url, ""))
+        self._reach(base_url)
+        return {name: self.roots.get((base_url, name), "") for name in sorted(self.loaded.get(base_url, set()))}
 
     async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
         return base_url not in self.down

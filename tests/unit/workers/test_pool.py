@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import PurePath
 
 import pytest
 
@@ -14,9 +15,12 @@ from tests.unit.workers.fakes import FakeAdmin, RecordingObserver
 W0, W1, W2 = "http://w0:8100", "http://w1:8100", "http://w2:8100"
 
 
-def make_pool(urls: list[str] | None = None, **config: object) -> tuple[WorkerPool, FakeAdmin, RecordingObserver]:
+def make_pool(urls: list[str] | None = None, adoptable: dict[str, str] | None = None,
+              **config: object) -> tuple[WorkerPool, FakeAdmin, RecordingObserver]:
     admin, observer = FakeAdmin(), RecordingObserver()
-    pool = WorkerPool(urls or [W0, W1], admin, observer, PoolConfig(**config))  # type: ignore[arg-type]
+    dirs = {name: PurePath(path) for name, path in (adoptable or {}).items()}
+    pool = WorkerPool(urls or [W0, W1], admin, observer, PoolConfig(**config),  # type: ignore[arg-type]
+                      adoptable=dirs.get)
     return pool, admin, observer
 
 
@@ -260,3 +264,48 @@ async def test_round_robin_pool_loads_more_than_affinity() -> None:
             await serve(pool, "abcd"[i % 4])
         loads[strategy] = admin.count("load")
     assert loads["affinity"] == 4 and loads["round-robin"] > 4 * loads["affinity"]
+
+
+# -- reconciling with what workers already hold ---------------------------------------------------------
+async def test_reconcile_adopts_current_adapters_as_lru_and_unloads_stale_ones() -> None:
+    pool, admin, observer = make_pool([W0], adoptable={"a": "/store/sha-a", "b": "/store/sha-b2"}, max_loras=2)
+    await serve(pool, "mine")
+    for name, root in (("a", "/elsewhere/sha-a"), ("b", "/store/sha-b1"), ("gone", "/store/sha-g")):
+        admin.loaded.setdefault(W0, set()).add(name)  # loaded by a gateway run before this one
+        admin.roots[W0, name] = root
+    adopted, unloaded = await pool.reconcile(W0)
+    assert adopted == ["a"]  # same content (directory named by its sha256), wherever it was loaded from
+    assert sorted(unloaded) == ["b", "gone"]  # changed since, or no longer registered
+    assert admin.loaded[W0] == {"a", "mine"}
+    assert pool.views()[0].loaded == ("a", "mine")  # adopted ones first in LRU order
+    assert observer.of("evicted") == []  # stale unloads are not evictions
+    await serve(pool, "c")  # cap 2: the adopted adapter goes first
+    assert pool.views()[0].loaded == ("mine", "c")
+    assert await serve(pool, "mine") == W0 and admin.count("load") == 2
+
+
+async def test_start_reconciles_and_a_returning_worker_keeps_its_adapters() -> None:
+    pool, admin, _ = make_pool([W0, W1], adoptable={"a": "/store/a"}, healthy_after=1, probe_interval_s=60,
+                               scrape_interval_s=60)
+    admin.loaded[W1], admin.roots[W1, "a"] = {"a"}, "/store/a"
+    await pool.start()
+    try:
+        await asyncio.sleep(0.01)
+        assert pool.views()[1].loaded == ("a",)  # a gateway restart finds what the worker still holds
+        assert await serve(pool, "a") == W1 and admin.count("load") == 0
+        admin.down.add(W1)
+        await pool.probe_once()
+        admin.down.clear()
+        await pool.probe_once()  # a blip: back, state reset, then reconciled instead of forgotten
+        await asyncio.sleep(0.01)
+        assert pool.views()[1].loaded == ("a",) and admin.count("load") == 0
+    finally:
+        await pool.stop()
+
+
+async def test_reconcile_of_an_unreachable_worker_changes_nothing() -> None:
+    pool, admin, _ = make_pool([W0])
+    await serve(pool, "a")
+    admin.down.add(W0)
+    assert await pool.reconcile(W0) == ([], [])
+    assert pool.views()[0].loaded == ("a",)
