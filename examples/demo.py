@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kit", type=Path, default=KIT, help="the two-hop kit (default: the shipped one)")
     parser.add_argument("--per-cell", type=int, default=12, help="questions per policy x kind (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="every question of every evaluation set")
-    parser.add_argument("--concurrency", type=int, default=1,
-                        help="concurrent clients (default: %(default)s; see the README on base requests in batches)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="concurrent clients (default: %(default)s; base and adapter requests share batches)")
     parser.add_argument("--seed", type=int, default=0, help="which questions the sample takes (default: 0)")
     args = parser.parse_args(argv)
     kit: Path = args.kit.absolute()

@@ -5,8 +5,9 @@ answer, so it never overloads), an open loop measures what users see when reques
 their own schedule, queueing included. Open-loop latency is measured from the *scheduled* arrival
 so a slow server cannot hide its queue (coordinated omission).
 
-It talks to ``/v1/completions`` with one pooled ``httpx.AsyncClient``; with ``stream`` it reads
-the SSE events as they arrive and records time to first token and the gaps between tokens.
+It talks to ``/v1/completions`` or, with ``route="chat"``, ``/v1/chat/completions`` (the prompt as
+one user message) with one pooled ``httpx.AsyncClient``; with ``stream`` it reads the SSE events as
+they arrive and records time to first token and the gaps between tokens.
 It refuses non-loopback targets unless told otherwise, and caps request counts and durations, so
 a typo cannot turn it against someone else's server.
 """
@@ -40,6 +41,8 @@ MAX_DURATION_S = 3_600.0
 """Longest run unless the caller lifts the cap."""
 MAX_RATE = 10_000.0
 MAX_CONCURRENCY = 4_096
+ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+"""The OpenAI routes a load can target."""
 
 
 class LoadSpecError(ValueError):
@@ -52,6 +55,7 @@ class LoadSpec:
 
     url: str
     model: str = "tiny-llama"
+    route: Literal["completions", "chat"] = "completions"
     mode: Literal["closed", "open"] = "closed"
     concurrency: int = 1
     rate: float | None = None
@@ -72,7 +76,14 @@ class LoadSpec:
 
     @property
     def endpoint(self) -> str:
-        return self.url.rstrip("/") + "/v1/completions"
+        return self.url.rstrip("/") + ROUTES[self.route]
+
+    def body(self, item: WorkItem) -> dict[str, object]:
+        """The request body for one work item: a prompt, or the prompt as one user message for chat."""
+        text: dict[str, object] = ({"messages": [{"role": "user", "content": item.prompt}]} if self.route == "chat"
+                                   else {"prompt": item.prompt})
+        return {"model": item.model or self.model, **text, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, **dict(self.extra_body)}
 
 
 def is_loopback(url: str) -> bool:
@@ -91,6 +102,8 @@ def validate(spec: LoadSpec) -> LoadSpec:
     parts = urlsplit(spec.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise LoadSpecError(f"{spec.url!r} is not an http(s) URL")
+    if spec.route not in ROUTES:
+        raise LoadSpecError(f"unknown route {spec.route!r}; valid: {', '.join(ROUTES)}")
     if not spec.allow_remote and not is_loopback(spec.url):
         raise LoadSpecError(f"{parts.hostname} is not a loopback address; pass --allow-remote to load a remote "
                             "server (only one you are allowed to load)")
@@ -161,8 +174,7 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, item: WorkItem, index:
         headers[EXPECTED_HEADER] = item.expected[0]
     if spec.request_id_prefix is not None and index >= 0:  # warmups (index -1) keep fresh ids
         headers[REQUEST_ID_HEADER] = f"{spec.request_id_prefix}-{index}"
-    body: dict[str, object] = {"model": item.model or spec.model, "prompt": item.prompt,
-                               "max_tokens": spec.max_tokens, "temperature": spec.temperature, **dict(spec.extra_body)}
+    body = spec.body(item)
     start = scheduled - t0
     status: int | None = None
     try:
@@ -181,7 +193,7 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, item: WorkItem, index:
             if status >= 400:
                 return _failed(index, start, time.perf_counter() - scheduled, status, f"http_{status}", policy, item)
             payload = response.json()
-            text = payload["choices"][0].get("text") or ""
+            text = _choice_text(payload["choices"][0])
             tokens = int((payload.get("usage") or {}).get("completion_tokens") or 0)
             ttft, gaps = None, ()
     except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -189,6 +201,15 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, item: WorkItem, index:
     latency = time.perf_counter() - scheduled
     return RequestRecord(index=index, start=start, latency=latency, ok=True, status=status, ttft=ttft,
                          inter_token=gaps, tokens=tokens, policy=policy, correct=is_correct(text, item.expected))
+
+
+def _choice_text(choice: dict[str, object]) -> str:
+    """The text of a completion choice, a chat message, or a streamed chunk of either."""
+    for key in ("message", "delta"):
+        part = choice.get(key)
+        if isinstance(part, dict):
+            return str(part.get("content") or "")
+    return str(choice.get("text") or "")
 
 
 def _failed(index: int, start: float, latency: float, status: int | None, error: str, policy: str | None,
@@ -214,7 +235,7 @@ async def _read_stream(response: httpx.Response, scheduled: float
         if "error" in event:
             raise ValueError(f"stream error: {event['error']}")
         choices = event.get("choices") or []
-        piece = (choices[0].get("text") or (choices[0].get("delta") or {}).get("content") or "") if choices else ""
+        piece = _choice_text(choices[0]) if choices else ""
         if not piece:
             continue
         now = time.perf_counter()

@@ -61,7 +61,9 @@ def build_router(settings: Settings) -> tuple[Router, Embedder | None, Descripto
     default = parse_policy(settings.default_policy, source="default")
     if settings.embedder == "none":
         return Router(default, config), None, None
-    options = {"model_dir": settings.embedder_model_dir} if settings.embedder_model_dir else {}
+    options: dict[str, object] = {"threads": settings.embed_threads}
+    if settings.embedder_model_dir:
+        options["model_dir"] = settings.embedder_model_dir
     embedder = Embedder(make_backend(settings.embedder, **options), max_batch=settings.embed_max_batch,
                         max_wait_ms=settings.embed_max_wait_ms, cache_size=settings.embed_cache_size)
     index = DescriptorIndex(embedder, settings.data_dir / "index", embedder.identity,

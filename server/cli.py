@@ -144,6 +144,8 @@ def loadtest(
     = "http://127.0.0.1:8000",
     model: Annotated[str, typer.Option(help="`model` sent with every request (items may override).")]
     = "tiny-llama",
+    route: Annotated[str, typer.Option(help="completions (/v1/completions) or chat (/v1/chat/completions, the "
+                                            "prompt as one user message).")] = "completions",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Closed loop: concurrent clients.")] = 1,
     rate: Annotated[float | None, typer.Option(help="Open loop: Poisson arrivals at this many requests/s "
                                                     "(switches to open-loop mode).")] = None,
@@ -177,7 +179,8 @@ def loadtest(
                                                                "the run's records can be found in the outcome log."
                                                           )] = None,
 ) -> None:
-    """Load-test /v1/completions: closed loop (-c N) or open loop (--rate R); prints p50/p90/p99 and more."""
+    """Load-test /v1/completions or /v1/chat/completions: closed loop (-c N) or open loop (--rate R); prints
+    p50/p90/p99 and more."""
     from loragate.loadtest.command import execute
     from loragate.loadtest.loadgen import LoadSpec, LoadSpecError
     from loragate.loadtest.workloads import WorkloadError, generated, load_jsonl
@@ -190,8 +193,9 @@ def loadtest(
         headers.append((name.strip(), value.strip()))
     try:
         items = load_jsonl(workload) if workload is not None else generated(generate, prompt_words, seed)
-        spec = LoadSpec(url=url, model=model, mode="open" if rate is not None else "closed", concurrency=concurrency,
-                        rate=rate, requests=requests, duration_s=duration, stream=stream, max_tokens=max_tokens,
+        spec = LoadSpec(url=url, model=model, route=route,  # type: ignore[arg-type]  # validate() checks it
+                        mode="open" if rate is not None else "closed", concurrency=concurrency, rate=rate,
+                        requests=requests, duration_s=duration, stream=stream, max_tokens=max_tokens,
                         temperature=temperature, policy=policy, headers=tuple(headers), timeout_s=timeout, seed=seed,
                         warmup=warmup, allow_remote=allow_remote, unbounded=unbounded,
                         request_id_prefix=request_id_prefix)

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     embedder: str = Field("minilm", description="Embedding backend for routing: minilm | static | none (no routing).")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
+    embed_threads: int = Field(1, ge=1, le=256, description="CPU threads the embedder's model may use "
+                               "(1 keeps routing latency steady when the gateway shares its cores).")
     embed_max_batch: int = Field(32, gt=0, description="Largest micro-batch of prompts embedded together.")
     embed_max_wait_ms: float = Field(2.0, ge=0, le=100, description="Longest wait to fill a micro-batch (ms).")
     embed_cache_size: int = Field(4096, ge=0, description="Prompts whose embeddings are kept (LRU).")

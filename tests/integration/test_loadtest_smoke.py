@@ -82,6 +82,23 @@ def test_open_loop_streaming(gateway: str, tmp_path: Path) -> None:
     assert summary["ttft"]["p50"] <= summary["latency"]["p50"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_route_through_the_gateway(gateway: str, tmp_path: Path, stream: bool) -> None:
+    workload = tmp_path / "chat.jsonl"
+    workload.write_text(json.dumps({"prompt": "the cat sat on", "expected": "cat sat"}) + "\n")
+    out = tmp_path / "results.json"
+    done = _loadtest("--url", gateway, "--route", "chat", "-n", "12", "-c", "3", "--max-tokens", "4",
+                     "--policy", 'pin;adapter="alpha"', "--workload", str(workload), "--json", str(out),
+                     *(["--stream"] if stream else []))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    summary = _check(results, 12)
+    assert results["spec"]["route"] == "chat"
+    assert summary["success_by_policy"] == {'pin;adapter="alpha"': {"graded": 12, "correct": 12, "rate": 1.0}}
+    if stream:
+        assert summary["ttft"]["count"] == 12
+
+
 def _bench(module: str, out: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", f"loragate.loadtest.{module}", "--quick", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -101,3 +102,35 @@ async def test_requests_carry_expected_answer_and_run_scoped_request_ids() -> No
     assert "x-request-id" not in seen[2] and warmup.correct is None
     with pytest.raises(LoadSpecError, match="request-id-prefix"):
         validate(LoadSpec(url="http://127.0.0.1:1", request_id_prefix="run 1/2"))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_chat_route_sends_messages_and_reads_message_content(stream: bool) -> None:
+    import httpx
+
+    from loragate.loadtest.loadgen import _one
+    from loragate.loadtest.workloads import WorkItem
+
+    sent: list[tuple[str, dict[str, object]]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append((request.url.path, json.loads(request.content)))
+        if not stream:
+            return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "paris ."}}],
+                                             "usage": {"completion_tokens": 2}})
+        chunks = [{"choices": [{"delta": {"role": "assistant"}}]}, {"choices": [{"delta": {"content": "par"}}]},
+                  {"choices": [{"delta": {"content": "is"}}]}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+    spec = LoadSpec(url="http://127.0.0.1:1", route="chat", stream=stream, max_tokens=3)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        record = await _one(client, spec, WorkItem("capital of france ?", expected=("Paris",)), 0, 0.0, 0.0)
+    path, body = sent[0]
+    assert path == "/v1/chat/completions"
+    assert body["messages"] == [{"role": "user", "content": "capital of france ?"}] and "prompt" not in body
+    assert record.ok and record.correct is True
+    assert record.tokens == 2  # content chunks (the role-only chunk carries no token), or usage
+    assert (record.ttft is not None) is stream
+    with pytest.raises(LoadSpecError, match="route"):
+        validate(LoadSpec(url="http://127.0.0.1:1", route="embeddings"))  # type: ignore[arg-type]
