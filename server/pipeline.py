@@ -18,7 +18,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
+import aiohttp
 from http_sfv.item import Item
 from http_sfv.list import List as SfList
 
@@ -38,7 +38,7 @@ from loragate.router.service import Router
 from loragate.router.types import PolicySpec, RoutingDecision
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog, OutcomeRecord, contains_answer
-from loragate.workers.client import error_message
+from loragate.workers.client import body_message
 from loragate.workers.pool import WorkerPool
 
 POLICY_HEADER = "x-adapter-policy"
@@ -232,18 +232,26 @@ class _RetryElsewhere(Exception):
         self.error = error
 
 
+async def _read(response: aiohttp.ClientResponse) -> bytes:
+    """A worker's whole body; a connection that breaks mid-body is the worker's failure (502)."""
+    try:
+        return await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamError(f"worker response broke off: {exc!r}") from exc
+
+
 class CompletionService:
     """Runs completions end to end; built once at startup with every collaborator it needs."""
 
     def __init__(self, *, model: str, registry: AdapterRegistry, router: Router, pool: WorkerPool,
-                 http: httpx.AsyncClient, metrics: GatewayMetrics, merges: MergeCache, max_rank: int,
+                 upstream: aiohttp.ClientSession, metrics: GatewayMetrics, merges: MergeCache, max_rank: int,
                  outcomes: OutcomeLog, shadow: ShadowConfig | None = None, upstream_attempts: int = 2) -> None:
         self.model = model
         self.upstream_attempts = upstream_attempts
         self.registry = registry
         self.router = router
         self.pool = pool
-        self.http = http
+        self.upstream = upstream  # aiohttp: a third of httpx's CPU per proxied request (docs/BENCHMARKS.md)
         self.metrics = metrics
         self.merges = merges
         self.max_rank = max_rank
@@ -376,26 +384,24 @@ class CompletionService:
             trace.load_s = time.perf_counter() - load_started
             trace.worker = worker.url
             upstream_started = time.perf_counter()
-            upstream = self.http.build_request(
-                "POST", worker.url + ROUTE_PATHS[request.route], json=body,
-                headers={"x-request-id": request.request_id})
             try:
-                response = await self.http.send(upstream, stream=True)
-            except (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
-                self.pool.report_failure(worker.url, repr(exc))
-                raise _RetryElsewhere(worker.url, UpstreamError(f"worker {worker.url} unreachable: {exc!r}")) from exc
-            except httpx.TimeoutException as exc:
+                response = await self.upstream.post(worker.url + ROUTE_PATHS[request.route], json=body,
+                                                    headers={"x-request-id": request.request_id})
+            except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: safe to run elsewhere
+                raise self._unreachable(worker.url, exc) from exc
+            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
                 raise UpstreamTimeout(f"worker {worker.url} timed out") from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"worker {worker.url} unreachable: {exc!r}") from exc
-            stack.push_async_callback(response.aclose)
-            if response.status_code >= 400:
-                await response.aread()
-                status = response.status_code if response.status_code < 500 else 502
-                raise WorkerRejected(f"worker error: {error_message(response)}", status=status)
+            except aiohttp.ClientConnectionError as exc:  # refused, reset, or closed before any answer
+                raise self._unreachable(worker.url, exc) from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(f"worker {worker.url} failed: {exc!r}") from exc
+            stack.callback(response.release)
+            if response.status >= 400:
+                status = response.status if response.status < 500 else 502
+                raise WorkerRejected(f"worker error: {body_message(await _read(response))}", status=status)
             media_type = response.headers.get("content-type", "application/json")
             if not stream:
-                content = await response.aread()
+                content = await _read(response)
                 await stack.aclose()
                 trace.upstream_s = time.perf_counter() - upstream_started
                 output = completion_text(request.route, content) if request.expected is not None else None
@@ -407,17 +413,22 @@ class CompletionService:
             await stack.aclose()
             raise
 
-    async def _relay(self, trace: Trace, response: httpx.Response, stack: AsyncExitStack,
+    def _unreachable(self, url: str, exc: BaseException) -> _RetryElsewhere:
+        """The worker produced nothing for this request: out of rotation, and the request may run elsewhere."""
+        self.pool.report_failure(url, repr(exc))
+        return _RetryElsewhere(url, UpstreamError(f"worker {url} unreachable: {exc!r}"))
+
+    async def _relay(self, trace: Trace, response: aiohttp.ClientResponse, stack: AsyncExitStack,
                      upstream_started: float) -> AsyncIterator[bytes]:
         """Pass SSE bytes through as they arrive; a stream that breaks ends with an SSE error event."""
         status = 200
         collector = SSEText(trace.request.route) if trace.request.expected is not None else None
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 if collector is not None:
                     collector.feed(chunk)
                 yield chunk
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             status = 502
             error = UpstreamError(f"worker stream broke: {exc!r}")
             yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()

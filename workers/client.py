@@ -6,6 +6,7 @@ path with 404; this module turns those into ``True``/exceptions so the pool neve
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Protocol
 
@@ -16,16 +17,23 @@ from loragate.workers.stats import EngineStats, parse_vllm_metrics
 
 
 def error_message(response: httpx.Response) -> str:
-    """The human message inside a vLLM/OpenAI error body, or the raw text."""
+    """The human message inside a vLLM/OpenAI error response, or the raw text."""
+    return body_message(response.content)
+
+
+def body_message(raw: bytes) -> str:
+    """The human message inside a vLLM/OpenAI error body (``{"error": {"message"}}`` or
+    ``{"message"}``), or the start of the raw text."""
+    text = raw.decode("utf-8", "replace")
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text.strip()[:500]
+        return text.strip()[:500]
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and "message" in inner:
             return str(inner["message"])
-    return response.text.strip()[:500]
+    return text.strip()[:500]
 
 
 class WorkerAdmin(Protocol):
