@@ -397,8 +397,12 @@ class CompletionService:
                 raise UpstreamError(f"worker {worker.url} failed: {exc!r}") from exc
             stack.callback(response.release)
             if response.status >= 400:
+                message = body_message(await _read(response))
+                if response.status == 404 and adapter is not None:  # unloaded behind the pool's back: reload
+                    self.pool.lost(worker.url, adapter.name)
+                    raise _RetryElsewhere(None, UpstreamError(f"worker error: {message}", code="adapter_vanished"))
                 status = response.status if response.status < 500 else 502
-                raise WorkerRejected(f"worker error: {body_message(await _read(response))}", status=status)
+                raise WorkerRejected(f"worker error: {message}", status=status)
             media_type = response.headers.get("content-type", "application/json")
             if not stream:
                 content = await _read(response)

@@ -21,8 +21,9 @@ What the pool guarantees, and how:
   workers kept running, or a worker came back from a blip with its adapters still loaded. When
   the pool starts and whenever a worker returns to rotation, it lists the worker's adapters and
   adopts those whose directory name (a sha256) is the one it would load now, as least recently
-  used, so they count against the cap and are evicted first; any other adapter (deleted, changed,
-  or unknown) is unloaded. Without an ``adoptable`` lookup, everything it did not load is unloaded.
+  used, so they count against the cap and are evicted first. A registered name whose files differ
+  (changed while the gateway was away) is unloaded. Names it does not know are left alone: another
+  gateway sharing the worker may be serving them.
 - **Load failures** are reported to the observer and backed off per (worker, adapter),
   exponentially up to a cap, so a broken adapter fails fast instead of being retried forever.
 
@@ -385,6 +386,14 @@ class WorkerPool:
             self._fleet.adapter_evicted(worker.url, adapter)
         self._observer.adapters_on_worker(worker.url, len(worker.loaded))
 
+    def lost(self, url: str, adapter: str) -> None:
+        """The worker at ``url`` does not have ``adapter`` although the pool loaded it: load it again next time."""
+        worker = self._by_url.get(url.rstrip("/"))
+        if worker is not None and worker.loaded.pop(adapter, None) is not None:
+            log.warning("adapter %r vanished from %s (unloaded by someone else?); it will be reloaded", adapter,
+                        worker.url)
+            self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+
     async def forget(self, adapter: str) -> None:
         """Unload a deleted adapter from every healthy worker.
 
@@ -496,7 +505,9 @@ class WorkerPool:
             if name in worker.loaded or name in worker.loading or name in worker.unloading:
                 continue  # this pool loaded it (or is changing it) meanwhile
             expected = self._adoptable(name)
-            if expected is not None and root and PurePath(root).name == expected.name:
+            if expected is None:
+                continue  # not ours: another gateway sharing this worker may be serving it
+            if root and PurePath(root).name == expected.name:
                 adopted.append(name)
             else:
                 stale.append(name)

@@ -1,21 +1,28 @@
-"""The load generator's pure parts: Poisson schedules and the safety checks on a spec."""
+"""The load generator: Poisson schedules, the safety checks on a spec, and requests against scripted servers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from loragate.loadtest.loadgen import (
     MAX_REQUESTS,
     LoadSpec,
     LoadSpecError,
+    _one,
     is_loopback,
     planned_requests,
     poisson_arrivals,
     validate,
 )
+from loragate.loadtest.workloads import WorkItem
 
 
 def test_poisson_schedule_has_the_requested_rate_and_is_seeded() -> None:
@@ -77,25 +84,35 @@ def test_planned_requests() -> None:
     assert planned_requests(LoadSpec(url="x", duration_s=3)) is None
 
 
+@contextlib.asynccontextmanager
+async def scripted(answer: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                   ) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    """A real local HTTP server whose every POST is answered by ``answer``, and a session for it."""
+    app = web.Application()
+    app.router.add_post("/{path:.*}", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield str(server.make_url("")).rstrip("/"), session
+    finally:
+        await server.close()
+
+
 async def test_requests_carry_expected_answer_and_run_scoped_request_ids() -> None:
     """The gateway grades what the load generator grades, and a run's records can be found by id."""
-    import httpx
+    seen: list[Mapping[str, str]] = []
 
-    from loragate.loadtest.loadgen import _one
-    from loragate.loadtest.workloads import WorkItem
-
-    seen: list[httpx.Headers] = []
-
-    def answer(request: httpx.Request) -> httpx.Response:
+    async def answer(request: web.Request) -> web.Response:
         seen.append(request.headers)
-        return httpx.Response(200, json={"choices": [{"text": "paris ."}], "usage": {"completion_tokens": 2}})
+        return web.json_response({"choices": [{"text": "paris ."}], "usage": {"completion_tokens": 2}})
 
-    spec = LoadSpec(url="http://127.0.0.1:1", request_id_prefix="demo-7")
-    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+    async with scripted(answer) as (url, client):
+        spec = LoadSpec(url=url, request_id_prefix="demo-7")
         graded = await _one(client, spec, WorkItem("q", expected=("Paris",)), 3, 0.0, 0.0)
         several = await _one(client, spec, WorkItem("q", expected=("a", "b")), 4, 0.0, 0.0)
         warmup = await _one(client, spec, WorkItem("q"), -1, 0.0, 0.0)
-    assert graded.correct is True and several.correct is False
+    assert graded.correct is True and several.correct is False and graded.tokens == 2
     assert seen[0]["x-expected-answer"] == "Paris" and seen[0]["x-request-id"] == "demo-7-3"
     assert "x-expected-answer" not in seen[1]  # several acceptable answers: graded client-side only
     assert seen[1]["x-request-id"] == "demo-7-4"
@@ -106,25 +123,23 @@ async def test_requests_carry_expected_answer_and_run_scoped_request_ids() -> No
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_chat_route_sends_messages_and_reads_message_content(stream: bool) -> None:
-    import httpx
-
-    from loragate.loadtest.loadgen import _one
-    from loragate.loadtest.workloads import WorkItem
-
     sent: list[tuple[str, dict[str, object]]] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        sent.append((request.url.path, json.loads(request.content)))
+    async def answer(request: web.Request) -> web.StreamResponse:
+        sent.append((request.path, await request.json()))
         if not stream:
-            return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "paris ."}}],
-                                             "usage": {"completion_tokens": 2}})
-        chunks = [{"choices": [{"delta": {"role": "assistant"}}]}, {"choices": [{"delta": {"content": "par"}}]},
-                  {"choices": [{"delta": {"content": "is"}}]}]
-        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+            return web.json_response({"choices": [{"message": {"role": "assistant", "content": "paris ."}}],
+                                      "usage": {"completion_tokens": 2}})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in ({"choices": [{"delta": {"role": "assistant"}}]}, {"choices": [{"delta": {"content": "par"}}]},
+                      {"choices": [{"delta": {"content": "is"}}]}):
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
 
-    spec = LoadSpec(url="http://127.0.0.1:1", route="chat", stream=stream, max_tokens=3)
-    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+    async with scripted(answer) as (url, client):
+        spec = LoadSpec(url=url, route="chat", stream=stream, max_tokens=3)
         record = await _one(client, spec, WorkItem("capital of france ?", expected=("Paris",)), 0, 0.0, 0.0)
     path, body = sent[0]
     assert path == "/v1/chat/completions"
@@ -134,3 +149,15 @@ async def test_chat_route_sends_messages_and_reads_message_content(stream: bool)
     assert (record.ttft is not None) is stream
     with pytest.raises(LoadSpecError, match="route"):
         validate(LoadSpec(url="http://127.0.0.1:1", route="embeddings"))  # type: ignore[arg-type]
+
+
+async def test_errors_are_counted_by_status_and_by_exception_name() -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "busy"}}, status=503)
+
+    async with scripted(answer) as (url, client):
+        refused = await _one(client, LoadSpec(url=url), WorkItem("q"), 0, 0.0, 0.0)
+    async with aiohttp.ClientSession() as client:  # nothing listens there any more
+        unreachable = await _one(client, LoadSpec(url=url), WorkItem("q"), 1, 0.0, 0.0)
+    assert (refused.ok, refused.status, refused.error) == (False, 503, "http_503")
+    assert not unreachable.ok and unreachable.status is None and unreachable.error

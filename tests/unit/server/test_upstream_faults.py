@@ -23,6 +23,7 @@ import uvicorn
 from examples.stack import free_port
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
+from tests.lora_files import write_lora
 
 COMPLETION = {"id": "cmpl-1", "object": "text_completion", "model": "tiny-llama",
               "choices": [{"index": 0, "text": "fine", "finish_reason": "length"}],
@@ -35,6 +36,7 @@ class FakeWorker:
 
     mode: str = "ok"
     completions: int = 0
+    loads: int = 0
     port: int = field(default_factory=free_port)
 
     @property
@@ -54,6 +56,9 @@ class FakeWorker:
                     self.completions += 1
                     if not await self.complete(json.loads(body), writer):
                         return
+                elif path == "/v1/load_lora_adapter":
+                    self.loads += 1
+                    writer.write(response(200, b"loaded"))
                 else:
                     payload = b'{"data": []}' if path == "/v1/models" else b"{}"
                     writer.write(response(200, payload))
@@ -69,6 +74,10 @@ class FakeWorker:
             return False
         if self.mode == "hang":
             await asyncio.sleep(3600)
+        if self.mode == "lose-adapter" and body["model"] != "tiny-llama" and self.completions == 2:
+            error = {"error": {"message": f"The model `{body['model']}` does not exist.", "code": 404}}
+            writer.write(response(404, json.dumps(error).encode()))
+            return True
         if self.mode == "refuse":
             error = {"error": {"message": "max_tokens is too large for this model", "type": "BadRequestError"}}
             writer.write(response(400, json.dumps(error).encode()))
@@ -87,7 +96,7 @@ class FakeWorker:
 
 
 def response(status: int, payload: bytes) -> bytes:
-    reason = {200: "OK", 400: "Bad Request"}[status]
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[status]
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
             .encode() + payload)
 
@@ -123,8 +132,9 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     loop.run_until_complete(serve())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    settings = Settings(data_dir=tmp_path, port=free_port(), workers=[w.url for w in workers], embedder="none",
-                        scheduling="round-robin", request_timeout_s=1.0, outcomes_flush_interval_s=0.05)
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), workers=[w.url for w in workers],
+                        embedder="none", scheduling="round-robin", request_timeout_s=1.0,
+                        outcomes_flush_interval_s=0.05, admin_token="t", import_roots=[tmp_path])  # type: ignore[arg-type]
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port,
                                           log_level="warning"))
     gateway = threading.Thread(target=server.run, daemon=True)
@@ -196,3 +206,14 @@ def test_a_worker_error_is_passed_on_with_its_message(fleet: Fleet) -> None:
     assert answer.status_code == 400
     assert "max_tokens is too large" in answer.json()["error"]["message"]
     assert retried(fleet) == 0
+
+
+@pytest.mark.parametrize("fleet", [["lose-adapter"]], indirect=True)
+def test_an_adapter_unloaded_behind_the_gateways_back_is_loaded_again(fleet: Fleet, tmp_path: Path) -> None:
+    registered = httpx.post(f"{fleet.gateway}/admin/adapters", headers={"authorization": "Bearer t"},
+                            json={"name": "alpha", "path": str(write_lora(tmp_path / "alpha", rank=8))})
+    assert registered.status_code == 201, registered.text
+    answers = [post(fleet, model="alpha") for _ in range(3)]  # the second finds it gone ("does not exist")
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert fleet.workers[0].loads == 2 and fleet.workers[0].completions == 4
+    assert retried(fleet) == 1

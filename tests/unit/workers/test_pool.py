@@ -270,13 +270,13 @@ async def test_round_robin_pool_loads_more_than_affinity() -> None:
 async def test_reconcile_adopts_current_adapters_as_lru_and_unloads_stale_ones() -> None:
     pool, admin, observer = make_pool([W0], adoptable={"a": "/store/sha-a", "b": "/store/sha-b2"}, max_loras=2)
     await serve(pool, "mine")
-    for name, root in (("a", "/elsewhere/sha-a"), ("b", "/store/sha-b1"), ("gone", "/store/sha-g")):
+    for name, root in (("a", "/elsewhere/sha-a"), ("b", "/store/sha-b1"), ("other", "/store/sha-o")):
         admin.loaded.setdefault(W0, set()).add(name)  # loaded by a gateway run before this one
         admin.roots[W0, name] = root
     adopted, unloaded = await pool.reconcile(W0)
     assert adopted == ["a"]  # same content (directory named by its sha256), wherever it was loaded from
-    assert sorted(unloaded) == ["b", "gone"]  # changed since, or no longer registered
-    assert admin.loaded[W0] == {"a", "mine"}
+    assert unloaded == ["b"]  # registered here with other files since
+    assert admin.loaded[W0] == {"a", "mine", "other"}  # not ours: another gateway may serve it
     assert pool.views()[0].loaded == ("a", "mine")  # adopted ones first in LRU order
     assert observer.of("evicted") == []  # stale unloads are not evictions
     await serve(pool, "c")  # cap 2: the adopted adapter goes first
@@ -309,3 +309,13 @@ async def test_reconcile_of_an_unreachable_worker_changes_nothing() -> None:
     admin.down.add(W0)
     assert await pool.reconcile(W0) == ([], [])
     assert pool.views()[0].loaded == ("a",)
+
+
+async def test_an_adapter_that_vanished_from_a_worker_is_loaded_again() -> None:
+    pool, admin, _ = make_pool([W0])
+    await serve(pool, "a")
+    admin.loaded[W0].discard("a")  # unloaded behind the pool's back
+    pool.lost(W0, "a")
+    assert pool.views()[0].loaded == ()
+    await serve(pool, "a")
+    assert admin.count("load") == 2 and admin.loaded[W0] == {"a"}
