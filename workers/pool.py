@@ -21,9 +21,8 @@ What the pool guarantees, and how:
   workers kept running, or a worker came back from a blip with its adapters still loaded. When
   the pool starts and whenever a worker returns to rotation, it lists the worker's adapters and
   adopts those whose directory name (a sha256) is the one it would load now, as least recently
-  used, so they count against the cap and are evicted first. A registered name whose files differ
-  (changed while the gateway was away) is unloaded. Names it does not know are left alone: another
-  gateway sharing the worker may be serving them.
+  used, so they count against the cap and are evicted first. Others are left alone: another
+  gateway sharing the worker may be serving them, and a lost one is reloaded (:meth:`lost`).
 - **Load failures** are reported to the observer and backed off per (worker, adapter),
   exponentially up to a cap, so a broken adapter fails fast instead of being retried forever.
 
@@ -373,8 +372,7 @@ class WorkerPool:
             worker.unloading[victim] = task
             await asyncio.shield(task)
 
-    async def _unload(self, worker: _Worker, adapter: str, *, evicted: bool = True) -> None:
-        """Unload ``adapter``; ``evicted``: to make room (counted as an eviction), not a stale leftover."""
+    async def _unload(self, worker: _Worker, adapter: str) -> None:
         try:
             await self._client.unload_adapter(worker.url, adapter)
         except LoragateError as exc:
@@ -382,7 +380,7 @@ class WorkerPool:
             log.warning("unloading %r from %s failed: %s", adapter, worker.url, exc.message)
         finally:
             worker.unloading.pop(adapter, None)
-        if evicted and self._fleet is not None:
+        if self._fleet is not None:
             self._fleet.adapter_evicted(worker.url, adapter)
         self._observer.adapters_on_worker(worker.url, len(worker.loaded))
 
@@ -485,11 +483,14 @@ class WorkerPool:
         self._reconciles.add(task)
         task.add_done_callback(self._reconciles.discard)
 
-    async def reconcile(self, url: str) -> tuple[list[str], list[str]]:
-        """Adopt the worker's current adapters and unload stale ones; returns (adopted, unloaded).
+    async def reconcile(self, url: str) -> list[str]:
+        """Adopt the adapters the worker holds with the files the pool would load now; returns their names.
 
-        A failure to list is logged and ignored: the worker is then either down (and reconciled
-        when it returns) or up with adapters the pool will not count until the next reconcile.
+        Nothing is unloaded here: a name whose files differ, or that this gateway does not know, may
+        be served by another gateway sharing the worker (the same adapter loaded from another
+        directory looks no different from a stale one). A failure to list is logged and ignored:
+        the worker is then down (and reconciled when it returns) or up with adapters the pool does
+        not count until the next reconcile.
         """
         worker = self._by_url[url.rstrip("/")]
         generation = worker.generation
@@ -497,34 +498,25 @@ class WorkerPool:
             served = await self._client.list_adapters(worker.url)
         except LoragateError as exc:
             log.warning("could not list the adapters of %s: %s", worker.url, exc.message)
-            return [], []
+            return []
         if worker.generation != generation:
-            return [], []  # reset meanwhile: a newer reconcile owns this worker
-        adopted, stale = [], []
+            return []  # reset meanwhile: a newer reconcile owns this worker
+        adopted = []
         for name, root in served.items():
             if name in worker.loaded or name in worker.loading or name in worker.unloading:
                 continue  # this pool loaded it (or is changing it) meanwhile
             expected = self._adoptable(name)
-            if expected is None:
-                continue  # not ours: another gateway sharing this worker may be serving it
-            if root and PurePath(root).name == expected.name:
+            # Store and merge-cache directories are named by the sha256 of their files: same name, same weights.
+            if expected is not None and root and PurePath(root).name == expected.name:
                 adopted.append(name)
-            else:
-                stale.append(name)
         now = time.monotonic()
         for name in adopted:  # least recently used: first to go when room is needed
             worker.loaded[name] = now
             worker.loaded.move_to_end(name, last=False)
-        unloads = []
-        for name in stale:
-            task = asyncio.get_running_loop().create_task(self._unload(worker, name, evicted=False))
-            worker.unloading[name] = task
-            unloads.append(task)
-        await asyncio.gather(*unloads)
-        if adopted or stale:
-            log.info("worker %s: adopted %s, unloaded %s", worker.url, adopted, stale)
-        self._observer.adapters_on_worker(worker.url, len(worker.loaded))
-        return adopted, stale
+        if adopted:
+            log.info("worker %s: adopted %s, loaded before this gateway started", worker.url, adopted)
+            self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+        return adopted
 
     async def scrape_once(self) -> None:
         """Scrape every healthy worker's ``/metrics`` concurrently; a failed scrape clears its stats."""

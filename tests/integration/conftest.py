@@ -6,21 +6,19 @@ weights, word-level tokenizer), so the suite needs no downloads.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from examples.stack import free_port
 from examples.tiny_model import DESCRIPTORS, build_tiny_lora, build_tiny_model
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
 from loragate.workers.launch import WorkerLaunch, WorkerProcess
+from tests.servers import serving
 
 TOKEN = "integration-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -70,23 +68,12 @@ def stack(tiny: Tiny, worker: str, tmp_path_factory: pytest.TempPathFactory) -> 
     data_dir = tmp_path_factory.mktemp("gateway-data")
     settings = Settings(data_dir=data_dir, port=free_port(), workers=[worker], model=MODEL,
                         admin_token=TOKEN, import_roots=[tiny.root])  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.05)
-    stack = Stack(gateway=f"http://127.0.0.1:{settings.port}", worker=worker, tiny=tiny, data_dir=data_dir)
-    with stack.admin() as admin:
-        for name, seed in (("alpha", 1), ("beta", 2)):
-            description, examples = DESCRIPTORS[name]
-            response = admin.post("/admin/adapters", json={"name": name, "path": str(tiny.adapter(name, seed)),
-                                                           "description": description, "examples": examples})
-            assert response.status_code == 201, response.text
-    try:
+    with serving(create_app(settings), settings.port) as gateway:
+        stack = Stack(gateway=gateway, worker=worker, tiny=tiny, data_dir=data_dir)
+        with stack.admin() as admin:
+            for name, seed in (("alpha", 1), ("beta", 2)):
+                description, examples = DESCRIPTORS[name]
+                response = admin.post("/admin/adapters", json={"name": name, "path": str(tiny.adapter(name, seed)),
+                                                               "description": description, "examples": examples})
+                assert response.status_code == 201, response.text
         yield stack
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from examples.stack import free_port
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
 from tests.lora_files import write_lora
+from tests.servers import serving
 
 COMPLETION = {"id": "cmpl-1", "object": "text_completion", "model": "tiny-llama",
               "choices": [{"index": 0, "text": "fine", "finish_reason": "length"}],
@@ -135,19 +134,10 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     settings = Settings(data_dir=tmp_path / "data", port=free_port(), workers=[w.url for w in workers],
                         embedder="none", scheduling="round-robin", request_timeout_s=1.0,
                         outcomes_flush_interval_s=0.05, admin_token="t", import_roots=[tmp_path])  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port,
-                                          log_level="warning"))
-    gateway = threading.Thread(target=server.run, daemon=True)
-    gateway.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.02)
     try:
-        yield Fleet(workers, f"http://127.0.0.1:{settings.port}")
+        with serving(create_app(settings), settings.port) as gateway:
+            yield Fleet(workers, gateway)
     finally:
-        server.should_exit = True
-        gateway.join(timeout=10)
         asyncio.run_coroutine_threadsafe(shut_down(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
