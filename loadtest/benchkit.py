@@ -161,9 +161,11 @@ class ServerProcess:
         self.stop()
 
 
-def start_stub(logs: Path, tokens: int = 16) -> ServerProcess:
+def start_stub(logs: Path, tokens: int = 16, token_delay_ms: float = 0.0) -> ServerProcess:
+    """The stub upstream; ``token_delay_ms`` paces streamed words like a model generating them."""
     port = free_port()
-    command = [sys.executable, "-m", "loragate.loadtest.stub", "--port", str(port), "--tokens", str(tokens)]
+    command = [sys.executable, "-m", "loragate.loadtest.stub", "--port", str(port), "--tokens", str(tokens),
+               "--token-delay-ms", str(token_delay_ms)]
     return ServerProcess("stub", command, f"http://127.0.0.1:{port}", logs / f"stub-{port}.log").start()
 
 
@@ -238,24 +240,29 @@ def _cpu(target: Target) -> float:
 
 def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequence[WorkItem], *,
                         requests: int | None = None, duration_s: float | None = None,
-                        between: Callable[[], object] | None = None, **spec: object) -> dict[str, Measured]:
+                        between: Callable[[], object] | None = None, fresh_prompts: bool = False,
+                        **spec: object) -> dict[str, Measured]:
     """``requests`` (or ``duration_s``) per target in ``rounds`` alternating slices (A B C A B C ...).
 
     Alternating spreads slow phases of a shared machine over every target instead of one, which is
     what keeps a ratio measured side by side honest. Each round sends every target the same prompts,
     and each round its own slice of ``workload`` (so routing's embedding cache never answers).
+    ``fresh_prompts`` gives every target its own slice too: against a real vLLM, whichever target
+    sent a prompt second would hit vLLM's prefix cache (whose repeats also stream differently).
     """
     if (requests is None) == (duration_s is None):
         raise ValueError("give requests or duration_s")
     limit: dict[str, object] = ({"requests": max(1, requests // rounds)} if requests is not None
                                 else {"duration_s": (duration_s or 0.0) / rounds})
-    share = len(workload) // rounds
+    slices = rounds * (len(targets) if fresh_prompts else 1)
+    share = len(workload) // slices
     records: dict[str, list[RequestRecord]] = {t.label: [] for t in targets}
     elapsed = dict.fromkeys(records, 0.0)
     cpu = dict.fromkeys(records, 0.0)
     for r in range(rounds):
-        chunk = workload[r * share:(r + 1) * share] or workload
-        for target in targets:
+        for t, target in enumerate(targets):
+            index = r * len(targets) + t if fresh_prompts else r
+            chunk = workload[index * share:(index + 1) * share] or workload
             before = _cpu(target)
             result = asyncio.run(run_load(target.spec(**limit, **spec), chunk))
             cpu[target.label] += _cpu(target) - before
