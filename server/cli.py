@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from pydantic import SecretStr
 
 from loragate.server.settings import Settings, describe_options, load_settings, to_environment
 from loragate.workers.launch import WorkerFleet, WorkerLaunch, resolver_env
@@ -110,7 +112,9 @@ def up(
     """The embedded default: data dir, one local vLLM worker subprocess, and the gateway.
 
     Waits for the worker to be ready, then serves until Ctrl-C/SIGTERM and stops the worker with it.
-    On a loopback address without an admin token, the admin API is open for local use.
+    On a loopback address without an admin token, the admin API is open for local use. With
+    ``--set adapter_delivery=resolver`` the workers fetch adapters from this gateway over HTTP
+    (a delivery token is generated unless one is set), as workers on other machines would.
     """
     overrides = _overrides(set_)
     overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port + i}" for i in range(workers)])
@@ -119,8 +123,16 @@ def up(
         settings = settings.model_copy(update={"allow_unauthenticated_admin": True})
     if not settings.import_roots:
         settings = settings.model_copy(update={"import_roots": [Path.cwd()]})
+    env: tuple[tuple[str, str], ...] = ()
+    if settings.adapter_delivery == "resolver":
+        token = settings.delivery_token or SecretStr(secrets.token_urlsafe(24))
+        settings = settings.model_copy(update={"delivery_token": token})
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        host = f"[{host}]" if ":" in host else host
+        env = resolver_env(f"http://{host}:{settings.port}", token.get_secret_value(),
+                           settings.data_dir / "worker-cache")
     fleet = WorkerFleet(WorkerLaunch(model=model, served_model_name=settings.model, port=worker_port,
-                                     max_loras=max_loras, max_lora_rank=settings.max_lora_rank),
+                                     max_loras=max_loras, max_lora_rank=settings.max_lora_rank, env=env),
                         workers, settings.data_dir / "logs")
     typer.echo(f"starting {workers} vLLM worker(s) on {', '.join(fleet.urls)} (logs: {settings.data_dir / 'logs'})",
                err=True)

@@ -37,3 +37,30 @@ def test_up_serves_and_stops_its_worker_on_signal(tiny: Tiny, tmp_path: Path, si
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_up_with_resolver_delivery_serves_adapters_the_workers_fetch_over_http(tiny: Tiny, tmp_path: Path) -> None:
+    """The workers get the gateway's URL and a generated token, never a path: they fetch and verify."""
+    port, worker_port, data = free_port(), free_port(), tmp_path / "data"
+    alpha = tiny.adapter("alpha", 1)
+    proc = subprocess.Popen([sys.executable, "-m", "loragate.server.cli", "up", "--model", str(tiny.model),
+                             "--worker-port", str(worker_port), "--set", f"port={port}", "--set", f"data_dir={data}",
+                             "--set", "adapter_delivery=resolver", "--set", f'import_roots=["{tiny.root}"]'])
+    gateway = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{gateway}/health", proc, timeout=400)
+        assert httpx.post(f"{gateway}/admin/adapters", json={"name": "alpha", "path": str(alpha)}).status_code == 201
+        sha = httpx.get(f"{gateway}/admin/adapters/alpha").json()["sha256"]
+        body = {"prompt": "the cat sat on the", "max_tokens": 4, "temperature": 0}
+        via_resolver = httpx.post(f"{gateway}/v1/completions", json={"model": "alpha", **body}, timeout=120)
+        assert via_resolver.status_code == 200, via_resolver.text
+        base = httpx.post(f"{gateway}/v1/completions", json={"model": "tiny-llama", **body}, timeout=120)
+        assert via_resolver.json()["choices"][0]["text"] != base.json()["choices"][0]["text"]
+        fetched = data / "worker-cache" / sha
+        weights = "adapter_model.safetensors"
+        assert (fetched / weights).read_bytes() == (alpha / weights).read_bytes()
+        served = httpx.get(f"http://127.0.0.1:{worker_port}/v1/models").json()["data"]
+        assert {m["id"]: m["root"] for m in served if m.get("parent")} == {"alpha": str(fetched)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
