@@ -10,6 +10,14 @@ from pydantic import ValidationError
 from loragate.server.settings import CONFIG_ENV, load_settings
 
 
+@pytest.fixture(autouse=True)
+def _restore_config_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_settings(config_file)`` exports LORAGATE_CONFIG (child processes read it); undo that after
+    each test. ``delenv`` on an absent variable records nothing to restore, so set it first."""
+    monkeypatch.setenv(CONFIG_ENV, "unset-by-fixture")
+    monkeypatch.delenv(CONFIG_ENV)
+
+
 def test_toml_env_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "loragate.toml"
     config.write_text('port = 9001\nmodel = "from-file"\nworkers = ["http://w1:8100/", "http://w2:8100"]\n')

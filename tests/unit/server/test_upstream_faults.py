@@ -132,7 +132,7 @@ def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     settings = Settings(data_dir=tmp_path / "data", port=free_port(), workers=[w.url for w in workers],
-                        embedder="none", scheduling="round-robin", request_timeout_s=1.0,
+                        model="tiny-llama", embedder="none", scheduling="round-robin", request_timeout_s=1.0,
                         outcomes_flush_interval_s=0.05, admin_token="t", import_roots=[tmp_path])  # type: ignore[arg-type]
     try:
         with serving(create_app(settings), settings.port) as gateway:
