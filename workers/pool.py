@@ -228,7 +228,8 @@ class WorkerPool:
                  strategy: Strategy | None = None, adoptable: Callable[[str], PurePath | None] | None = None
                  ) -> None:
         """``adoptable`` maps an adapter name to the directory the gateway would load it from now
-        (the registry's and merge cache's lookup): how a reconcile tells current adapters from stale ones."""
+        (the registry's and merge cache's lookup): which adapters a worker already holds that a
+        reconcile may count as loaded."""
         if not workers:
             raise ValueError("at least one worker URL is required")
         self.config = config or PoolConfig()
