@@ -31,6 +31,7 @@ import aiohttp
 
 from loragate.loadtest.stats import RequestRecord
 from loragate.loadtest.workloads import WorkItem, is_correct
+from loragate.wire import choice_text
 
 POLICY_HEADER = "X-Adapter-Policy"
 EXPECTED_HEADER = "X-Expected-Answer"
@@ -187,10 +188,10 @@ async def _one(client: aiohttp.ClientSession, spec: LoadSpec, item: WorkItem, in
                 await response.read()
                 return _failed(index, start, time.perf_counter() - scheduled, status, f"http_{status}", policy, item)
             if spec.stream:
-                text, ttft, gaps, tokens = await _read_stream(response, scheduled)
+                text, ttft, gaps, tokens = await _read_stream(response, scheduled, spec.route == "chat")
             else:
                 payload = await response.json(content_type=None)
-                text = _choice_text(payload["choices"][0])
+                text = choice_text(payload["choices"][0], spec.route == "chat")
                 tokens = int((payload.get("usage") or {}).get("completion_tokens") or 0)
                 ttft, gaps = None, ()
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:
@@ -200,22 +201,13 @@ async def _one(client: aiohttp.ClientSession, spec: LoadSpec, item: WorkItem, in
                          inter_token=gaps, tokens=tokens, policy=policy, correct=is_correct(text, item.expected))
 
 
-def _choice_text(choice: dict[str, object]) -> str:
-    """The text of a completion choice, a chat message, or a streamed chunk of either."""
-    for key in ("message", "delta"):
-        part = choice.get(key)
-        if isinstance(part, dict):
-            return str(part.get("content") or "")
-    return str(choice.get("text") or "")
-
-
 def _failed(index: int, start: float, latency: float, status: int | None, error: str, policy: str | None,
             item: WorkItem) -> RequestRecord:
     return RequestRecord(index=index, start=start, latency=latency, ok=False, status=status, error=error,
                          policy=policy, correct=False if item.expected else None)
 
 
-async def _read_stream(response: aiohttp.ClientResponse, scheduled: float
+async def _read_stream(response: aiohttp.ClientResponse, scheduled: float, chat: bool
                        ) -> tuple[str, float | None, tuple[float, ...], int]:
     """Read SSE ``data:`` events: the text, time to first token, gaps between tokens, token events."""
     parts: list[str] = []
@@ -233,7 +225,7 @@ async def _read_stream(response: aiohttp.ClientResponse, scheduled: float
         if "error" in event:
             raise ValueError(f"stream error: {event['error']}")
         choices = event.get("choices") or []
-        piece = _choice_text(choices[0]) if choices else ""
+        piece = choice_text(choices[0], chat) if choices else ""
         if not piece:
             continue
         now = time.perf_counter()

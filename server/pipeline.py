@@ -38,6 +38,7 @@ from loragate.router.service import Router
 from loragate.router.types import PolicySpec, RoutingDecision
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog, OutcomeRecord, contains_answer
+from loragate.wire import choice_text
 from loragate.workers.client import body_message
 from loragate.workers.pool import WorkerPool
 
@@ -188,16 +189,7 @@ def completion_text(route: str, body: bytes) -> str:
         choices = json.loads(body).get("choices") or []
     except (ValueError, AttributeError):
         return ""
-    return "".join(_choice_text(route, c) for c in choices[:1])
-
-
-def _choice_text(route: str, choice: Any) -> str:
-    if not isinstance(choice, dict):
-        return ""
-    if route == "chat.completions":
-        part = choice.get("message") or choice.get("delta") or {}
-        return str(part.get("content") or "") if isinstance(part, dict) else ""
-    return str(choice.get("text") or "")
+    return "".join(choice_text(c, route == "chat.completions") for c in choices[:1])
 
 
 class SSEText:
@@ -217,7 +209,7 @@ class SSEText:
                     choices = json.loads(line[6:]).get("choices") or []
                 except (ValueError, AttributeError):
                     continue
-                self.parts.extend(_choice_text(self.route, c) for c in choices[:1])
+                self.parts.extend(choice_text(c, self.route == "chat.completions") for c in choices[:1])
 
     def text(self) -> str:
         return "".join(self.parts)
