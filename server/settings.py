@@ -68,13 +68,20 @@ class Settings(BaseSettings):
     delivery_token: SecretStr | None = Field(
         None, description="Bearer token of /adapters-files (the workers' LORAGATE_RESOLVER_TOKEN); unset: off.")
     # -- semantic routing -------------------------------------------------------------------------
-    embedder: str = Field("minilm", description="Embedding backend for routing: minilm | static | none (no routing).")
+    embedder: str = Field(
+        "minilm", description="Embedding backend for routing: minilm (ONNX Runtime) | minilm-torch (same vectors, "
+                              "2x slower) | static | none (no routing).")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
+    embedder_cache_dir: Path | None = Field(
+        None, description="Where the minilm backend caches its exported ONNX graph (default: "
+                          "$XDG_CACHE_HOME/loragate/embedders, shared by every gateway of this user).")
     embed_threads: int = Field(1, ge=1, le=256, description="CPU threads the embedder's model may use "
                                "(1 keeps routing latency steady when the gateway shares its cores).")
     embed_max_batch: int = Field(32, gt=0, description="Largest micro-batch of prompts embedded together.")
-    embed_max_wait_ms: float = Field(2.0, ge=0, le=100, description="Longest wait to fill a micro-batch (ms).")
+    embed_max_wait_ms: float = Field(
+        0.0, ge=0, le=100, description="Longest wait to fill a micro-batch (ms). 0: never wait; prompts that arrive "
+                                       "while one batch encodes still form the next.")
     embed_cache_size: int = Field(4096, ge=0, description="Prompts whose embeddings are kept (LRU).")
     index_exact_max: int = Field(50_000, gt=0, description="Descriptor vectors searched exactly; HNSW above.")
     index_aggregate: str = Field("max", description="Adapter score from its descriptor vectors: max | top2mean.")

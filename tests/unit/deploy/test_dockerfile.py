@@ -67,7 +67,9 @@ def test_healthcheck_entrypoint_and_cpu_torch() -> None:
     assert dict(steps)["ENTRYPOINT"] == '["loragate"]'
     text = DOCKERFILE.read_text()
     assert "--index-url" in text and "/whl/cpu" in text, "torch must come from the CPU wheel index"
-    assert "MiniLMBackend()" in text, "the build must prove the embedding model loads offline"
+    assert "MiniLMBackend(cache_dir='/opt/venv/share/loragate/embedders')" in text, \
+        "the build must prove the embedding model loads offline and bake its ONNX graph into the venv"
+    assert "LORAGATE_EMBEDDER_CACHE_DIR=/opt/venv/share/loragate/embedders" in text, "the runtime must find it"
 
 
 def test_embedding_model_package_is_a_dependency() -> None:
