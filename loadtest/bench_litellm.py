@@ -128,8 +128,7 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
     litellm_error: str | None = None
     with start_stub(work / "logs") as stub, \
             start_gateway(work / "logs", work / "gateway-data", [stub.url], tiny_dir, embedder="minilm") as gateway, \
-            start_gateway(work / "logs", work / "gateway-static", [stub.url], tiny_dir, embedder="static",
-                          embed_max_wait_ms=0) as fast:
+            start_gateway(work / "logs", work / "gateway-static", [stub.url], tiny_dir, embedder="static") as fast:
         register(gateway.url, adapters)
         register(fast.url, adapters)
         targets = [Target("direct (stub)", stub.url, servers=(stub,)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -144,6 +145,19 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
                                  raise_for_status=False)
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated at startup into the garbage collector's permanent generation.
+
+    Loading the embedding model leaves ~500k long-lived objects (torch, transformers, the tokenizer):
+    a full collection then took ~200 ms here, a pause for every request in flight whenever enough
+    request objects had survived to trigger one. Those startup objects live as long as the process,
+    so leaving them out of collection loses nothing, and a full collection after this one costs well
+    under a millisecond. Reference counting still frees frozen objects that are dropped.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings) -> FastAPI:
     """A gateway app; services exist between startup and shutdown (``app.state.services``)."""
     from loragate.server.routes import admin, files, openai, ops
@@ -159,9 +173,11 @@ def create_app(settings: Settings) -> FastAPI:
             services.outcomes.start()
             await services.pool.start()  # health probes and /metrics scrapes of the workers
             poller = asyncio.get_running_loop().create_task(follow_registry(services), name="registry-follower")
+            freeze_startup_heap()
             try:
                 yield
             finally:
+                gc.unfreeze()  # an app built again in this process (tests) starts from a collectable heap
                 poller.cancel()
                 await services.pool.stop()
                 await services.completions.close()  # running shadows finish and are recorded
