@@ -170,7 +170,9 @@ async def overhead_section(records: dict[str, AdapterRecord], prompts: list[Labe
             "32 vs the backend encoding batches of 32 directly (measured before and after). Targets: p50 ratio "
             "<= 1.3; throughput ratio >= 0.8.\n\n"
             "| routing | bare p50 ms | routed p50 ms | routed p99 ms | p50 ratio | bare batched /s | routed c=32 /s "
-            "| throughput ratio |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| throughput ratio |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            "`hybrid` embeds the prompt and each of its clauses (2-3 texts for most prompts) where `bare` embeds "
+            "the prompt alone, so its ratio counts those extra embeddings as well as the routing.\n")
     return body, out
 
 

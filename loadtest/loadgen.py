@@ -181,6 +181,8 @@ async def _one(client: aiohttp.ClientSession, spec: LoadSpec, item: WorkItem, in
     status: int | None = None
     if spec.stream:
         body["stream"] = True
+        # the usage chunk counts tokens: a server that falls behind merges several tokens into one event
+        body.setdefault("stream_options", {"include_usage": True})
     try:
         async with client.post(spec.endpoint, json=body, headers=headers) as response:
             status = response.status
@@ -209,11 +211,18 @@ def _failed(index: int, start: float, latency: float, status: int | None, error:
 
 async def _read_stream(response: aiohttp.ClientResponse, scheduled: float, chat: bool
                        ) -> tuple[str, float | None, tuple[float, ...], int]:
-    """Read SSE ``data:`` events: the text, time to first token, gaps between tokens, token events."""
+    """Read SSE ``data:`` events: the text, time to first token, gaps between text events, and tokens.
+
+    Tokens are the final usage chunk's ``completion_tokens`` when the server sends one (requested with
+    ``stream_options.include_usage``), else the number of text events. vLLM merges the tokens a slow
+    reader has not taken yet into one event, so counting events would report a server that bursts as
+    a slow one.
+    """
     parts: list[str] = []
     ttft: float | None = None
     last = 0.0
     gaps: list[float] = []
+    usage_tokens: int | None = None
     async for raw in response.content:  # one line per iteration
         line = raw.decode().rstrip("\r\n")
         if not line.startswith("data:"):
@@ -224,6 +233,8 @@ async def _read_stream(response: aiohttp.ClientResponse, scheduled: float, chat:
         event = json.loads(data)
         if "error" in event:
             raise ValueError(f"stream error: {event['error']}")
+        if event.get("usage"):
+            usage_tokens = int(event["usage"].get("completion_tokens") or 0)
         choices = event.get("choices") or []
         piece = choice_text(choices[0], chat) if choices else ""
         if not piece:
@@ -235,7 +246,7 @@ async def _read_stream(response: aiohttp.ClientResponse, scheduled: float, chat:
             gaps.append(now - last)
         last = now
         parts.append(piece)
-    return "".join(parts), ttft, tuple(gaps), len(parts)
+    return "".join(parts), ttft, tuple(gaps), len(parts) if usage_tokens is None else usage_tokens
 
 
 def _client(spec: LoadSpec, connections: int) -> aiohttp.ClientSession:

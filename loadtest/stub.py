@@ -46,23 +46,32 @@ def completion_body(route: str, model: str, words: list[str]) -> dict[str, Any]:
                               else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
     return {"id": "cmpl-stub", "object": "chat.completion" if route == "chat" else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": 1 + len(words)}}
+            "usage": _usage(words)}
 
 
-def stream_chunks(route: str, model: str, words: list[str]) -> list[bytes]:
-    """SSE events of a streamed answer, one word per event, then ``data: [DONE]``."""
+def _usage(words: list[str]) -> dict[str, int]:
+    return {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": 1 + len(words)}
+
+
+def stream_chunks(route: str, model: str, words: list[str], usage: bool = False) -> list[bytes]:
+    """SSE events of a streamed answer, one word per event, then (``usage``, as OpenAI's
+    ``stream_options.include_usage`` asks) a chunk with no choices and the usage, then ``data: [DONE]``."""
     created = int(time.time())
+    obj = "chat.completion.chunk" if route == "chat" else "text_completion"
     events = []
     for i, word in enumerate(words):
         last = i == len(words) - 1
         if route == "chat":
             delta: dict[str, Any] = {"content": " " + word} if i else {"role": "assistant", "content": " " + word}
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": "length" if last else None}
-            obj = "chat.completion.chunk"
         else:
             choice = {"index": 0, "text": " " + word, "logprobs": None, "finish_reason": "length" if last else None}
-            obj = "text_completion"
-        chunk = {"id": "cmpl-stub", "object": obj, "created": created, "model": model, "choices": [choice]}
+        chunk: dict[str, Any] = {"id": "cmpl-stub", "object": obj, "created": created, "model": model,
+                                 "choices": [choice]}
+        events.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+    if usage:
+        chunk = {"id": "cmpl-stub", "object": obj, "created": created, "model": model, "choices": [],
+                 "usage": _usage(words)}
         events.append(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
@@ -126,7 +135,8 @@ class StubApp:
             await _json(send, 200, completion_body(route, model, words))
             return
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        for event in stream_chunks(route, model, words):
+        usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        for event in stream_chunks(route, model, words, usage):
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
             await send({"type": "http.response.body", "body": event, "more_body": True})

@@ -175,8 +175,11 @@ class MiniLMBackend(MiniLMTorchBackend):
 
     name = "minilm"
 
-    def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", batch_size: int = 64,
+    def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", batch_size: int = 4,
                  threads: int | None = 1, cache_dir: str | Path | None = None) -> None:
+        """``batch_size`` 4: texts are sorted by length and run 4 at a time. Measured on the labelled
+        routing prompts, 32 texts cost 5.5 ms each that way, 8.3 ms each as one padded batch of 32
+        (ONNX Runtime gains little from large batches on one thread; padding costs it more)."""
         super().__init__(model_dir, device=device, batch_size=batch_size, threads=threads)
         from loragate.router import onnx_runtime
 

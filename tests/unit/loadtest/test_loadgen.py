@@ -151,6 +151,33 @@ async def test_chat_route_sends_messages_and_reads_message_content(stream: bool)
         validate(LoadSpec(url="http://127.0.0.1:1", route="embeddings"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("usage", [True, False], ids=["usage-chunk", "no-usage-chunk"])
+async def test_streamed_tokens_come_from_the_usage_chunk(usage: bool) -> None:
+    """A server that merges tokens into fewer events (vLLM behind a slow reader) still counts every token."""
+    sent: list[dict[str, object]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        sent.append(await request.json())
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        chunks: list[dict[str, object]] = [{"choices": [{"text": " the cat"}]}, {"choices": [{"text": " sat on it"}]}]
+        if usage:
+            chunks.append({"choices": [], "usage": {"completion_tokens": 5}})
+        for chunk in chunks:
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async with scripted(answer) as (url, client):
+        record = await _one(client, LoadSpec(url=url, stream=True, max_tokens=5), WorkItem("q"), 0, 0.0, 0.0)
+        asked = await _one(client, LoadSpec(url=url, stream=True, extra_body=(("stream_options", {}),)),
+                           WorkItem("q"), 1, 0.0, 0.0)
+    assert sent[0]["stream_options"] == {"include_usage": True}
+    assert sent[1]["stream_options"] == {}  # the caller's own stream_options win
+    assert record.ok and record.tokens == (5 if usage else 2)  # else: one per text event
+    assert len(record.inter_token) == 1 and asked.ok
+
+
 async def test_errors_are_counted_by_status_and_by_exception_name() -> None:
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "busy"}}, status=503)

@@ -34,6 +34,19 @@ async def test_streaming_ends_with_done(path: str) -> None:
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) == 5
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert not any("usage" in c for c in chunks)  # only when asked for
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_streaming_usage_chunk_when_asked(path: str) -> None:
+    async with _client() as client:
+        response = await client.post(path, json={"model": "m", "prompt": "x", "messages": [], "stream": True,
+                                                 "max_tokens": 4, "stream_options": {"include_usage": True}})
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    *words, usage = [json.loads(e) for e in events[:-1]]
+    assert len(words) == 4 and all(len(c["choices"]) == 1 for c in words)
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4  # OpenAI's shape
 
 
 async def test_worker_routes() -> None:
