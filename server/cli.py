@@ -106,6 +106,9 @@ def up(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Local vLLM workers to start, on consecutive "
                                                                    "ports.")] = 1,
     max_loras: Annotated[int, typer.Option(help="Each worker's --max-loras.")] = 4,
+    worker_nice: Annotated[int, typer.Option(
+        min=0, max=19, help="CPU priority of the local workers below the gateway's (vLLM-CPU busy-waits; "
+                            "0: same priority).")] = 10,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -132,7 +135,8 @@ def up(
         env = resolver_env(f"http://{host}:{settings.port}", token.get_secret_value(),
                            settings.data_dir / "worker-cache")
     fleet = WorkerFleet(WorkerLaunch(model=model, served_model_name=settings.model, port=worker_port,
-                                     max_loras=max_loras, max_lora_rank=settings.max_lora_rank, env=env),
+                                     max_loras=max_loras, max_lora_rank=settings.max_lora_rank, env=env,
+                                     nice=worker_nice),
                         workers, settings.data_dir / "logs")
     typer.echo(f"starting {workers} vLLM worker(s) on {', '.join(fleet.urls)} (logs: {settings.data_dir / 'logs'})",
                err=True)
