@@ -118,7 +118,13 @@ def load_or_export(model: SentenceTransformer, cache_dir: Path, fingerprint: str
         except Exception as exc:  # a corrupt cache entry is rebuilt, not fatal
             log.warning("embedder graph %s does not load (%s); exporting it again", path, exc)
     log.info("exporting the embedding model to %s (once per model and version)", path)
-    export(model, path)
+    try:
+        export(model, path)
+    except OSError as exc:  # an unwritable cache (read-only home, a file in the way) must not stop the gateway
+        fallback = Path(tempfile.gettempdir()) / f"loragate-embedders-{os.getuid()}" / path.name
+        log.warning("cannot write %s (%s); exporting to %s instead", path, exc, fallback)
+        export(model, fallback)
+        path = fallback
     return session(path, threads)
 
 

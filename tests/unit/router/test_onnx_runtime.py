@@ -92,6 +92,17 @@ def test_a_torn_graph_file_is_exported_again(tmp_path: Path, onnx_backend: MiniL
     np.testing.assert_allclose(backend.encode(TEXTS[:2]), onnx_backend.encode(TEXTS[:2]), atol=1e-6)
 
 
+def test_an_unwritable_cache_falls_back_to_the_temp_dir(tmp_path: Path, onnx_backend: MiniLMBackend,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setattr(onnx_runtime.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    backend = MiniLMBackend(cache_dir=blocker / "embedders")
+    [graph] = (tmp_path / "tmp").rglob("*.onnx")
+    assert graph.parent.name.startswith("loragate-embedders-")
+    np.testing.assert_allclose(backend.encode(TEXTS[:2]), onnx_backend.encode(TEXTS[:2]), atol=1e-6)
+
+
 def test_a_graph_that_disagrees_with_the_model_is_refused(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = onnx_runtime.OnnxEncoder.__call__
 
