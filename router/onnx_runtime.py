@@ -39,7 +39,8 @@ OPSET = 17
 
 
 def default_cache_dir() -> Path:
-    """Per-user cache for exported graphs (``$XDG_CACHE_HOME/loragate/embedders``); the gateway uses its data dir."""
+    """Per-user cache for exported graphs (``$XDG_CACHE_HOME/loragate/embedders``), unless ``embedder_cache_dir``
+    names another: one export serves every gateway, test and benchmark of this user."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "loragate" / "embedders"
 

@@ -90,7 +90,8 @@ def lower_cpu_priority(pid: int, nice: int) -> None:
     if nice <= 0:
         return
     with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, pid, nice)  # before vLLM forks its engine: the children inherit it
+        # relative to the worker's current nice; set before vLLM forks its engine, so the children inherit it
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + nice))
     with contextlib.suppress(OSError):
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
