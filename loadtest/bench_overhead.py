@@ -132,6 +132,12 @@ def bench_stub(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tu
     return text, numbers
 
 
+def stream_verdict(ratio: float) -> str:
+    """The streaming target's line: gateway tokens/s as a share of direct's, and whether it is within 2%."""
+    return (f"Through the gateway: **{ratio:.1%}** of direct tokens/s "
+            f"({'within' if abs(1 - ratio) <= 0.02 else 'outside'} 2%).")
+
+
 def bench_paced_stream(sizes: Sizes, work: Path, tiny_dir: Path) -> tuple[list[str], dict[str, float]]:
     """Streaming through loragate vs direct against a stub that paces its words: the gateway's own effect.
 
@@ -162,8 +168,7 @@ def bench_paced_stream(sizes: Sizes, work: Path, tiny_dir: Path) -> tuple[list[s
             f"{sizes.paced_requests} streamed requests per path at concurrency 8, {sizes.stream_tokens} words each, "
             f"the stub pausing {PACE_MS:g} ms before each word; alternating in {sizes.rounds} rounds. Target: "
             "streamed tokens/s through the gateway within 2% of direct.", "", *rows, "",
-            f"Through the gateway: **{paced:.1%}** of direct tokens/s "
-            f"({'within' if abs(1 - paced) <= 0.02 else 'outside'} 2%).", ""]
+            stream_verdict(paced), ""]
     return text, {"paced_ratio": paced}
 
 
@@ -233,8 +238,7 @@ def bench_vllm(sizes: Sizes, work: Path, tiny_dir: Path, worker_url: str | None)
         "",
         *rows,
         "",
-        f"Through the gateway: **{numbers['stream_ratio']:.1%}** of direct tokens/s "
-        f"({'within' if abs(1 - numbers['stream_ratio']) <= 0.02 else 'outside'} 2%).",
+        stream_verdict(numbers["stream_ratio"]),
         "",
     ]
     return text, numbers

@@ -60,8 +60,8 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 async def make_router(backend: EmbedderBackend, records: dict[str, AdapterRecord], detector: str,
-                      *, cache: int = 0, wait_ms: float = 0.0) -> tuple[Router, Embedder]:
-    embedder = Embedder(backend, cache_size=cache, max_wait_ms=wait_ms)
+                      *, cache: int = 0) -> tuple[Router, Embedder]:
+    embedder = Embedder(backend, cache_size=cache)  # the gateway's default batching (no wait)
     index = DescriptorIndex(embedder, Path(tempfile.mkdtemp()), embedder.identity)
     await index.sync(records)
     router = Router(PolicySpec("base"), RouterConfig(), embedder=embedder, index=index,
