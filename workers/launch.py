@@ -37,6 +37,7 @@ class WorkerLaunch:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     env: tuple[tuple[str, str], ...] = ()  # extra environment, e.g. from resolver_env()
     nice: int = 10  # CPU priority below the gateway's on a shared host; 0 leaves it (see lower_cpu_priority)
+    cpus: tuple[int, ...] = ()  # CPUs the worker keeps to (see confine_to_cpus); () leaves it on every CPU
 
     @property
     def url(self) -> str:
@@ -59,6 +60,10 @@ class WorkerLaunch:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
+        if len(self.cpus) == 1:
+            # vLLM's "auto" binding keeps one allowed CPU for its scheduler process and binds the
+            # engine's OpenMP threads to the rest: with a single CPU that leaves none, so name it
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(self.cpus[0]))
         env.update(self.env)
         return env
 
@@ -96,6 +101,46 @@ def lower_cpu_priority(pid: int, nice: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
 
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"0-2,5"`` -> ``(0, 1, 2, 5)``: the list syntax of ``taskset -c`` and ``VLLM_CPU_OMP_THREADS_BIND``."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        last = last if dash else first
+        if not first.isdigit() or not last.isdigit() or int(last) < int(first):
+            raise ValueError(f"{text!r}: expected CPU numbers and ranges such as 0-2,5")
+        cpus.update(range(int(first), int(last) + 1))
+    return tuple(sorted(cpus))
+
+
+def split_cpus(worker_cpus: tuple[int, ...]) -> tuple[int, ...]:
+    """The CPUs left to the gateway when local workers keep to ``worker_cpus``; refuses a split that leaves none.
+
+    Why split at all: a vLLM-CPU engine uses whole cores, and on every core it shares with the
+    gateway it loses the CPU time the gateway spends relaying (about 60 us per streamed token,
+    mostly the two loopback socket calls). bench_overhead measures streams through the gateway
+    against direct in both layouts (docs/BENCHMARKS.md). On a GPU host the engine runs on the GPU
+    and this does not arise.
+    """
+    allowed = os.sched_getaffinity(0)
+    if not worker_cpus or not set(worker_cpus) <= allowed:
+        raise ValueError(f"worker CPUs {list(worker_cpus)} must be among this process's CPUs {sorted(allowed)}")
+    rest = tuple(sorted(allowed - set(worker_cpus)))
+    if not rest:
+        raise ValueError(f"worker CPUs {list(worker_cpus)} leave no CPU for the gateway")
+    return rest
+
+
+def confine_to_cpus(pid: int, cpus: tuple[int, ...]) -> None:
+    """Keep process ``pid`` (and, by inheritance, every process it forks later) on ``cpus``; () leaves it be.
+
+    Called on a just-started worker, before vLLM forks its engine, and by ``loragate up`` and the
+    benchmark on their own process, so the gateway keeps to the CPUs the workers left.
+    """
+    if cpus:
+        os.sched_setaffinity(pid, cpus)
+
+
 def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
     """SIGTERM a process started with ``start_new_session=True`` and its whole group; SIGKILL after ``grace``."""
     if proc is None or proc.poll() is not None:
@@ -125,6 +170,7 @@ class WorkerProcess:
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(self.launch.command(), env=self.launch.environment(), stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
+        confine_to_cpus(self._proc.pid, self.launch.cpus)  # before vLLM forks its engine: the children inherit it
         lower_cpu_priority(self._proc.pid, self.launch.nice)
 
     def wait_ready(self, timeout: float = 300.0, progress: bool = False) -> float:

@@ -7,6 +7,7 @@ expectations belong to `make bench`, not the test suite). Benchmarks write to a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,6 +113,10 @@ def test_bench_overhead_quick(tiny: Tiny, worker: str, tmp_path: Path) -> None:
     assert "streamed tokens/s" in headline
     section = (tmp_path / "overhead.md").read_text()
     assert "| loragate pin |" in section and "Real vLLM-CPU worker" in section
+    # paced stub, real worker on shared cores and (with two CPUs or more) on its own core: each with its interval
+    split = len(os.sched_getaffinity(0)) > 1
+    assert section.count("95% interval over the") == 2 + split
+    assert ("Real vLLM-CPU worker on its own core" in section) == split
     assert (tmp_path / "overhead_cdf.png").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,15 +15,27 @@ from examples.stack import free_port, wait_for
 from tests.integration.conftest import Tiny
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_up_serves_and_stops_its_worker_on_signal(tiny: Tiny, tmp_path: Path, sig: signal.Signals) -> None:
     port, worker_port = free_port(), free_port()
+    cpus = sorted(os.sched_getaffinity(0))
+    split = sig == signal.SIGINT and len(cpus) > 1  # one run also keeps the worker and the gateway apart
     proc = subprocess.Popen([sys.executable, "-m", "loragate.server.cli", "up", "--model", str(tiny.model),
                              "--worker-port", str(worker_port), "--max-loras", "1",
+                             *(["--worker-cpus", str(cpus[0])] if split else []),
                              "--set", f"port={port}", "--set", f"data_dir={tmp_path / 'data'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{port}/health", proc, timeout=400)
+        if split:
+            [worker] = _children(proc.pid)
+            engine = _children(worker)
+            assert engine and all(os.sched_getaffinity(pid) == {cpus[0]} for pid in [worker, *engine])
+            assert os.sched_getaffinity(proc.pid) == set(cpus[1:])
         response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                               json={"model": "tiny-llama", "prompt": "the cat", "max_tokens": 3, "temperature": 0})
         assert response.status_code == 200 and response.json()["choices"][0]["text"]

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 
 from loragate.loadtest import benchkit, report
 from loragate.loadtest.bench_litellm import LiteLLMUnavailable, ensure_litellm, litellm_config
+from loragate.loadtest.loadgen import LoadResult, LoadSpec
+from loragate.loadtest.stats import RequestRecord
 from loragate.server.cli import app
 
 
@@ -63,3 +65,23 @@ def test_litellm_config_points_at_the_stub() -> None:
 def test_missing_litellm_without_install_is_reported(tmp_path: Path) -> None:
     with pytest.raises(LiteLLMUnavailable, match="does not exist"):
         ensure_litellm(tmp_path / "venv", install=False)
+
+
+def test_measure_interleaved_reverses_the_order_every_other_round_and_keeps_each_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A B, B A, A B: steady drift cannot always favour the target that goes first; rounds stay paired."""
+    order: list[str] = []
+
+    async def fake_run_load(spec: LoadSpec, workload: object) -> LoadResult:
+        order.append(spec.url)
+        rate = 10.0 if spec.url.endswith("a") else 5.0  # tokens per second
+        record = RequestRecord(index=0, start=0.0, latency=1.0, ok=True, status=200, tokens=int(rate * 2))
+        return LoadResult(spec, (record,), elapsed_s=2.0)
+
+    monkeypatch.setattr(benchkit, "run_load", fake_run_load)
+    targets = [benchkit.Target("A", "http://x/a"), benchkit.Target("B", "http://x/b")]
+    measured = benchkit.measure_interleaved(targets, 3, benchkit.topical_prompts(12), requests=3)
+    assert order == ["http://x/a", "http://x/b", "http://x/b", "http://x/a", "http://x/a", "http://x/b"]
+    assert [len(m.rounds) for m in measured.values()] == [3, 3]
+    share = benchkit.paired_ratio(measured["A"], measured["B"])
+    assert share.point == pytest.approx(0.5) and share.low == pytest.approx(0.5) and share.rounds == 3

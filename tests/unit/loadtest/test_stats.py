@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from loragate.loadtest.stats import (
     Distribution,
     RequestRecord,
+    Summary,
     format_summary,
+    paired_rate_ratio,
     percentile,
     success_by_policy,
     summarize,
@@ -77,3 +80,35 @@ def test_throughput_timeline_buckets_by_completion() -> None:
     records = [RequestRecord(index=i, start=0.0, latency=t, ok=True) for i, t in enumerate([0.2, 0.5, 1.5, 3.1])]
     assert throughput_timeline(records) == [(0.0, 2.0), (1.0, 1.0), (2.0, 0.0), (3.0, 1.0)]
     assert throughput_timeline([]) == []
+
+
+def _round(tokens_per_s: float, elapsed_s: float = 10.0) -> Summary:
+    """One round's summary that streamed ``tokens_per_s`` for ``elapsed_s`` seconds."""
+    return replace(summarize([], elapsed_s), tokens_per_s=tokens_per_s)
+
+
+def test_paired_rate_ratio_point_is_the_ratio_of_totals_and_the_interval_contains_it() -> None:
+    direct = [_round(100.0), _round(110.0), _round(90.0), _round(105.0)]
+    gateway = [_round(98.0), _round(107.0), _round(89.0), _round(101.0)]
+    result = paired_rate_ratio(direct, gateway)
+    assert result.point == pytest.approx((98 + 107 + 89 + 101) / (100 + 110 + 90 + 105))
+    assert result.low <= result.point <= result.high
+    assert result.rounds == 4
+    assert result.within(0.03) and not result.within(0.02)
+
+
+def test_paired_rate_ratio_weighs_rounds_by_their_duration() -> None:
+    result = paired_rate_ratio([_round(100.0, 30.0), _round(100.0, 10.0)], [_round(50.0, 30.0), _round(100.0, 10.0)])
+    assert result.point == pytest.approx((50 * 30 + 100 * 10) / (100 * 40))
+
+
+def test_paired_rate_ratio_interval_narrows_with_steadier_rounds() -> None:
+    noisy = paired_rate_ratio([_round(100.0)] * 6, [_round(v) for v in (90, 110, 95, 105, 92, 108)])
+    steady = paired_rate_ratio([_round(100.0)] * 6, [_round(v) for v in (99, 101, 100, 100, 99, 101)])
+    assert steady.high - steady.low < noisy.high - noisy.low
+    assert steady.low == pytest.approx(steady.high, abs=0.02)
+
+
+def test_paired_rate_ratio_refuses_unpaired_rounds() -> None:
+    with pytest.raises(ValueError, match="same number"):
+        paired_rate_ratio([_round(1.0)], [])

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from loragate.workers.launch import WorkerFleet, WorkerLaunch, resolver_env
+from loragate.workers.launch import (
+    WorkerFleet,
+    WorkerLaunch,
+    confine_to_cpus,
+    parse_cpu_list,
+    resolver_env,
+    split_cpus,
+)
 
 
 def test_fleet_uses_consecutive_ports_and_one_log_each(tmp_path: Path) -> None:
@@ -35,10 +45,6 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize("nice", [10, 0])
 def test_a_worker_session_gets_less_cpu_weight_and_its_children_inherit_it(nice: int) -> None:
     """A stand-in worker (a shell that forks later, as vLLM forks its engine) in its own session."""
-    import os
-    import subprocess
-    import time
-
     from loragate.workers.launch import lower_cpu_priority
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
@@ -59,3 +65,49 @@ def test_a_worker_session_gets_less_cpu_weight_and_its_children_inherit_it(nice:
         os.killpg(proc.pid, 9)
         proc.wait()
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller keeps its own priority
+
+
+@pytest.mark.parametrize(("text", "cpus"), [("0", (0,)), ("0-2,5", (0, 1, 2, 5)), ("3,1, 1-2", (1, 2, 3))])
+def test_cpu_lists_parse_like_taskset(text: str, cpus: tuple[int, ...]) -> None:
+    assert parse_cpu_list(text) == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a", "2-1", "0,", "-1", "1-"])
+def test_bad_cpu_lists_are_refused_with_the_syntax(text: str) -> None:
+    with pytest.raises(ValueError, match="CPU numbers and ranges"):
+        parse_cpu_list(text)
+
+
+def test_split_cpus_leaves_the_gateway_the_other_cpus_and_refuses_to_leave_none() -> None:
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    with pytest.raises(ValueError, match="leave no CPU for the gateway"):
+        split_cpus(allowed)
+    with pytest.raises(ValueError, match="must be among"):
+        split_cpus((max(allowed) + 1,))
+    if len(allowed) > 1:
+        assert split_cpus(allowed[:1]) == allowed[1:]
+
+
+def test_a_worker_on_one_cpu_names_it_for_vllms_thread_binding(tmp_path: Path) -> None:
+    one = WorkerLaunch(model=tmp_path, served_model_name="m", cpus=(1,)).environment()
+    several = WorkerLaunch(model=tmp_path, served_model_name="m", cpus=(0, 1)).environment()
+    assert one["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert several.get("VLLM_CPU_OMP_THREADS_BIND") == os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # vLLM's auto
+
+
+def test_a_confined_worker_session_passes_its_cpus_to_children_it_forks_later() -> None:
+    before = os.sched_getaffinity(0)
+    cpu = max(before)
+    proc = subprocess.Popen(["sh", "-c", "sleep 0.5; sleep 30"], start_new_session=True)
+    try:
+        confine_to_cpus(proc.pid, (cpu,))
+        assert os.sched_getaffinity(proc.pid) == {cpu}
+        deadline = time.monotonic() + 10
+        while not _children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [child] = _children(proc.pid)
+        assert os.sched_getaffinity(child) == {cpu}
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert os.sched_getaffinity(0) == before  # the caller keeps its own CPUs
