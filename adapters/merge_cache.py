@@ -29,11 +29,10 @@ from pathlib import Path
 
 from loragate.adapters.merge import MergePlan, build_merge, plan_merge, safetensors_intact
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loragate.adapters.staging import remove_stale
 from loragate.adapters.types import AdapterRecord
 
 _KEY = re.compile(r"[0-9a-f]{64}")
-#: Staging leftovers older than this are a crashed build's, not a concurrent process's.
-STALE_STAGING_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,18 +112,18 @@ class MergeCache:
                                bytes=sum(self._index.values()))
 
     def _scan(self) -> None:
-        now = time.time()
-        for leftover in self.staging.iterdir():
-            if now - leftover.stat().st_mtime > STALE_STAGING_S:
-                shutil.rmtree(leftover, ignore_errors=True)
+        remove_stale(self.staging)
         found = []
         for entry in self.root.iterdir():
             if not (entry.is_dir() and _KEY.fullmatch(entry.name) and _complete(entry)):
                 continue
-            if not safetensors_intact(entry / WEIGHTS_FILE):  # written without fsync, torn by a crash
-                shutil.rmtree(entry, ignore_errors=True)
+            try:
+                if not safetensors_intact(entry / WEIGHTS_FILE):  # written without fsync, torn by a crash
+                    shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                found.append((entry.stat().st_mtime, entry.name, _dir_size(entry)))
+            except FileNotFoundError:  # another gateway process sharing the dir evicted it meanwhile
                 continue
-            found.append((entry.stat().st_mtime, entry.name, _dir_size(entry)))
         for _, key, size in sorted(found):
             self._index[key] = size
         for trash in self._select_victims(protect=None):

@@ -7,6 +7,10 @@ republished after every write, so routing never touches SQLite.
 Ordering gives crash safety: copy to staging -> validate the copy -> rename into the store ->
 insert the row and commit. A crash before the commit leaves only files no row references, which
 :meth:`AdapterRegistry.open` collects on the next start.
+
+Several gateway processes may share one data dir. Whatever changes files and rows together (rename
+plus insert, delete plus file removal, the collection at open) holds a file lock next to the
+database, so one process never collects an entry another has renamed in but not yet committed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -26,6 +31,7 @@ from loragate.adapters.peft_format import inspect_dir
 from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import NAME_PATTERN, AdapterRecord, Descriptors
 from loragate.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+from loragate.shared_db import connect_shared, lock_for
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -89,12 +95,10 @@ class AdapterRegistry:
     """Registered adapters: durable rows, immutable files, and an in-memory snapshot for readers."""
 
     def __init__(self, db_path: Path, store: AdapterStore, limits: RegistryLimits) -> None:
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect_shared(db_path, _SCHEMA)
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
         self._lock = threading.Lock()
+        self._files_lock = lock_for(db_path)  # across the processes sharing the data dir
         self.store = store
         self.limits = limits
         self._snapshot: Mapping[str, AdapterRecord] = MappingProxyType({})
@@ -106,8 +110,20 @@ class AdapterRegistry:
         """Open (or create) the registry in ``data_dir`` and collect what an interrupted registration left."""
         data_dir.mkdir(parents=True, exist_ok=True)
         registry = cls(data_dir / "registry.sqlite3", AdapterStore(data_dir / "adapters"), limits)
-        registry.store.collect_garbage({r.sha256 for r in registry.snapshot().values()})
+        registry.collect_garbage()
         return registry
+
+    def collect_garbage(self) -> list[str]:
+        """Remove store entries no row references and stale staging dirs; returns what went."""
+        with self._writing():
+            referenced = {row[0] for row in self._db.execute("SELECT sha256 FROM adapters")}
+            return self.store.collect_garbage(referenced)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Exclusive against this process's threads and against other processes on the data dir."""
+        with self._lock, self._files_lock:
+            yield
 
     def close(self) -> None:
         with self._lock:
@@ -181,7 +197,7 @@ class AdapterRegistry:
                 raise Unprocessable(f"adapter rank {spec.rank} is above the workers' max LoRA rank "
                                     f"{self.limits.max_rank}", param="rank", code="rank_too_high")
             sha256, size = self.store.content_hash(staged)
-            with self._lock:
+            with self._writing():
                 path, created = self.store.commit(staged, sha256)
                 record = AdapterRecord(
                     name=name, base_model=spec.base_model, rank=spec.rank, alpha=spec.alpha,
@@ -211,7 +227,7 @@ class AdapterRegistry:
         )
 
     def _drop_unreferenced(self, sha256: str) -> None:
-        with self._lock:
+        with self._writing():
             still = self._db.execute("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone()
             if still is None:
                 self.store.remove(sha256)

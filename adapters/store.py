@@ -3,8 +3,8 @@
 Registration copies the adapter's files into ``<root>/tmp/<random>`` while hashing them, validates
 the *copy* (so a source edited mid-registration cannot slip past validation), then renames the
 staging dir to ``<root>/<sha256>``. Renames are atomic on one filesystem, so a crash leaves either
-a complete store entry or a staging dir; :meth:`AdapterStore.collect_garbage` removes staging dirs
-and entries no registry row references. Identical content registered under two names is stored once.
+a complete store entry or a staging dir; :meth:`AdapterStore.collect_garbage` removes stale staging
+dirs and entries no registry row references. Identical content registered under two names is stored once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loragate.adapters.staging import remove_stale
 from loragate.errors import Forbidden, PayloadTooLarge, Unprocessable
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -116,14 +117,11 @@ class AdapterStore:
         shutil.rmtree(self.path_for(sha256), ignore_errors=True)
 
     def collect_garbage(self, referenced: set[str]) -> list[str]:
-        """Delete staging leftovers and entries no row references (what a crash mid-registration leaves)."""
-        removed = []
+        """Delete stale staging leftovers and entries no row references (what a crash mid-registration
+        leaves). The caller holds the registry's write lock, so no entry is between rename and row."""
+        removed = [f"tmp/{name}" for name in remove_stale(self.staging)]
         for entry in self.root.iterdir():
-            if entry == self.staging:
-                for leftover in entry.iterdir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                    removed.append(f"tmp/{leftover.name}")
-            elif entry.is_dir() and entry.name not in referenced:
+            if entry != self.staging and entry.is_dir() and entry.name not in referenced:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed

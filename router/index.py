@@ -9,9 +9,9 @@ Concurrency model: the FAISS index and its id -> adapter map are wrapped in an i
 swap it in, so searches never see a half-updated index and never take a lock. Ids are stable: a
 hash of (adapter name, descriptor position), the same across rebuilds and processes.
 
-Persistence: vectors, ids and a fingerprint of (embedder, descriptors) per adapter are saved in
-the data dir; at startup, adapters whose fingerprint matches are not re-embedded, so a restart
-with an unchanged registry embeds nothing.
+Persistence: vectors and a fingerprint of (embedder, descriptors) per adapter are saved as one
+file in the data dir, which every gateway process of a deployment shares. At startup, adapters
+whose fingerprint matches are not re-embedded, so a restart with an unchanged registry embeds nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest
 
 Vectors = npt.NDArray[np.float32]
+#: The saved index in its directory: vectors plus the names and fingerprints they belong to.
+INDEX_FILE = "index.npz"
 AGGREGATES = ("max", "top2mean")
 
 
@@ -163,25 +167,33 @@ class DescriptorIndex:
 
     # -- persistence -----------------------------------------------------------------------------
     def _save(self) -> None:
+        """Write vectors and their names as one file, swapped in by an atomic rename.
+
+        Every gateway process sharing the data dir saves here: one file (not vectors plus a separate
+        meta file) keeps a reader from pairing one process's vectors with another's names, and a
+        private temp name keeps two writers from renaming each other's half-written file.
+        """
         self._dir.mkdir(parents=True, exist_ok=True)
         entries = sorted(self._entries.values(), key=lambda e: e.name)
         nonempty = [e.vectors for e in entries if len(e.vectors)]
         matrix = np.vstack(nonempty) if nonempty else np.zeros((0, 1), np.float32)
         meta = {"embedder": self._embedder_id,
                 "adapters": [{"name": e.name, "fingerprint": e.fingerprint, "count": len(e.vectors)} for e in entries]}
-        tmp = self._dir / "vectors.tmp.npy"
-        np.save(tmp, matrix)
-        tmp.replace(self._dir / "vectors.npy")
-        tmp_meta = self._dir / "meta.tmp.json"
-        tmp_meta.write_text(json.dumps(meta))
-        tmp_meta.replace(self._dir / "meta.json")
+        with tempfile.NamedTemporaryFile(dir=self._dir, prefix=".index-", suffix=".npz", delete=False) as handle:
+            try:
+                np.savez(handle, vectors=matrix, meta=np.array(json.dumps(meta)))
+            except BaseException:
+                os.unlink(handle.name)
+                raise
+        os.replace(handle.name, self._dir / INDEX_FILE)
 
     def _load(self) -> None:
         """Load saved vectors; anything unreadable or from another embedder is simply re-embedded."""
         try:
-            meta = json.loads((self._dir / "meta.json").read_text())
-            matrix = np.load(self._dir / "vectors.npy")
-        except (OSError, ValueError):
+            with np.load(self._dir / INDEX_FILE) as saved:
+                meta = json.loads(str(saved["meta"]))
+                matrix = saved["vectors"]
+        except (OSError, ValueError, KeyError):
             return
         if meta.get("embedder") != self._embedder_id:
             return

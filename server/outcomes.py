@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loragate.errors import Conflict, InvalidRequest, NotFound
+from loragate.shared_db import connect_shared
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outcomes (
@@ -172,11 +173,7 @@ class OutcomeLog:
 
     def __init__(self, path: Path, *, retention_days: float = 30.0, batch: int = 256,
                  interval_s: float = 0.25) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = connect_shared(path, _SCHEMA)
         self._lock = threading.Lock()
         self.retention_s = retention_days * 86400
         self._batch = batch

@@ -18,19 +18,22 @@ def test_two_processes_follow_each_others_registrations(tmp_path: Path) -> None:
     with start_stub(tmp_path / "logs") as stub, \
             start_gateway(tmp_path / "logs", tmp_path / "data", [stub.url], roots, embedder="static",
                           processes=2, registry_poll_s=0.2) as gateway:
-        created = httpx.post(f"{gateway.url}/admin/adapters", headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
-                             json={"name": "cooking", "path": str(adapter), "description": "Cooking and recipes.",
-                                   "examples": ["How long do I bake bread?"]}, timeout=60)
-        assert created.status_code == 201, created.text
-        time.sleep(1.0)  # a few registry polls
-        pids, routed = set(), []
-        with httpx.Client(base_url=gateway.url, timeout=30) as client:
-            for i in range(40):
-                client.headers["connection"] = "close"  # new connections spread over both processes
-                response = client.post("/v1/completions", headers={"x-adapter-policy": "select;min_score=0.2"},
-                                       json={"model": "tiny-llama", "prompt": f"how do I bake bread, take {i}"})
-                assert response.status_code == 200, response.text
-                routed.append(response.headers.get("x-adapters"))
-                pids.add(json.loads(httpx.get(f"{gateway.url}/health", timeout=5).text).get("pid"))
-        assert routed == ['"cooking";w=1.0'] * 40
-        assert len(pids) == 2, f"expected both processes to answer, saw {pids}"
+        try:
+            created = httpx.post(f"{gateway.url}/admin/adapters", headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+                                 json={"name": "cooking", "path": str(adapter), "description": "Cooking and recipes.",
+                                       "examples": ["How long do I bake bread?"]}, timeout=60)
+            assert created.status_code == 201, created.text
+            time.sleep(1.0)  # a few registry polls
+            pids, routed = set(), []
+            with httpx.Client(base_url=gateway.url, timeout=30) as client:
+                for i in range(40):
+                    client.headers["connection"] = "close"  # new connections spread over both processes
+                    response = client.post("/v1/completions", headers={"x-adapter-policy": "select;min_score=0.2"},
+                                           json={"model": "tiny-llama", "prompt": f"how do I bake bread, take {i}"})
+                    assert response.status_code == 200, response.text
+                    routed.append(response.headers.get("x-adapters"))
+                    pids.add(json.loads(httpx.get(f"{gateway.url}/health", timeout=5).text).get("pid"))
+            assert routed == ['"cooking";w=1.0'] * 40
+            assert len(pids) == 2, f"expected both processes to answer, saw {pids}"
+        except (AssertionError, httpx.HTTPError) as exc:  # the gateway's log says why (e.g. a process failed to start)
+            raise AssertionError(f"{exc}\n-- gateway log:\n{gateway.log_tail()}") from exc

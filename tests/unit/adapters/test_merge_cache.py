@@ -203,3 +203,22 @@ async def test_cache_entries_skip_fsync_and_a_torn_one_is_dropped_at_startup(
     assert entries(tmp_path / "merges") == {second.path.name}
     again = await reopened.get_or_build(adapters[:2], [0.5, 0.5], "cat", max_rank=64)
     assert again.built and again.path == first.path and safetensors_intact(again.path / WEIGHTS_FILE)
+
+
+async def test_startup_scan_survives_entries_another_process_removes(tmp_path: Path, adapters: list[AdapterRecord],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateway processes share the merge dir: one may evict an entry (or sweep a leftover) while another scans."""
+    root = tmp_path / "merges"
+    first = await MergeCache(root, max_bytes=10**9).get_or_build(adapters, [0.5, 0.3, 0.2], "linear", 16)
+    second = await MergeCache(root, max_bytes=10**9).get_or_build(adapters[1:], [0.5, 0.5], "linear", 16)
+    (root / "tmp" / "gone").symlink_to(tmp_path / "nowhere")  # stat() of it fails as if just removed
+    sizes = merge_cache._dir_size
+
+    def evicted_meanwhile(path: Path) -> int:
+        if path == first.path:
+            raise FileNotFoundError(path)
+        return sizes(path)
+
+    monkeypatch.setattr(merge_cache, "_dir_size", evicted_meanwhile)
+    restarted = MergeCache(root, max_bytes=10**9)
+    assert restarted.stats().entries == 1 and restarted.stats().bytes == second.size_bytes

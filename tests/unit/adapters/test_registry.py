@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,29 @@ async def test_a_second_process_notices_registrations(tmp_path: Path, roots: Pat
     await second.refresh()
     assert second.get("a").descriptors.description == "d"
     assert await second.changed_elsewhere() is False
+
+
+async def test_a_second_process_starting_keeps_an_in_flight_registration(tmp_path: Path, roots: Path) -> None:
+    """Opening the registry collects crash leftovers; it must not collect another process's registration."""
+    first = open_registry(tmp_path, roots)
+    source = write_lora(roots / "a")
+    staged = first.store.stage_copy(sorted(source.iterdir()))  # the first process is mid-registration
+    second = open_registry(tmp_path, roots)  # a second gateway process starts meanwhile
+    assert staged.is_dir(), "the second process deleted the first one's staging dir"
+    record = await first.add_staged("a", staged, Descriptors("d", ()))
+    third = open_registry(tmp_path, roots)
+    assert (record.path / "adapter_model.safetensors").is_file()
+    assert stored_state(third) == (1, [record.sha256], [])
+    await second.refresh()
+    assert second.get("a").sha256 == record.sha256
+
+
+def test_stale_staging_leftovers_are_collected_at_open(tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    old, fresh = registry.store.new_staging_dir(), registry.store.new_staging_dir()
+    (old / "adapter_config.json").write_text("{}")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    registry.close()
+    reopened = open_registry(tmp_path, roots)
+    assert stored_state(reopened) == (0, [], [fresh.name])

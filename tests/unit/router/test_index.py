@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,3 +105,29 @@ async def test_top2mean_aggregate(tmp_path: Path) -> None:
     await index.sync(REGISTRY)
     score = dict(index.search(vector("second a"), 5))["a"]
     assert score < 0.999  # the mean of the best two is below the exact match
+
+
+async def test_two_processes_saving_one_dir_never_collide(tmp_path: Path) -> None:
+    """Gateway processes share ``<data_dir>/index``: concurrent saves must not trip over each other's files."""
+    first, second = DescriptorIndex(HashEncoder(), tmp_path, "hash"), DescriptorIndex(HashEncoder(), tmp_path, "hash")
+    await first.sync(REGISTRY)
+    await second.sync({**REGISTRY, "c": record("c", "gamma things")})
+    errors: list[BaseException] = []
+
+    def save_many(index: DescriptorIndex) -> None:
+        try:
+            for _ in range(200):
+                index._save()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save_many, args=(index,)) for index in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    reopened = DescriptorIndex(HashEncoder(), tmp_path, "hash")  # whichever saved last, vectors match names
+    assert set(reopened.snapshot().adapters) in ({"a", "b"}, {"a", "b", "c"})
+    assert reopened.search(vector("only b"), 1)[0] == ("b", pytest.approx(1.0, abs=1e-5))
+    assert os.listdir(tmp_path) == ["index.npz"]  # no temp files left behind
