@@ -92,6 +92,9 @@ class GatewayMetrics:
         self.request_retries = Counter("loragate_request_retries_total",
                                        "Requests retried on another worker before any response byte", ["route"],
                                        registry=r)
+        self.panic_routes = Counter("loragate_panic_routes_total",
+                                    "Requests sent to a worker out of rotation because none was in rotation and "
+                                    "its probes had only timed out", ["worker"], registry=r)
         self._selection_labels: set[str] = set()
 
     # -- PoolObserver ----------------------------------------------------------------------------
@@ -121,6 +124,9 @@ class GatewayMetrics:
 
     def adapter_load_failed(self, worker: str, adapter: str, message: str) -> None:
         self.adapter_load_failures.labels(worker).inc()
+
+    def panic_routed(self, worker: str) -> None:
+        self.panic_routes.labels(worker).inc()
 
     def request_retried(self, route: str) -> None:
         self.request_retries.labels(route).inc()

@@ -6,6 +6,7 @@ path with 404; this module turns those into ``True``/exceptions so the pool neve
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from typing import Protocol
@@ -36,6 +37,14 @@ def body_message(raw: bytes) -> str:
     return text.strip()[:500]
 
 
+class Probe(enum.Enum):
+    """What one health probe saw. The pool treats the two failures differently (see ``WorkerPool``)."""
+
+    OK = "ok"
+    DOWN = "down"  # refused, reset, or answered but not 200: the worker cannot serve
+    SLOW = "slow"  # no answer in time: a hung worker, or a gateway too busy to read a healthy one's answer
+
+
 class WorkerAdmin(Protocol):
     """What the pool needs from a worker's API; tests pass fakes that inject faults."""
 
@@ -47,7 +56,7 @@ class WorkerAdmin(Protocol):
 
     async def list_adapters(self, base_url: str) -> dict[str, str]: ...
 
-    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool: ...
+    async def probe(self, base_url: str, timeout_s: float = 2.0) -> Probe: ...
 
     async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats: ...
 
@@ -102,16 +111,19 @@ class VLLMAdminClient:
             raise UpstreamError(f"worker {base_url} answered {response.status_code} to GET /v1/models")
         return {str(m["id"]): str(m.get("root") or "") for m in response.json().get("data", []) if m.get("parent")}
 
-    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
-        """``GET /health`` answered 200 within ``timeout_s``; any transport error is "not healthy".
+    async def probe(self, base_url: str, timeout_s: float = 2.0) -> Probe:
+        """``GET /health``: OK on 200 within ``timeout_s``, SLOW without an answer in time, else DOWN.
 
         The timeout bounds how long a hung (not dead) worker stays in rotation: the probe interval
         plus this timeout must stay under the failover target (2 s).
         """
         try:
-            return (await self._http.get(f"{base_url}/health", timeout=timeout_s)).status_code == 200
+            response = await self._http.get(f"{base_url}/health", timeout=timeout_s)
+        except httpx.TimeoutException:
+            return Probe.SLOW
         except httpx.HTTPError:
-            return False
+            return Probe.DOWN
+        return Probe.OK if response.status_code == 200 else Probe.DOWN
 
     async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats:
         """Scrape the worker's Prometheus ``/metrics`` into an :class:`EngineStats` snapshot."""

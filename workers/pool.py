@@ -17,6 +17,11 @@ What the pool guarantees, and how:
   ``/metrics`` scrape loop. A worker failing a probe, or reported by the request path with
   :meth:`report_failure`, leaves rotation at once; when it answers again its loaded-adapter
   state is reset (a restarted vLLM has nothing loaded; a blip costs at most a no-op reload).
+- **Panic routing** (Envoy's name): a probe that times out proves less than a refused one. A
+  gateway saturated by its own clients reads a healthy worker's answer late, and with one worker
+  that would turn a busy gateway into a 503 for everyone. So when *no* worker is in rotation,
+  requests still go to the workers that were taken out only for probes that went unanswered;
+  one that then refuses the request's connection is down for good (until it answers probes).
 - **Reconciling**: the pool's view of a worker can be stale: a gateway restarted while its
   workers kept running, or a worker came back from a blip with its adapters still loaded. When
   the pool starts and whenever a worker returns to rotation, it lists the worker's adapters and
@@ -45,7 +50,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urldefrag
 
 from loragate.errors import InvalidRequest, LoragateError, NoWorkerAvailable, UpstreamError, WorkerRejected
-from loragate.workers.client import WorkerAdmin
+from loragate.workers.client import Probe, WorkerAdmin
 from loragate.workers.scheduling import Strategy, make_strategy
 from loragate.workers.stats import EngineStats, WorkerStats, WorkerView
 
@@ -75,6 +80,8 @@ class FleetObserver(PoolObserver, Protocol):
     def adapter_evicted(self, worker: str, adapter: str) -> None: ...
 
     def adapter_load_failed(self, worker: str, adapter: str, message: str) -> None: ...
+
+    def panic_routed(self, worker: str) -> None: ...
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -195,6 +202,7 @@ class _Worker:
     engine: EngineStats = field(default_factory=EngineStats)
     good_probes: int = 0
     bad_probes: int = 0
+    last_failure: Probe = Probe.OK  # what took it out of rotation last: SLOW keeps it eligible for panic routing
     generation: int = 0  # bumped on reset: a load that finishes after a reset is not recorded
     load_failures: dict[str, _LoadFailure] = field(default_factory=dict)
 
@@ -258,6 +266,9 @@ class WorkerPool:
 
     def _choose(self, adapter: str | None, exclude: Collection[str]) -> _Worker:
         healthy = [w for w in self._workers if w.healthy and w.url not in exclude]
+        panic = not healthy and not any(w.healthy for w in self._workers)
+        if panic:  # nobody in rotation: try those that only failed to answer probes in time
+            healthy = [w for w in self._workers if w.last_failure is Probe.SLOW and w.url not in exclude]
         if not healthy:
             raise NoWorkerAvailable("no healthy worker is available" + (f" (excluded: {sorted(exclude)})"
                                                                         if exclude else ""))
@@ -289,6 +300,8 @@ class WorkerPool:
         elsewhere.
         """
         worker = self._choose(adapter, exclude)
+        if not worker.healthy and self._fleet is not None:
+            self._fleet.panic_routed(worker.url)
         worker.in_flight += 1
         if adapter is not None:
             worker.adapter_in_flight[adapter] += 1
@@ -306,7 +319,10 @@ class WorkerPool:
     def report_failure(self, url: str, reason: str = "request failed") -> None:
         """The request path could not reach ``url``: take it out of rotation until probes pass again."""
         worker = self._by_url.get(url.rstrip("/"))
-        if worker is not None and worker.healthy:
+        if worker is None:
+            return
+        worker.last_failure = Probe.DOWN  # a refused request is proof: no panic routing to it either
+        if worker.healthy:
             log.warning("worker %s out of rotation: %s", worker.url, reason)
             worker.bad_probes, worker.good_probes = self.config.unhealthy_after, 0
             self._set_health(worker, False)
@@ -448,13 +464,13 @@ class WorkerPool:
 
     async def probe_once(self) -> None:
         """Probe every worker concurrently and apply health transitions."""
-        results = await asyncio.gather(*(self._client.healthy(w.url, self.config.probe_timeout_s)
+        results = await asyncio.gather(*(self._client.probe(w.url, self.config.probe_timeout_s)
                                          for w in self._workers))
-        for worker, ok in zip(self._workers, results, strict=True):
-            self._probed(worker, ok)
+        for worker, result in zip(self._workers, results, strict=True):
+            self._probed(worker, result)
 
-    def _probed(self, worker: _Worker, ok: bool) -> None:
-        if ok:
+    def _probed(self, worker: _Worker, result: Probe) -> None:
+        if result is Probe.OK:
             worker.good_probes, worker.bad_probes = worker.good_probes + 1, 0
             if not worker.healthy and worker.good_probes >= self.config.healthy_after:
                 self._reset(worker)
@@ -462,6 +478,7 @@ class WorkerPool:
                 self._schedule_reconcile(worker)
         else:
             worker.bad_probes, worker.good_probes = worker.bad_probes + 1, 0
+            worker.last_failure = result
             if worker.healthy and worker.bad_probes >= self.config.unhealthy_after:
                 self._set_health(worker, False)
 

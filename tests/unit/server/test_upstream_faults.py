@@ -1,7 +1,8 @@
 """Fault injection on the proxy path: the real gateway app in front of scripted misbehaving upstreams.
 
 Each fake worker is a raw asyncio HTTP/1.1 server whose answer to completions is scripted: answer,
-close without a byte, hang, break a stream mid-way, or refuse with an OpenAI error. What the gateway
+close without a byte, hang, break a stream mid-way, or refuse with an OpenAI error (or it leaves
+its health probes unanswered). What the gateway
 must do about each (retry elsewhere, 504 without a retry, an SSE error event, pass the error on)
 is what these tests check, through the openai-compatible routes a client uses.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,8 @@ class FakeWorker:
                 length = int(headers.get("Content-Length", headers.get("content-length", "0")))
                 body = await reader.readexactly(length)
                 path = request_line.split(" ")[1]
+                if path == "/health" and self.mode == "slow-health":
+                    await asyncio.sleep(3600)  # the probe times out; completions are still answered
                 if path.startswith("/v1/completions"):
                     self.completions += 1
                     if not await self.complete(json.loads(body), writer):
@@ -207,3 +211,16 @@ def test_an_adapter_unloaded_behind_the_gateways_back_is_loaded_again(fleet: Fle
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert fleet.workers[0].loads == 2 and fleet.workers[0].completions == 4
     assert retried(fleet) == 1
+
+
+@pytest.mark.parametrize("fleet", [["slow-health"]], indirect=True)
+def test_the_only_worker_out_for_unanswered_probes_still_serves(fleet: Fleet) -> None:
+    """Panic routing: no worker in rotation, and this one was taken out only for probe timeouts."""
+    url = fleet.workers[0].url
+    deadline = time.monotonic() + 10
+    while metric(fleet, f'loragate_worker_healthy{{worker="{url}"}}') != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(fleet, f'loragate_worker_healthy{{worker="{url}"}}') == 0, "the probe timeouts did not count"
+    answers = [post(fleet) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert metric(fleet, f'loragate_panic_routes_total{{worker="{url}"}}') == 3

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from loragate.errors import UpstreamError, WorkerRejected
+from loragate.workers.client import Probe
 from loragate.workers.stats import EngineStats
 
 
@@ -17,6 +18,7 @@ class FakeAdmin:
     roots: dict[tuple[str, str], str] = field(default_factory=dict)  # (url, adapter) -> path it was loaded from
     calls: list[tuple[str, str, str]] = field(default_factory=list)
     down: set[str] = field(default_factory=set)  # URLs that refuse connections
+    slow: set[str] = field(default_factory=set)  # URLs whose health probes time out
     bad_adapters: set[str] = field(default_factory=set)  # adapters whose load fails (bad files)
     engine: dict[str, EngineStats] = field(default_factory=dict)
     gate: asyncio.Event | None = None  # when set, loads wait on it (to hold a load in flight)
@@ -54,8 +56,8 @@ class FakeAdmin:
         self._reach(base_url)
         return {name: self.roots.get((base_url, name), "") for name in sorted(self.loaded.get(base_url, set()))}
 
-    async def healthy(self, base_url: str, timeout_s: float = 2.0) -> bool:
-        return base_url not in self.down
+    async def probe(self, base_url: str, timeout_s: float = 2.0) -> Probe:
+        return Probe.DOWN if base_url in self.down else Probe.SLOW if base_url in self.slow else Probe.OK
 
     async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats:
         self._reach(base_url)
@@ -85,6 +87,9 @@ class RecordingObserver:
 
     def adapter_load_failed(self, worker: str, adapter: str, message: str) -> None:
         self.events.append(("load_failed", worker, adapter))
+
+    def panic_routed(self, worker: str) -> None:
+        self.events.append(("panic", worker))
 
     def of(self, kind: str) -> list[tuple[object, ...]]:
         return [e for e in self.events if e[0] == kind]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -42,6 +43,19 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def _forked_later(pid: int) -> int:
+    """The stand-in worker's ``sleep 30``: forked 0.5 s after start, so surely after the test changed the
+    worker (its ``sleep 0.5`` may be forked before that on a busy machine)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for child in _children(pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"30"]:
+                    return child
+        time.sleep(0.05)
+    raise AssertionError(f"no 'sleep 30' child of {pid} within 10 s")
+
+
 @pytest.mark.parametrize("nice", [10, 0])
 def test_a_worker_session_gets_less_cpu_weight_and_its_children_inherit_it(nice: int) -> None:
     """A stand-in worker (a shell that forks later, as vLLM forks its engine) in its own session."""
@@ -56,11 +70,7 @@ def test_a_worker_session_gets_less_cpu_weight_and_its_children_inherit_it(nice:
         autogroup = Path(f"/proc/{proc.pid}/autogroup")
         if nice and autogroup.exists():
             assert autogroup.read_text().split()[-1] == str(nice)  # "/autogroup-N nice 10"
-        deadline = time.monotonic() + 10
-        while not _children(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        [child] = _children(proc.pid)
-        assert os.getpriority(os.PRIO_PROCESS, child) == expected  # forked after: inherited
+        assert os.getpriority(os.PRIO_PROCESS, _forked_later(proc.pid)) == expected  # forked after: inherited
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
@@ -102,11 +112,7 @@ def test_a_confined_worker_session_passes_its_cpus_to_children_it_forks_later() 
     try:
         confine_to_cpus(proc.pid, (cpu,))
         assert os.sched_getaffinity(proc.pid) == {cpu}
-        deadline = time.monotonic() + 10
-        while not _children(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        [child] = _children(proc.pid)
-        assert os.sched_getaffinity(child) == {cpu}
+        assert os.sched_getaffinity(_forked_later(proc.pid)) == {cpu}
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()

@@ -216,6 +216,41 @@ async def test_no_healthy_worker_is_a_503() -> None:
     assert info.value.status == 503
 
 
+async def test_panic_routing_when_the_only_worker_just_did_not_answer_in_time() -> None:
+    """A saturated gateway can time out its probe of a healthy worker: serving beats a 503 for everyone."""
+    pool, admin, observer = make_pool([W0])
+    admin.slow.add(W0)
+    await pool.probe_once()
+    assert not pool.views()[0].healthy
+    assert await serve(pool, "a") == W0  # panic: out of rotation, yet the only candidate
+    assert observer.of("panic") == [("panic", W0)]
+    pool.report_failure(W0, "connection refused")  # the request path found it dead after all
+    with pytest.raises(NoWorkerAvailable):
+        await serve(pool, "a")
+    admin.slow.clear()
+    await pool.probe_once()
+    await pool.probe_once()
+    assert pool.views()[0].healthy and await serve(pool, "a") == W0
+    assert observer.of("panic") == [("panic", W0)]  # in rotation again: no panic
+
+
+async def test_no_panic_while_any_worker_is_in_rotation() -> None:
+    pool, admin, observer = make_pool([W0, W1, W2])
+    admin.slow.add(W0)
+    admin.down.add(W1)
+    await pool.probe_once()
+    assert [await serve(pool, None) for _ in range(4)] == [W2] * 4
+    with pytest.raises(NoWorkerAvailable, match="excluded"):  # W2 excluded by a retry: still no panic
+        await serve(pool, None, exclude={W2})
+    admin.slow.add(W2)
+    await pool.probe_once()
+    assert await serve(pool, None) in {W0, W2}
+    assert await serve(pool, None, exclude={W0}) == W2
+    with pytest.raises(NoWorkerAvailable):  # panic spares W1, which refused
+        await serve(pool, None, exclude={W0, W2})
+    assert {e[1] for e in observer.of("panic")} == {W0, W2}
+
+
 async def test_retry_elsewhere_with_report_failure_and_exclude() -> None:
     pool, _, observer = make_pool([W0, W1])
     failed = await serve(pool, None)
