@@ -266,8 +266,7 @@ class WorkerPool:
 
     def _choose(self, adapter: str | None, exclude: Collection[str]) -> _Worker:
         healthy = [w for w in self._workers if w.healthy and w.url not in exclude]
-        panic = not healthy and not any(w.healthy for w in self._workers)
-        if panic:  # nobody in rotation: try those that only failed to answer probes in time
+        if not any(w.healthy for w in self._workers):  # panic: try those that only failed to answer probes in time
             healthy = [w for w in self._workers if w.last_failure is Probe.SLOW and w.url not in exclude]
         if not healthy:
             raise NoWorkerAvailable("no healthy worker is available" + (f" (excluded: {sorted(exclude)})"
