@@ -220,6 +220,20 @@ def keep_to(cpus: tuple[int, ...]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+@contextlib.contextmanager
+def direct_and_pinned(work: Path, url: str, adapters: dict[str, Path], tiny_dir: Path,
+                      data_dir: str) -> Iterator[tuple[Target, Target]]:
+    """The two paths compared on a real worker, warmed up: the adapter loaded there directly, and a
+    gateway (data in ``work/data_dir``) pinning the same adapter on it."""
+    _load_direct(url, "cooking", adapters["cooking"])
+    with start_gateway(work / "logs", work / data_dir, [url], tiny_dir, embedder="none") as gateway:
+        register(gateway.url, adapters)
+        direct = Target("direct (vLLM, model=cooking)", url, model="cooking")
+        pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
+        warm_up([direct, pinned], requests=8)
+        yield direct, pinned
+
+
 def _stream(sizes: Sizes, direct: Target, pinned: Target) -> dict[str, Measured]:
     return measure_interleaved([direct, pinned], sizes.stream_rounds, topical_prompts(2 * sizes.stream_requests, 4),
                                fresh_prompts=True, requests=sizes.stream_requests, concurrency=4, stream=True,
@@ -236,13 +250,8 @@ def bench_vllm(sizes: Sizes, work: Path, tiny_dir: Path, worker_url: str | None)
     """Direct vLLM (model=adapter) vs loragate pin on the same adapter, sharing every core as ``loragate up`` does."""
     model, adapters = build_adapters(tiny_dir, ["cooking"])
     with vllm_worker(work, model, worker_url) as url:
-        _load_direct(url, "cooking", adapters["cooking"])
         try:
-            with start_gateway(work / "logs", work / "gateway-vllm", [url], tiny_dir, embedder="none") as gateway:
-                register(gateway.url, adapters)
-                direct = Target("direct (vLLM, model=cooking)", url, model="cooking")
-                pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
-                warm_up([direct, pinned], requests=8)
+            with direct_and_pinned(work, url, adapters, tiny_dir, "gateway-vllm") as (direct, pinned):
                 # fresh prompts per path: a prompt vLLM has seen hits its prefix cache (and streams in a burst)
                 c1 = measure_interleaved([direct, pinned], sizes.rounds, topical_prompts(2 * sizes.vllm_requests, 3),
                                          requests=sizes.vllm_requests, concurrency=1, fresh_prompts=True)
@@ -295,14 +304,9 @@ def bench_vllm_split(sizes: Sizes, work: Path, tiny_dir: Path) -> tuple[list[str
         return ["_The separate-cores part needs at least two CPUs._", ""], {}
     worker_cpus = allowed[:1]
     model, adapters = build_adapters(tiny_dir, ["cooking"])
-    with vllm_worker(work, model, None, worker_cpus) as url, keep_to(split_cpus(worker_cpus)):
-        _load_direct(url, "cooking", adapters["cooking"])
-        with start_gateway(work / "logs", work / "gateway-split", [url], tiny_dir, embedder="none") as gateway:
-            register(gateway.url, adapters)
-            direct = Target("direct (vLLM, model=cooking)", url, model="cooking")
-            pinned = Target("loragate pin", gateway.url, PIN, servers=(gateway,))
-            warm_up([direct, pinned], requests=8)
-            streamed = _stream(sizes, direct, pinned)
+    with vllm_worker(work, model, None, worker_cpus) as url, keep_to(split_cpus(worker_cpus)), \
+            direct_and_pinned(work, url, adapters, tiny_dir, "gateway-split") as (direct, pinned):
+        streamed = _stream(sizes, direct, pinned)
     for m in streamed.values():
         assert_clean(m)
     sd, sp = streamed[direct.label].summary, streamed[pinned.label].summary
