@@ -10,14 +10,18 @@ Steps, each with a progress bar:
    facts, each batch half new facts, half replay of the base's own data (without replay a LoRA
    this size overwrites the formats the chain needs);
 3. train LoRA ``oracle`` on both hops of the evaluation world (plus replay, which holds the base
-   worlds' two-hop chains) — the upper bound a reuse policy could reach;
+   worlds' two-hop chains) — the upper bound a reuse policy could reach. The oracle is trained
+   further, in at most ``ORACLE_EXTRA_ROUNDS`` bounded rounds, while its control fails: it is the
+   reference a policy is compared with, not a measured policy, so it only has to be a good one
+   (the rounds taken are recorded in ``controls.json``; the hop LoRAs never get extra rounds);
 4. evaluate everything greedily and check the controls (the base chains unseen chains, each hop
    LoRA keeps its facts and the base's formats, the oracle composes); write eval sets, a
    manifest of hashes and ``controls.json``. The build exits non-zero when a control fails.
 
-Training is deterministic for a seed on this machine kind: fixed thread count, seeded data order,
-no dropout. Weights are rounded to float16 *before* evaluation, so the numbers describe exactly
-the shipped files.
+Training is deterministic for a seed on one machine: fixed thread count, seeded data order, no
+dropout. Another CPU model reduces floats in another order, so a rebuild there lands near, not on,
+the recorded numbers (see ``tests/integration/test_twohop.py`` for how near). Weights are rounded
+to float16 *before* evaluation, so the numbers describe exactly the shipped files.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ CONTROLS = {
     "hop_keeps_formats": 0.9,    # ... and still answers the base worlds' single-hop questions
     "oracle_twohop_steps": 0.8,  # the oracle composes the new world's chains, step by step
 }
+ORACLE_EXTRA_ROUNDS = 3  # further oracle training rounds (lora_steps each) while its control fails
 
 
 def vocabulary(kit: w.Kit) -> list[str]:
@@ -213,6 +218,42 @@ def to_float16(model: Any) -> None:
             p.copy_(p.half().float())
 
 
+def train_until_holds(measure: Callable[[], float], train_more: Callable[[int], None], threshold: float,
+                      max_rounds: int) -> list[float]:
+    """Measure; while below ``threshold`` and rounds remain, train one more round and measure again.
+
+    Returns every measurement, first one included (``len - 1`` rounds were trained). A model that
+    holds at once is not trained further, so a build whose oracle holds is unchanged by this loop.
+    """
+    history = [measure()]
+    while history[-1] < threshold and len(history) <= max_rounds:
+        train_more(len(history))
+        history.append(measure())
+    return history
+
+
+def base_eval_sets(kit: w.Kit, pools: dict[str, list[w.Example]]) -> dict[str, list[w.Example]]:
+    """What the base model is measured on: its own facts and chains (taught, held out) and the evaluation world."""
+    return {
+        "own_facts": question_only(pools["facts"]),
+        "own_chains_taught_steps": [e for e in pools["chains"] if e.kind == "twohop-steps"],
+        "own_chains_unseen_steps": w.held_out_chains(kit, "steps"),
+        "own_chains_unseen_direct": w.held_out_chains(kit, "direct"),
+        **{f"eval_{k}": v for k, v in evaluation_sets(kit).items()},
+    }
+
+
+def lora_eval_sets(kit: w.Kit, pools: dict[str, list[w.Example]],
+                   facts: Sequence[w.Example]) -> dict[str, list[w.Example]]:
+    """What a LoRA is measured on: its own facts, the base's facts and held-out chains, the evaluation world."""
+    return {
+        "own_facts": question_only(facts),
+        "base_facts": question_only(pools["facts"]),
+        "base_chains_unseen_steps": w.held_out_chains(kit, "steps"),
+        **{f"eval_{k}": v for k, v in evaluation_sets(kit).items()},
+    }
+
+
 def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -254,15 +295,11 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
 
     evaluation = kit.evaluation
     eval_sets = evaluation_sets(kit)
-    base_facts = question_only(pools["facts"])
-    results: dict[str, dict[str, float]] = {"base": {
-        "own_facts": accuracy(base, encoder, base_facts),
-        "own_chains_taught_steps": accuracy(base, encoder, [e for e in pools["chains"] if e.kind == "twohop-steps"]),
-        "own_chains_unseen_steps": accuracy(base, encoder, w.held_out_chains(kit, "steps")),
-        "own_chains_unseen_direct": accuracy(base, encoder, w.held_out_chains(kit, "direct")),
-        **{f"eval_{k}": accuracy(base, encoder, v) for k, v in eval_sets.items()},
-    }}
+    sets = base_eval_sets(kit, pools)
+    counts = {"base": {k: len(v) for k, v in sets.items()}}
+    results: dict[str, dict[str, float]] = {"base": {k: accuracy(base, encoder, v) for k, v in sets.items()}}
     print("base:", json.dumps(results["base"]), flush=True)
+    oracle_history: list[float] = []
 
     hop1, hop2 = w.hop_examples(evaluation, "hop1"), w.hop_examples(evaluation, "hop2")
     lora_data = {"spouses": hop1, "birthplaces": hop2, "oracle": hop1 + hop2}
@@ -274,14 +311,23 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
         new = w.cycle_forever(facts, rng)
         mix_sources = {**sources, "new": new.__next__}
         mix = {"new": 0.5, **{k: 0.5 * v for k, v in plan.mixture.items()}}
-        train(lora, encoder, batches(mix_sources, mix, plan.batch, rng), plan.lora_steps, plan.lora_lr, f"LoRA {name}")
+        stream = batches(mix_sources, mix, plan.batch, rng)
+        train(lora, encoder, stream, plan.lora_steps, plan.lora_lr, f"LoRA {name}")
         to_float16(lora)
-        results[name] = {
-            "own_facts": accuracy(lora, encoder, question_only(facts)),
-            "base_facts": accuracy(lora, encoder, base_facts),
-            "base_chains_unseen_steps": accuracy(lora, encoder, w.held_out_chains(kit, "steps")),
-            **{f"eval_{k}": accuracy(lora, encoder, v) for k, v in eval_sets.items()},
-        }
+        if name == "oracle":
+            def train_more(round_: int, lora: Any = lora, stream: Iterator[list[w.Example]] = stream) -> None:
+                print(f"oracle control below {CONTROLS['oracle_twohop_steps']}: extra round {round_}", flush=True)
+                train(lora, encoder, stream, plan.lora_steps, plan.lora_lr, f"LoRA oracle, extra round {round_}")
+                to_float16(lora)
+
+            def twohop_steps(lora: Any = lora) -> float:
+                return accuracy(lora, encoder, eval_sets["twohop-steps"])
+
+            oracle_history = train_until_holds(twohop_steps, train_more, CONTROLS["oracle_twohop_steps"],
+                                               ORACLE_EXTRA_ROUNDS)
+        sets = lora_eval_sets(kit, pools, facts)
+        counts[name] = {k: len(v) for k, v in sets.items()}
+        results[name] = {k: accuracy(lora, encoder, v) for k, v in sets.items()}
         print(f"{name}:", json.dumps(results[name]), flush=True)
         lora_dir = staging / "adapters" / name
         lora.save_pretrained(str(lora_dir), safe_serialization=True)
@@ -294,7 +340,10 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
     (staging / "descriptors.json").write_text(json.dumps(descriptors(kit), indent=2) + "\n")
     controls = check_controls(results)
     report = {"plan": plan_name, "seed": seed, "plan_detail": asdict(plan), "base_final_loss": round(base_loss, 4),
-              "results": results, "controls": controls, "minutes": round((time.monotonic() - started) / 60, 1)}
+              "results": results, "counts": counts, "controls": controls,
+              "oracle_rounds": {"extra": len(oracle_history) - 1,
+                                "twohop_steps": [round(v, 4) for v in oracle_history]},
+              "minutes": round((time.monotonic() - started) / 60, 1)}
     (staging / "controls.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_manifest(staging)
     shutil.rmtree(out, ignore_errors=True)

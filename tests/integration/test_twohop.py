@@ -1,9 +1,10 @@
 """The two-hop kit end to end: the shipped artifacts through the gateway on a real vLLM-CPU worker,
-and a reduced-size build reproducing its own recorded numbers from the same seed."""
+and a reduced-size build that passes its controls and lands near its recorded numbers."""
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -45,16 +46,53 @@ def test_shipped_kit_through_the_gateway(tmp_path: Path, capsys: pytest.CaptureF
     assert "agrees with the table" in printed and "loragate_outcomes_total{" in printed
 
 
-def test_small_build_reproduces_its_recorded_numbers(tmp_path: Path) -> None:
-    """Same seed, same numbers: CI rebuilds the reduced kit and compares with what was recorded."""
+def binomial_tolerance(rate: float, n: int, sigmas: float = 3.0) -> float:
+    """How far a rate measured on ``n`` fixed questions may move when the model is retrained elsewhere.
+
+    Another CPU model rounds float reductions differently, and a few hundred optimizer steps turn
+    that into a slightly different model: each question's answer can flip. Treating the ``n``
+    answers as Bernoulli draws at the recorded rate gives the spread ``sqrt(p(1-p)/n)``; ``p`` is
+    kept one question away from 0 and 1, so a saturated cell may still lose (or gain) about
+    ``sigmas`` questions. Measured: an Intel Xeon rebuild of the AMD EPYC reference moved 5 of 29
+    cells, by at most 3 of 48 questions (oracle twohop-direct 0.0625 -> 0.0, tolerance 0.105),
+    all of them chance-level cells of models that never saw those facts.
+    """
+    p = min(max(rate, 1 / n), 1 - 1 / n)
+    return sigmas * math.sqrt(p * (1 - p) / n)
+
+
+def test_binomial_tolerance_keeps_saturated_cells_tight_and_chance_cells_honest() -> None:
+    assert 2 / 48 < binomial_tolerance(1.0, 48) < 4 / 48  # about three of 48 questions
+    assert binomial_tolerance(1.0, 288) < 0.011
+    assert binomial_tolerance(0.0, 48) == pytest.approx(binomial_tolerance(1.0, 48))
+    assert binomial_tolerance(0.125, 48) > 0.125 - 0.104  # the Xeon-vs-EPYC difference the exact test failed on
+
+
+def test_small_build_lands_near_its_recorded_numbers(tmp_path: Path) -> None:
+    """CI rebuilds the reduced kit: every control holds, every result is near the recorded one.
+
+    "Same seed, same numbers" holds only on one machine (README); elsewhere the numbers are
+    compared with the binomial tolerance of their question count.
+    """
     out = tmp_path / "kit"
     proc = subprocess.run([sys.executable, "examples/twohop/build.py", "--size", "small", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     built = json.loads((out / "controls.json").read_text())
     reference = json.loads(REFERENCE.read_text())
-    assert built["results"] == reference["results"]
-    assert built["controls"] == reference["controls"]
+    assert all(c["ok"] for c in built["controls"].values()), built["controls"]
+    assert {k: c["threshold"] for k, c in built["controls"].items()} == \
+        {k: c["threshold"] for k, c in reference["controls"].items()}
+    assert built["results"].keys() == reference["results"].keys()
+    far = {}
+    for model, recorded in reference["results"].items():
+        assert built["results"][model].keys() == recorded.keys()
+        for metric, rate in recorded.items():
+            n = built["counts"][model][metric]
+            if abs(built["results"][model][metric] - rate) > binomial_tolerance(rate, n):
+                far[model, metric] = (built["results"][model][metric], rate, n)
+    assert not far, f"(built, recorded, questions) beyond 3 binomial sigmas: {far}"
+    assert built["base_final_loss"] < 0.05  # the base memorised its worlds (recorded: 0.0002)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {name for name in manifest} >= {"model/model.safetensors", "adapters/spouses/adapter_model.safetensors",
                                           "adapters/oracle/adapter_config.json", "eval/twohop-steps.jsonl"}
