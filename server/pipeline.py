@@ -73,11 +73,48 @@ class ProxiedResponse:
     stream: AsyncIterator[bytes] | None = None
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
+MAX_JSON_DEPTH = 64
+"""How deeply a client's JSON may nest. OpenAI bodies need a handful of levels (a tool's JSON schema a
+few dozen); far deeper input made ``json`` raise RecursionError (a 500), and a body just under
+Python's recursion limit parsed but then failed when it was serialised again for the worker."""
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json accepts NaN/Infinity; JSON does not
+
+
+def _nesting_exceeds(value: object, limit: int) -> bool:
+    """True when ``value`` has containers nested more than ``limit`` deep (iterative: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def parse_json(raw: bytes | str, what: str = "request body", param: str | None = None) -> Any:
+    """Client JSON, strictly: every way it can be unusable is a 400 naming ``what``, never a 500."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise InvalidRequest(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", param=param,
+                             code="invalid_json") from exc
+    except ValueError as exc:  # bad syntax, bad UTF-8, NaN/Infinity, an integer too long to convert
+        raise InvalidRequest(f"{what} is not valid JSON: {exc}", param=param, code="invalid_json") from exc
+    brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if brackets > MAX_JSON_DEPTH and _nesting_exceeds(value, MAX_JSON_DEPTH):  # the count skips the walk
+        raise InvalidRequest(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", param=param,
+                             code="invalid_json")
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     return body
@@ -187,7 +224,7 @@ def completion_text(route: str, body: bytes) -> str:
     """The generated text of a non-streamed response (for grading)."""
     try:
         choices = json.loads(body).get("choices") or []
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return ""
     return "".join(choice_text(c, route == "chat.completions") for c in choices[:1])
 
@@ -207,7 +244,7 @@ class SSEText:
             if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
                 try:
                     choices = json.loads(line[6:]).get("choices") or []
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     continue
                 self.parts.extend(choice_text(c, self.route == "chat.completions") for c in choices[:1])
 

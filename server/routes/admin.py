@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.datastructures import UploadFile
 
 from loragate.errors import InvalidRequest, PayloadTooLarge
 from loragate.server.app import Services
-from loragate.server.pipeline import parse_json_body
+from loragate.server.pipeline import parse_json, parse_json_body
 from loragate.server.routes.deps import services
+from loragate.server.schemas import AdapterPatch, AdapterRegistration, AdapterUpload, request_body
 
 _FORM_OVERHEAD = 1 << 20
 
@@ -32,18 +32,20 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 
 def _examples(raw: Any) -> list[str]:
     if isinstance(raw, str):  # multipart sends examples as a JSON list in a text field
-        try:
-            raw = json.loads(raw) if raw else []
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest("examples must be a JSON list of strings", param="examples") from exc
+        raw = parse_json(raw, "examples (a JSON list of strings)", "examples") if raw else []
     if not isinstance(raw, list):
         raise InvalidRequest("examples must be a list of strings", param="examples")
     return raw
 
 
-@router.post("/adapters", status_code=201)
-async def register(request: Request, svc: Services = Depends(authorized)) -> dict[str, object]:
+@router.post("/adapters", status_code=201, openapi_extra=request_body(
+    ("application/json", AdapterRegistration), ("multipart/form-data", AdapterUpload)))
+async def register(request: Request, response: Response, svc: Services = Depends(authorized)) -> dict[str, object]:
+    """201 with the new record; 200 with the existing one when this repeats a committed registration."""
     content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        raise InvalidRequest("a form without files: send JSON {\"name\", \"path\"} for a server-side directory, "
+                             "or multipart/form-data with `files` parts", param="files")
     if content_type.startswith("multipart/form-data"):
         declared = int(request.headers.get("content-length") or 0)
         if declared > svc.admin.max_bytes + _FORM_OVERHEAD:
@@ -53,14 +55,22 @@ async def register(request: Request, svc: Services = Depends(authorized)) -> dic
             if not files:
                 raise InvalidRequest("multipart registration needs `files` parts (adapter_config.json, "
                                      "adapter_model.safetensors)", param="files")
-            record = await svc.admin.register_upload(
+            registration = await svc.admin.register_upload(
                 str(form.get("name", "")), files, str(form.get("description", "")),
                 _examples(form.get("examples", "")))
-        return record.public()
-    body = parse_json_body(await request.body())
-    record = await svc.admin.register_path(str(body.get("name", "")), str(body.get("path", "")),
-                                           body.get("description", ""), _examples(body.get("examples", [])))
-    return record.public()
+    else:
+        body = parse_json_body(await request.body())
+        registration = await svc.admin.register_path(str(body.get("name", "")), body.get("path", ""),
+                                                     body.get("description", ""), _examples(body.get("examples", [])))
+    if not registration.created:
+        response.status_code = 200
+    return registration.record.public()
+
+
+@router.get("/limits")
+async def limits(svc: Services = Depends(authorized)) -> dict[str, object]:
+    """The registration limits (max_adapter_bytes, max_lora_rank), for clients to check before uploading."""
+    return svc.admin.limits()
 
 
 @router.get("/adapters")
@@ -73,7 +83,7 @@ async def show_adapter(name: str, svc: Services = Depends(authorized)) -> dict[s
     return svc.admin.show(name).public()
 
 
-@router.patch("/adapters/{name}")
+@router.patch("/adapters/{name}", openapi_extra=request_body(("application/json", AdapterPatch)))
 async def patch_adapter(name: str, request: Request, svc: Services = Depends(authorized)) -> dict[str, object]:
     body = parse_json_body(await request.body())
     unknown = sorted(set(body) - {"description", "examples"})

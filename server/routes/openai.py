@@ -11,14 +11,21 @@ from loragate.errors import InvalidRequest
 from loragate.server.app import Services
 from loragate.server.outcomes import Feedback
 from loragate.server.pipeline import EXPECTED_HEADER, POLICY_HEADER, SHADOW_HEADER, CompletionRequest, parse_json_body
-from loragate.server.routes.deps import request_id, services
+from loragate.server.routes.deps import request_id, services, single_header
+from loragate.server.schemas import (
+    ChatCompletionBody,
+    CompletionBody,
+    FeedbackBody,
+    completion_operation,
+    request_body,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 def expected_answer(request: Request) -> str | None:
     """X-Expected-Answer (evaluation traffic): graded by the gateway, never sent to the worker."""
-    value = request.headers.get(EXPECTED_HEADER)
+    value = single_header(request, EXPECTED_HEADER)
     if value is not None and not 0 < len(value.strip()) <= 1000:
         raise InvalidRequest("X-Expected-Answer must be 1 to 1000 characters", param="X-Expected-Answer")
     return value
@@ -28,8 +35,8 @@ async def _complete(route: str, request: Request, svc: Services) -> Response:
     received = time.perf_counter()
     request.state.request_id = rid = request_id(request)
     call = CompletionRequest(route=route, body=parse_json_body(await request.body()), request_id=rid,
-                             policy_header=request.headers.get(POLICY_HEADER), received_at=received,
-                             expected=expected_answer(request), shadow_header=request.headers.get(SHADOW_HEADER))
+                             policy_header=single_header(request, POLICY_HEADER), received_at=received,
+                             expected=expected_answer(request), shadow_header=single_header(request, SHADOW_HEADER))
     result = await svc.completions.complete(call)
     if result.stream is not None:
         return StreamingResponse(result.stream, status_code=result.status, headers=dict(result.headers),
@@ -38,12 +45,12 @@ async def _complete(route: str, request: Request, svc: Services) -> Response:
                     media_type=result.media_type)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=completion_operation(CompletionBody))
 async def completions(request: Request, svc: Services = Depends(services)) -> Response:
     return await _complete("completions", request, svc)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=completion_operation(ChatCompletionBody))
 async def chat_completions(request: Request, svc: Services = Depends(services)) -> Response:
     return await _complete("chat.completions", request, svc)
 
@@ -58,7 +65,7 @@ async def models(svc: Services = Depends(services)) -> dict[str, object]:
     return {"object": "list", "data": data}
 
 
-@router.post("/feedback")
+@router.post("/feedback", openapi_extra=request_body(("application/json", FeedbackBody)))
 async def feedback(request: Request, svc: Services = Depends(services)) -> dict[str, object]:
     """Grade a past request: ``{request_id, success | score, note, overwrite}``."""
     graded = await svc.outcomes.feedback(Feedback.parse(parse_json_body(await request.body())))

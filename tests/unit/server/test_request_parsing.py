@@ -1,0 +1,149 @@
+"""Hostile and ambiguous client input on every route that reads it: always an OpenAI-style 4xx.
+
+JSON nested past Python's recursion limit, NaN, integers too long to convert, headers sent twice,
+UTF-8 in headers (which arrive as latin-1); plus readiness, which must fail while no worker can
+take a request. The stub upstream (``loadtest/stub.py``) stands in for a healthy worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from examples.stack import free_port
+from loragate.errors import InvalidRequest
+from loragate.loadtest.stub import StubApp
+from loragate.server.app import create_app
+from loragate.server.pipeline import MAX_JSON_DEPTH, parse_json
+from loragate.server.settings import Settings
+from tests.lora_files import write_lora
+from tests.servers import serving
+from tests.unit.server.test_app import AUTH, TOKEN, make_client
+
+DEEP = b'{"model": "tiny-llama", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+JUST_UNDER_RECURSION_LIMIT = b'{"model": "tiny-llama", "prompt": "hi", "x": ' + b"[" * 900 + b"]" * 900 + b"}"
+JSON_ROUTES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/feedback"),
+               ("POST", "/admin/adapters"), ("PATCH", "/admin/adapters/alpha")]
+
+
+@pytest.fixture
+def imports(tmp_path: Path) -> Path:
+    root = tmp_path / "imports"
+    write_lora(root / "alpha", seed=1)
+    return root
+
+
+@pytest.fixture
+def client(tmp_path: Path, imports: Path) -> Iterator[TestClient]:
+    with make_client(tmp_path, imports, admin_token=TOKEN) as c:
+        yield c
+
+
+def assert_openai_error(response: httpx.Response, status: int, fragment: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error: dict[str, object] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in str(error["message"]), error
+    return error
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+@pytest.mark.parametrize(("body", "fragment"), [
+    (DEEP, f"nested more than {MAX_JSON_DEPTH} levels"),
+    (JUST_UNDER_RECURSION_LIMIT, f"nested more than {MAX_JSON_DEPTH} levels"),  # parsed, then broke json.dumps
+    (b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}', "NaN is not a JSON number"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "n": ' + b"9" * 5000 + b"}", "not valid JSON"),  # int digit limit
+])
+def test_unusable_json_is_a_400_on_every_json_route(client: TestClient, method: str, path: str, body: bytes,
+                                                    fragment: str) -> None:
+    response = client.request(method, path, content=body, headers={**AUTH, "content-type": "application/json"})
+    error = assert_openai_error(response, 400, fragment)
+    assert error["code"] == "invalid_json"
+
+
+def test_deep_examples_in_a_multipart_registration_are_a_400(client: TestClient, imports: Path) -> None:
+    files = [("files", (n, (imports / "alpha" / n).read_bytes()))
+             for n in ("adapter_config.json", "adapter_model.safetensors")]
+    response = client.post("/admin/adapters", headers=AUTH, files=files,
+                           data={"name": "deep", "examples": "[" * 100_000 + "]" * 100_000})
+    assert assert_openai_error(response, 400, "examples")["param"] == "examples"
+
+
+def test_ordinary_nesting_is_accepted() -> None:
+    tool = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "array"}}}}}
+    body = parse_json(b'{"tools": [{"function": {"parameters": %s}}], "prompt": [1, 2, 3]}'
+                      % str(tool).replace("'", '"').encode())
+    assert body["prompt"] == [1, 2, 3]
+    levels = MAX_JSON_DEPTH - 1  # lists inside the top-level object: exactly at the limit
+    assert parse_json('{"x": ' + "[" * levels + "]" * levels + "}")["x"]
+    with pytest.raises(InvalidRequest, match="nested more than"):
+        parse_json('{"x": ' + "[" * (levels + 1) + "]" * (levels + 1) + "}")
+
+
+@pytest.mark.parametrize("header", ["x-adapter-policy", "x-adapter-policy-shadow", "x-expected-answer"])
+def test_a_header_sent_twice_is_a_400(client: TestClient, header: str) -> None:
+    response = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "hi"},
+                           headers=[(header, "base"), (header, 'pin;adapter="alpha"')])
+    error = assert_openai_error(response, 400, "was sent 2 times; send it once")
+    assert str(error["param"]).lower() == header and error["code"] == "duplicate_header"
+
+
+def test_utf8_in_a_bad_policy_header_is_quoted_as_sent(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "hi"},
+                           headers=[(b"x-adapter-policy", 'pin;adapter="café"'.encode())])
+    error = assert_openai_error(response, 400, "café")
+    assert "Ã" not in str(error["message"])
+
+
+def test_latin1_bytes_that_are_not_utf8_still_give_a_400(client: TestClient) -> None:
+    response = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "hi"},
+                           headers=[(b"x-adapter-policy", 'pin;adapter="caf\xe9"'.encode("latin-1"))])
+    assert_openai_error(response, 400, "café")
+
+
+def stub_settings(tmp_path: Path, worker: str, **overrides: object) -> Settings:
+    return Settings(data_dir=tmp_path / "data", workers=[worker], embedder="none", port=free_port(),
+                    probe_interval_s=0.05, **overrides)  # type: ignore[arg-type]
+
+
+def test_utf8_expected_answer_is_graded_as_sent(tmp_path: Path) -> None:
+    """X-Expected-Answer in UTF-8 (the stub answers "the cat ..."): grading folds accents, so "thé" matches;
+    read as latin-1 it was "thÃ©" and failed."""
+    with serving(StubApp(), free_port()) as worker, \
+            serving(create_app(stub_settings(tmp_path, worker, admin_token=TOKEN)), free_port()) as gateway:
+        ids = {}
+        for expected in ("the", "thé"):
+            response = httpx.post(f"{gateway}/v1/completions", json={"model": "tiny-llama", "prompt": "hi"},
+                                  headers=[(b"x-expected-answer", expected.encode())])
+            assert response.status_code == 200, response.text
+            ids[expected] = response.headers["x-request-id"]
+        rows = {r["request_id"]: r for r in httpx.get(f"{gateway}/admin/outcomes", headers=AUTH).json()["data"]}
+        assert rows[ids["the"]]["result"] == "success"
+        assert rows[ids["thé"]]["result"] == "success" and rows[ids["thé"]]["expected"] == "thé"
+
+
+def test_ready_is_200_with_a_worker_in_rotation_and_health_stays_live(tmp_path: Path) -> None:
+    with serving(StubApp(), free_port()) as worker, \
+            serving(create_app(stub_settings(tmp_path, worker)), free_port()) as gateway:
+        ready = httpx.get(f"{gateway}/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert ready.json()["workers"] == [{"url": worker, "healthy": True}]
+        assert httpx.get(f"{gateway}/health").status_code == 200
+
+
+def test_ready_is_503_naming_why_when_no_worker_is_in_rotation(tmp_path: Path) -> None:
+    """The worker URL is a closed port: once its probe fails, /ready says so and /health stays 200."""
+    down = f"http://127.0.0.1:{free_port()}"
+    with TestClient(create_app(stub_settings(tmp_path, down))) as c:
+        deadline = time.monotonic() + 30
+        while (response := c.get("/ready")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)  # workers count as in rotation until their first probe fails
+        error = assert_openai_error(response, 503, "not ready: no worker is in rotation")
+        assert down in str(error["message"]) and error["code"] == "not_ready"
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["workers"] == [{"url": down, "healthy": False}]
