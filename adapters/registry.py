@@ -8,6 +8,14 @@ Ordering gives crash safety: copy to staging -> validate the copy -> rename into
 insert the row and commit. A crash before the commit leaves only files no row references, which
 :meth:`AdapterRegistry.open` collects on the next start.
 
+Validation refuses what a worker could not load (vLLM's PEFT rules, and shapes that do not fit the
+base model's config when one is configured): such an adapter would otherwise register and then fail
+every request that uses it.
+
+Registering is idempotent: a client that lost the response to a committed registration and sends
+it again (same name, same files, same description and examples) gets the existing record back
+(``created`` false); a different registration under a taken name is a 409 naming what differs.
+
 Several gateway processes may share one data dir. Whatever changes files and rows together (rename
 plus insert, delete plus file removal, the collection at open) holds a file lock next to the
 database, so one process never collects an entry another has renamed in but not yet committed.
@@ -27,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from loragate.adapters.peft_format import inspect_dir
-from loragate.adapters.store import AdapterStore
+from loragate.adapters.base_shapes import BaseModelShapes
+from loragate.adapters.peft_format import LoraSpec, inspect_dir
+from loragate.adapters.store import AdapterStore, shown_path
 from loragate.adapters.types import NAME_PATTERN, AdapterRecord, Descriptors
 from loragate.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from loragate.shared_db import connect_shared, lock_for
@@ -62,6 +71,16 @@ class RegistryLimits:
     max_rank: int
     max_bytes: int
     import_roots: tuple[Path, ...]
+    #: the base model's sizes (from its config.json); None: shapes are checked against the rank only
+    base_shapes: BaseModelShapes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A registration's result: the record, and whether this call created it (False: an identical retry)."""
+
+    record: AdapterRecord
+    created: bool
 
 
 def validate_name(name: str) -> str:
@@ -164,40 +183,75 @@ class AdapterRegistry:
         await asyncio.to_thread(run)
 
     # -- writers ---------------------------------------------------------------------------------
-    async def add_from_path(self, name: str, source: Path, descriptors: Descriptors) -> AdapterRecord:
+    async def add_from_path(self, name: str, source: Path, descriptors: Descriptors) -> Registration:
         """Register a server-side directory (must lie inside the import roots)."""
         return await asyncio.to_thread(self._add_from_path, name, source, descriptors)
 
-    async def add_staged(self, name: str, staged: Path, descriptors: Descriptors) -> AdapterRecord:
-        """Register files already written to a staging dir (uploads); the dir is consumed either way."""
-        return await asyncio.to_thread(self._add_staged, name, staged, descriptors)
+    async def add_staged(self, name: str, staged: Path, descriptors: Descriptors,
+                         label: str = "the upload") -> Registration:
+        """Register files already written to a staging dir (uploads); the dir is consumed either way.
 
-    def _add_from_path(self, name: str, source: Path, descriptors: Descriptors) -> AdapterRecord:
+        ``label`` is what error messages call the files (the client never sees the staging dir).
+        """
+        return await asyncio.to_thread(self._add_staged, name, staged, descriptors, label)
+
+    def _add_from_path(self, name: str, source: Path, descriptors: Descriptors) -> Registration:
         validate_name(name)
-        self._check_free(name)
         files = self.store.check_source(source, self.limits.import_roots, self.limits.max_bytes)
-        return self._add_staged(name, self.store.stage_copy(files), descriptors)
+        label = shown_path(source)
+        return self._add_staged(name, self.store.stage_copy(files, label), descriptors, label)
 
-    def _check_free(self, name: str) -> None:
-        if name in self._snapshot:
-            raise Conflict(f"adapter {name!r} is already registered", param="name", code="adapter_exists")
+    def _check_servable(self, spec: LoraSpec) -> None:
+        """What a worker would refuse at load time, refused now with the reason (422)."""
+        if spec.base_model not in self.limits.base_models:
+            raise Unprocessable(
+                f"adapter was trained for base model {spec.base_model!r}, but this gateway serves "
+                f"{sorted(self.limits.base_models)}", param="base_model", code="base_model_mismatch")
+        if spec.rank > self.limits.max_rank:
+            raise Unprocessable(f"adapter rank {spec.rank} is above the workers' max LoRA rank "
+                                f"{self.limits.max_rank}", param="rank", code="rank_too_high")
+        if spec.unservable:
+            raise Unprocessable(f"the workers (vLLM) cannot load this adapter: {'; '.join(spec.unservable)}",
+                                param="path", code="unsupported_adapter")
+        if self.limits.base_shapes is not None:
+            self.limits.base_shapes.check(spec.module_dims)
 
-    def _add_staged(self, name: str, staged: Path, descriptors: Descriptors) -> AdapterRecord:
+    def _existing(self, name: str, sha256: str, descriptors: Descriptors) -> AdapterRecord | None:
+        """The committed row of ``name`` if this registration repeats it; 409 naming what differs.
+
+        Read from the database under the write lock, so a row another process committed counts too.
+        """
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        record = _row_to_record(row)
+        differences = []
+        if record.sha256 != sha256:
+            differences.append(f"different files (sha256 {record.sha256[:12]} registered, {sha256[:12]} sent)")
+        if record.descriptors.description != descriptors.description:
+            differences.append("a different description")
+        if record.descriptors.examples != descriptors.examples:
+            differences.append("different examples")
+        if differences:
+            raise Conflict(f"adapter {name!r} is already registered with {', '.join(differences)}: choose "
+                           "another name, or delete it first", param="name", code="adapter_exists")
+        return record
+
+    def _add_staged(self, name: str, staged: Path, descriptors: Descriptors, label: str) -> Registration:
         created = False
         sha256 = ""
         try:
             validate_name(name)
-            self._check_free(name)
-            spec = inspect_dir(staged)
-            if spec.base_model not in self.limits.base_models:
-                raise Unprocessable(
-                    f"adapter was trained for base model {spec.base_model!r}, but this gateway serves "
-                    f"{sorted(self.limits.base_models)}", param="base_model", code="base_model_mismatch")
-            if spec.rank > self.limits.max_rank:
-                raise Unprocessable(f"adapter rank {spec.rank} is above the workers' max LoRA rank "
-                                    f"{self.limits.max_rank}", param="rank", code="rank_too_high")
+            spec = inspect_dir(staged, label)
+            self._check_servable(spec)
             sha256, size = self.store.content_hash(staged)
             with self._writing():
+                existing = self._existing(name, sha256, descriptors)
+                if existing is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    if name not in self._snapshot:
+                        self._reload()  # committed by another process since our last read
+                    return Registration(existing, created=False)
                 path, created = self.store.commit(staged, sha256)
                 record = AdapterRecord(
                     name=name, base_model=spec.base_model, rank=spec.rank, alpha=spec.alpha,
@@ -211,7 +265,7 @@ class AdapterRegistry:
                     raise Conflict(f"adapter {name!r} is already registered", param="name",
                                    code="adapter_exists") from exc
                 self._reload()
-                return record
+                return Registration(record, created=True)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             if created:

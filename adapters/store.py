@@ -1,23 +1,26 @@
 """Content-addressed adapter store with crash-safe staging.
 
-Registration copies the adapter's files into ``<root>/tmp/<random>`` while hashing them, validates
-the *copy* (so a source edited mid-registration cannot slip past validation), then renames the
-staging dir to ``<root>/<sha256>``. Renames are atomic on one filesystem, so a crash leaves either
-a complete store entry or a staging dir; :meth:`AdapterStore.collect_garbage` removes stale staging
-dirs and entries no registry row references. Identical content registered under two names is stored once.
+Registration copies the adapter's files into a staging dir ``<root>/tmp/owner~...`` named after the
+process that owns it (see :mod:`loragate.adapters.staging`), validates the *copy* (so a source
+edited mid-registration cannot slip past validation), then renames the staging dir to
+``<root>/<sha256>``. Renames are atomic on one filesystem, so a crash leaves either a complete store
+entry or a staging dir; :meth:`AdapterStore.collect_garbage` removes the staging dirs of processes
+that are gone and entries no registry row references. Identical content registered under two names
+is stored once.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loragate.adapters.staging import remove_stale
-from loragate.errors import Forbidden, PayloadTooLarge, Unprocessable
+from loragate.adapters.staging import new_dir, remove_stale
+from loragate.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unprocessable
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _CHUNK = 1 << 20
@@ -25,6 +28,27 @@ _CHUNK = 1 << 20
 
 def _within(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
+
+
+def _lexical(path: Path) -> Path:
+    """Absolute, with ``..`` and ``.`` applied to the path as written (no symlink is followed)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
+def shown_path(path: Path | str, limit: int = 200) -> str:
+    """A client's path as messages quote it: control characters escaped, at most ``limit`` characters."""
+    text = repr(str(path))[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(path))} characters)"
+
+
+def path_error(source: Path, exc: OSError | ValueError) -> InvalidRequest | Unprocessable:
+    """What the OS said about a client's path, as a 4xx naming the ``path`` field (never a 500)."""
+    if isinstance(exc, ValueError) or exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL):
+        reason = str(exc) if isinstance(exc, ValueError) else (exc.strerror or str(exc))
+        return InvalidRequest(f"path {shown_path(source)} is not a usable path: {reason}", param="path",
+                              code="invalid_path")
+    return Unprocessable(f"{shown_path(source)} cannot be read: {exc.strerror or exc}", param="path",
+                         code="unreadable_path")
 
 
 class AdapterStore:
@@ -39,28 +63,45 @@ class AdapterStore:
         return self.root / sha256
 
     def new_staging_dir(self) -> Path:
-        """A fresh private directory on the store's filesystem (so the final rename is atomic)."""
-        return Path(tempfile.mkdtemp(dir=self.staging))
+        """A fresh private directory on the store's filesystem (so the final rename is atomic), owned by
+        this process: a restart collects it at once if this process dies, and no other process touches it."""
+        return new_dir(self.staging)
 
     @staticmethod
     def check_source(source: Path, import_roots: Iterable[Path], max_bytes: int) -> list[Path]:
         """Resolve a server-side source dir; refuse paths outside the import roots and oversized files.
 
-        Each file is resolved too: a symlink inside an allowed dir that points elsewhere is refused.
+        ``..`` is judged on the path as written (``roots/../x`` is outside); the resolved path then
+        tells whether a symlink leads out. Each file is resolved too: a symlink inside an allowed dir
+        that points elsewhere is refused. What the OS refuses (a NUL byte, a name too long) is a 4xx.
         """
-        roots = [r.resolve() for r in import_roots]
-        if not roots:
+        import_roots = list(import_roots)
+        if not import_roots:
             raise Forbidden("registration from server paths is disabled: no import roots are configured "
                             "(set LORAGATE_IMPORT_ROOTS)", param="path", code="path_forbidden")
-        absolute = source.absolute()
-        resolved = absolute.resolve()
-        for candidate in (absolute, resolved):
-            if not _within(candidate, roots):
-                how = "reached through a symlink that leaves" if candidate is resolved else "outside"
-                raise Forbidden(f"{source} is {how} the import roots {[str(r) for r in roots]}",
-                                param="path", code="path_forbidden")
+        try:
+            return AdapterStore._source_files(source, import_roots, max_bytes)
+        except (OSError, ValueError) as exc:
+            raise path_error(source, exc) from exc
+
+    @staticmethod
+    def _source_files(source: Path, import_roots: list[Path], max_bytes: int) -> list[Path]:
+        roots = [r.resolve() for r in import_roots]
+        if "\0" in str(source):
+            raise ValueError("it contains a NUL byte")
+        written = _lexical(source)
+        resolved = source.absolute().resolve()
+        shown = shown_path(source)
+        if not _within(written, roots) and not _within(written, [_lexical(r) for r in import_roots]):
+            raise Forbidden(f"{shown} is outside the import roots {[str(r) for r in roots]}", param="path",
+                            code="path_forbidden")
+        if not _within(resolved, roots):
+            raise Forbidden(f"{shown} is reached through a symlink that leaves the import roots "
+                            f"{[str(r) for r in roots]}", param="path", code="path_forbidden")
         if not resolved.is_dir():
-            raise Unprocessable(f"{source} is not a directory", param="path", code="not_a_directory")
+            if not resolved.exists():
+                resolved.stat()  # the OS's reason: missing, too long, ...
+            raise Unprocessable(f"{shown} is not a directory", param="path", code="not_a_directory")
         files = []
         total = 0
         for name in ADAPTER_FILES:
@@ -69,21 +110,30 @@ class AdapterStore:
                 continue  # peft_format reports missing files with its own message
             real = file.resolve()
             if not _within(real, roots):
-                raise Forbidden(f"{file} is a symlink that leaves the import roots", param="path",
-                                code="path_forbidden")
+                raise Forbidden(f"{shown_path(source / name)} is a symlink that leaves the import roots",
+                                param="path", code="path_forbidden")
             total += real.stat().st_size
             files.append(real)
         if total > max_bytes:
-            raise PayloadTooLarge(f"adapter files are {total} bytes, above the limit of {max_bytes} bytes",
-                                  param="path")
+            raise PayloadTooLarge(f"adapter files in {shown} are {total} bytes, above the limit of {max_bytes} "
+                                  "bytes", param="path")
         return files
 
-    def stage_copy(self, files: Iterable[Path]) -> Path:
-        """Copy files into a new staging dir; the caller validates and then :meth:`commit` s or discards it."""
+    def stage_copy(self, files: Iterable[Path], label: str = "") -> Path:
+        """Copy files into a new staging dir; the caller validates and then :meth:`commit` s or discards it.
+
+        A file that cannot be read is a 422 naming ``label`` (the user's path), not the staging dir.
+        """
         staged = self.new_staging_dir()
         try:
             for file in files:
-                shutil.copyfile(file, staged / file.name)
+                try:
+                    shutil.copyfile(file, staged / file.name)
+                except OSError as exc:
+                    if exc.filename != str(file):
+                        raise  # writing the staging copy failed: the server's problem, not the client's
+                    raise Unprocessable(f"{label or file.parent}: cannot read {file.name}: {exc.strerror or exc}",
+                                        param="path", code="unreadable_path") from exc
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise

@@ -1,7 +1,8 @@
 """Admin operations on adapters: register (server path or upload), list, show, patch, delete.
 
 Uploads are streamed into a staging dir of the store with the size limit enforced while writing,
-then registered exactly like a server-side path, so both ways share every validation rule.
+then registered exactly like a server-side path, so both ways share every validation rule. Errors
+name the client's path or uploaded file names, never the staging dir.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loragate.adapters.registry import AdapterRegistry, validate_descriptors, validate_name
+from loragate.adapters.registry import AdapterRegistry, Registration, validate_descriptors, validate_name
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unauthorized
 from loragate.router.index import DescriptorIndex
@@ -55,16 +56,26 @@ class AdminService:
             await self.index.sync(self.registry.snapshot())
         return record
 
-    async def register_path(self, name: str, path: str, description: str = "",
-                            examples: Iterable[str] = ()) -> AdapterRecord:
+    def limits(self) -> dict[str, object]:
+        """What a client may check before sending an upload (the CLI does, so a 3 GiB upload is not
+        sent only to be refused)."""
+        return {"max_adapter_bytes": self.max_bytes, "max_lora_rank": self.registry.limits.max_rank}
+
+    async def _registered(self, registration: Registration) -> Registration:
+        if registration.created:
+            await self._changed(registration.record)
+        return registration
+
+    async def register_path(self, name: str, path: object, description: object = "",
+                            examples: Iterable[str] = ()) -> Registration:
         descriptors = validate_descriptors(description, list(examples))
-        if not path:
-            raise InvalidRequest("path is required (a server-side directory) unless files are uploaded",
-                                 param="path")
-        return await self._changed(await self.registry.add_from_path(name, Path(path), descriptors))
+        if not isinstance(path, str) or not path:
+            raise InvalidRequest("path is required (a server-side directory, as a string) unless files are "
+                                 "uploaded", param="path")
+        return await self._registered(await self.registry.add_from_path(name, Path(path), descriptors))
 
     async def register_upload(self, name: str, files: dict[str, AsyncIterator[bytes]], description: str,
-                              examples: list[str]) -> AdapterRecord:
+                              examples: list[str]) -> Registration:
         """``files`` maps file names to byte streams; only the PEFT files are accepted."""
         validate_name(name)
         descriptors = validate_descriptors(description, examples)
@@ -85,7 +96,8 @@ class AdminService:
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        return await self._changed(await self.registry.add_staged(name, staged, descriptors))
+        label = f"the upload ({', '.join(sorted(files))})"
+        return await self._registered(await self.registry.add_staged(name, staged, descriptors, label))
 
     async def patch(self, name: str, description: str | None, examples: list[str] | None) -> AdapterRecord:
         current = self.registry.get(name).descriptors

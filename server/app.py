@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loragate import __version__
+from loragate.adapters.base_shapes import BaseModelShapes
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.errors import InvalidRequest, LoragateError
@@ -81,7 +82,8 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     metrics = GatewayMetrics()
     registry = AdapterRegistry.open(settings.data_dir, RegistryLimits(
         base_models=settings.base_models, max_rank=settings.max_lora_rank,
-        max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots)))
+        max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots),
+        base_shapes=BaseModelShapes.read(settings.base_model_config) if settings.base_model_config else None))
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
     adapter_dirs = adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges")
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics, PoolConfig(

@@ -12,13 +12,15 @@ import secrets
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 from pydantic import SecretStr
 
+from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.server.settings import Settings, describe_options, load_settings, to_environment
 from loragate.workers.launch import (
     WorkerFleet,
@@ -136,6 +138,7 @@ def up(
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from exc
     overrides = _overrides(set_)
     overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port + i}" for i in range(workers)])
+    overrides.setdefault("base_model_config", model)  # registration checks adapter shapes against it
     settings = load_settings(config, **overrides)
     if settings.admin_token is None and settings.host in ("127.0.0.1", "localhost", "::1"):
         settings = settings.model_copy(update={"allow_unauthenticated_admin": True})
@@ -257,19 +260,58 @@ UrlOpt = Annotated[str, typer.Option(envvar="LORAGATE_URL", help="Gateway base U
 TokenOpt = Annotated[str | None, typer.Option(envvar="LORAGATE_ADMIN_TOKEN", help="Admin bearer token.")]
 
 
-def _admin(method: str, url: str, token: str | None, path: str, **kwargs: Any) -> Any:
+def _admin(method: str, url: str, token: str | None, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+    """One admin call; an error answer is printed with the gateway's message and ends the command
+    (``missing_ok``: a 404 returns None instead, for routes an older gateway lacks)."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.request(method, url.rstrip("/") + path, headers=headers, timeout=120.0, **kwargs)
     except httpx.HTTPError as exc:
         typer.echo(f"error: cannot reach the gateway at {url}: {exc}", err=True)
         raise typer.Exit(2) from exc
-    body = response.json()
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text[:500]
+    if missing_ok and response.status_code == 404:
+        return None
     if response.status_code >= 400:
         error = body.get("error", {}) if isinstance(body, dict) else {}
         typer.echo(f"error {response.status_code}: {error.get('message', body)}", err=True)
         raise typer.Exit(1)
     return body
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _adapter_files(path: Path) -> list[Path]:
+    """The PEFT files of a local dir to upload; an empty or missing dir ends the command with that reason."""
+    if not path.is_dir():
+        _fail(f"{path} is not a directory")
+    files = [path / name for name in (CONFIG_FILE, WEIGHTS_FILE) if (path / name).is_file()]
+    if not files:
+        _fail(f"no adapter files in {path} (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return files
+
+
+def _upload(url: str, token: str | None, path: Path, fields: dict[str, str], max_bytes: int | None) -> Any:
+    """Send the files as a streamed multipart body (file objects: httpx reads them in chunks, so memory
+    stays flat whatever their size), after checking their size against the gateway's limit, so that an
+    oversized adapter is refused before its first byte is sent."""
+    files = _adapter_files(path)
+    total = sum(f.stat().st_size for f in files)
+    if max_bytes is None:
+        limits = _admin("GET", url, token, "/admin/limits", missing_ok=True)
+        max_bytes = limits.get("max_adapter_bytes") if isinstance(limits, dict) else None
+    if max_bytes is not None and total > max_bytes:
+        _fail(f"the adapter files in {path} are {total} bytes, above the limit of {max_bytes} bytes "
+              "(the gateway's max_adapter_bytes); nothing was sent")
+    with ExitStack() as stack:
+        parts = [("files", (f.name, stack.enter_context(f.open("rb")), "application/octet-stream")) for f in files]
+        return _admin("POST", url, token, "/admin/adapters", data=fields, files=parts)
 
 
 def _print_record(record: dict[str, Any]) -> None:
@@ -284,15 +326,19 @@ def adapters_add(
     description: Annotated[str, typer.Option(help="What the adapter knows (used for routing).")] = "",
     example: Annotated[list[str] | None, typer.Option(help="An example prompt (repeatable).")] = None,
     upload: Annotated[bool, typer.Option(help="Upload the files instead of passing a server-side path.")] = False,
+    max_bytes: Annotated[int | None, typer.Option(
+        help="With --upload: refuse files larger than this before sending (default: the gateway's limit, "
+             "from /admin/limits).")] = None,
     url: UrlOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
 ) -> None:
-    """Register an adapter (server-side path by default, or --upload its files)."""
+    """Register an adapter (server-side path by default, or --upload its files, streamed).
+
+    Registering the same name with the same files and descriptors again is a no-op that shows the record.
+    """
     if upload:
-        files = [("files", (f, (path / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")
-                 if (path / f).exists()]
         data = {"name": name, "description": description, "examples": json.dumps(example or [])}
-        record = _admin("POST", url, token, "/admin/adapters", data=data, files=files)
+        record = _upload(url, token, path, data, max_bytes)
     else:
         payload = {"name": name, "path": str(path.absolute()), "description": description, "examples": example or []}
         record = _admin("POST", url, token, "/admin/adapters", json=payload)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
                                      description="Directories server-side adapter paths must lie in.")
     max_adapter_bytes: int = Field(2 << 30, gt=0, description="Largest adapter (all files) accepted, in bytes.")
     max_lora_rank: int = Field(16, gt=0, description="The workers' --max-lora-rank; higher ranks are refused.")
+    base_model_config: Path | None = Field(
+        None, description="The base model's dir (or its config.json): registration refuses adapters whose layers "
+                          "or projection sizes do not fit it (`loragate up` sets it to --model).")
     default_policy: str = Field("base", description="Policy used for `auto` and when a request names none.")
     request_timeout_s: float = Field(300.0, gt=0, description="Upstream read timeout per request.")
     connect_timeout_s: float = Field(5.0, gt=0, description="Upstream connect timeout.")

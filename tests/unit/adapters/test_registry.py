@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,7 +46,7 @@ def stored_state(registry: AdapterRegistry) -> tuple[int, list[str], list[str]]:
 async def test_register_copies_into_content_addressed_store(tmp_path: Path, roots: Path) -> None:
     registry = open_registry(tmp_path, roots)
     source = write_lora(roots / "a")
-    record = await registry.add_from_path("alpha", source, Descriptors("facts", ("who?",)))
+    record = (await registry.add_from_path("alpha", source, Descriptors("facts", ("who?",)))).record
     assert record.path == registry.store.root / record.sha256
     assert record.rank == 8 and record.alpha == 16 and record.target_modules == ("q_proj", "v_proj")
     # editing the source afterwards cannot change the registered adapter
@@ -62,8 +64,8 @@ async def test_register_copies_into_content_addressed_store(tmp_path: Path, root
 async def test_same_content_two_names_share_files_and_delete_keeps_the_other(tmp_path: Path, roots: Path) -> None:
     registry = open_registry(tmp_path, roots)
     source = write_lora(roots / "a")
-    first = await registry.add_from_path("one", source, Descriptors())
-    second = await registry.add_from_path("two", source, Descriptors())
+    first = (await registry.add_from_path("one", source, Descriptors())).record
+    second = (await registry.add_from_path("two", source, Descriptors())).record
     assert first.path == second.path
     await registry.remove("one")
     assert second.path.is_dir()
@@ -121,8 +123,8 @@ async def test_each_rejection_has_its_status_and_leaves_nothing(case: str, tmp_p
 
 async def test_duplicate_name_is_409_and_keeps_the_first(tmp_path: Path, roots: Path) -> None:
     registry = open_registry(tmp_path, roots)
-    first = await registry.add_from_path("dup", write_lora(roots / "a", seed=1), Descriptors())
-    with pytest.raises(Conflict, match="already registered") as caught:
+    first = (await registry.add_from_path("dup", write_lora(roots / "a", seed=1), Descriptors())).record
+    with pytest.raises(Conflict, match="already registered with different files") as caught:
         await registry.add_from_path("dup", write_lora(roots / "b", seed=2), Descriptors())
     assert caught.value.status == 409
     assert stored_state(registry) == (1, [first.sha256], [])
@@ -187,7 +189,7 @@ async def test_a_second_process_starting_keeps_an_in_flight_registration(tmp_pat
     staged = first.store.stage_copy(sorted(source.iterdir()))  # the first process is mid-registration
     second = open_registry(tmp_path, roots)  # a second gateway process starts meanwhile
     assert staged.is_dir(), "the second process deleted the first one's staging dir"
-    record = await first.add_staged("a", staged, Descriptors("d", ()))
+    record = (await first.add_staged("a", staged, Descriptors("d", ()))).record
     third = open_registry(tmp_path, roots)
     assert (record.path / "adapter_model.safetensors").is_file()
     assert stored_state(third) == (1, [record.sha256], [])
@@ -195,12 +197,181 @@ async def test_a_second_process_starting_keeps_an_in_flight_registration(tmp_pat
     assert second.get("a").sha256 == record.sha256
 
 
-def test_stale_staging_leftovers_are_collected_at_open(tmp_path: Path, roots: Path) -> None:
+def _run_in_child(script: str, tmp_path: Path, roots: Path, **kwargs: object) -> subprocess.Popen[bytes]:
+    """A second gateway process: opens the same registry and runs ``script`` with ``reg`` bound."""
+    prelude = textwrap.dedent(f"""
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        from loragate.adapters.registry import AdapterRegistry, RegistryLimits
+        from loragate.adapters.types import Descriptors
+        reg = AdapterRegistry.open(Path({str(tmp_path / "data")!r}), RegistryLimits(
+            base_models=frozenset({{"tiny-llama"}}), max_rank=16, max_bytes=1 << 30,
+            import_roots=(Path({str(roots)!r}),)))
+    """)
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], env={**os.environ},
+                            **kwargs)  # type: ignore[call-overload]
+
+
+def test_a_killed_uploads_staging_dir_is_collected_at_the_next_start(tmp_path: Path, roots: Path) -> None:
+    """SIGKILL in the middle of an upload (the real upload code) leaves its staging dir; the next start,
+    however soon, collects it: its owner is gone."""
     registry = open_registry(tmp_path, roots)
-    old, fresh = registry.store.new_staging_dir(), registry.store.new_staging_dir()
-    (old / "adapter_config.json").write_text("{}")
+    child = _run_in_child("""
+        from loragate.server.admin import AdminService
+        async def body():
+            yield b"x" * (1 << 20)
+            yield b"y" * (1 << 20)
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-upload
+            yield b""
+        admin = AdminService(reg, None, 1 << 30)
+        asyncio.run(admin.register_upload("big", {"adapter_model.safetensors": body()}, "", []))
+    """, tmp_path, roots, stderr=subprocess.PIPE)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, stderr.decode()
+    leftovers = list(registry.store.staging.iterdir())
+    assert len(leftovers) == 1 and (leftovers[0] / "adapter_model.safetensors").stat().st_size == 2 << 20
+    registry.close()
+    assert stored_state(open_registry(tmp_path, roots)) == (0, [], [])
+
+
+def test_a_live_processs_staging_dir_is_never_collected(tmp_path: Path, roots: Path) -> None:
+    """Another gateway process mid-registration keeps its staging dir however old it is; once that
+    process is gone, the next start collects it."""
+    child = _run_in_child("""
+        staged = reg.store.new_staging_dir()
+        (staged / "adapter_config.json").write_text("{}")
+        print(staged, flush=True)
+        sys.stdin.read()  # busy until the test lets it go; exits without cleaning up
+    """, tmp_path, roots, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        staged = Path(child.stdout.readline().decode().strip())
+        hours_ago = time.time() - 2 * 3600
+        os.utime(staged, (hours_ago, hours_ago))
+        registry = open_registry(tmp_path, roots)  # a second process starts meanwhile
+        assert staged.is_dir(), "a live process's staging dir was collected"
+        registry.close()
+    finally:
+        child.communicate(b"", timeout=120)
+    assert stored_state(open_registry(tmp_path, roots)) == (0, [], [])
+
+
+def test_staging_owned_by_a_reused_pid_and_old_unowned_entries_are_collected(tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    mine = registry.store.new_staging_dir()
+    owner = mine.name.split("~")
+    reused = registry.store.staging / "~".join([*owner[:3], str(int(owner[3]) + 1), "x"])  # same pid, other start
+    reused.mkdir()
+    old, fresh = registry.store.staging / "tmpold", registry.store.staging / "tmpfresh"  # older versions' names
+    old.mkdir()
+    fresh.mkdir()
     hours_ago = time.time() - 2 * 3600
     os.utime(old, (hours_ago, hours_ago))
     registry.close()
     reopened = open_registry(tmp_path, roots)
-    assert stored_state(reopened) == (0, [], [fresh.name])
+    assert stored_state(reopened) == (0, [], sorted([mine.name, "tmpfresh"]))
+
+
+async def test_repeating_a_committed_registration_returns_the_existing_record(tmp_path: Path, roots: Path) -> None:
+    """A client that lost the response retries: same name, files and descriptors is the same registration."""
+    registry = open_registry(tmp_path, roots)
+    source = write_lora(roots / "a")
+    first = await registry.add_from_path("a", source, Descriptors("facts", ("who?",)))
+    again = await registry.add_from_path("a", source, Descriptors("facts", ("who?",)))
+    assert first.created and not again.created
+    assert again.record == first.record
+    staged = registry.store.stage_copy(sorted(source.iterdir()))  # the same files, uploaded
+    assert (await registry.add_staged("a", staged, Descriptors("facts", ("who?",)))).record == first.record
+    # a second process that has not seen the row yet answers the same
+    other = open_registry(tmp_path, roots)
+    assert (await other.add_from_path("a", source, Descriptors("facts", ("who?",)))).record == first.record
+    assert stored_state(registry) == (1, [first.record.sha256], [])
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ("files", "different files"), ("description", "a different description"), ("examples", "different examples")])
+async def test_a_different_registration_under_a_taken_name_is_409_naming_the_difference(
+        change: str, fragment: str, tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    first = (await registry.add_from_path("a", write_lora(roots / "a"), Descriptors("facts", ("who?",)))).record
+    source = write_lora(roots / "b", seed=7) if change == "files" else roots / "a"
+    descriptors = Descriptors("other" if change == "description" else "facts",
+                              ("what?",) if change == "examples" else ("who?",))
+    with pytest.raises(Conflict, match=fragment) as caught:
+        await registry.add_from_path("a", source, descriptors)
+    assert caught.value.code == "adapter_exists" and caught.value.param == "name"
+    assert registry.get("a") == first
+    assert stored_state(registry) == (1, [first.sha256], [])
+
+
+async def test_errors_name_the_users_path_or_the_upload_never_the_staging_dir(tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    empty = roots / "empty"
+    empty.mkdir()
+    with pytest.raises(LoragateError) as caught:
+        await registry.add_from_path("e", empty, Descriptors())
+    assert caught.value.message == f"adapter_config.json is missing in {empty}"
+    staged = registry.store.new_staging_dir()
+    (staged / "adapter_config.json").write_text((write_lora(roots / "x") / "adapter_config.json").read_text())
+    with pytest.raises(LoragateError) as caught:
+        await registry.add_staged("u", staged, Descriptors(), "the upload (adapter_config.json)")
+    assert caught.value.message == "adapter_model.safetensors is missing in the upload (adapter_config.json)"
+    assert str(registry.store.staging) not in caught.value.message
+    assert stored_state(registry) == (0, [], [])
+
+
+@pytest.mark.parametrize(("path", "code", "fragment"), [
+    ("a\0b", "invalid_path", "NUL byte"),
+    ("x" * 5000, "invalid_path", "File name too long"),
+    ("deep/" + "y" * 5000 + "/z", "invalid_path", "File name too long"),
+])
+async def test_paths_the_os_refuses_are_400_naming_the_path_field(path: str, code: str, fragment: str,
+                                                                  tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    with pytest.raises(InvalidRequest, match=fragment) as caught:
+        await registry.add_from_path("a", roots / path, Descriptors())
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "path", code)
+    assert len(caught.value.message) < 400  # a 5,000-character name is not echoed whole
+    assert stored_state(registry) == (0, [], [])
+
+
+async def test_dotdot_out_of_the_roots_is_outside_not_a_symlink(tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    write_lora(tmp_path / "elsewhere")
+    with pytest.raises(Forbidden) as caught:
+        await registry.add_from_path("a", roots / ".." / "elsewhere", Descriptors())
+    assert "is outside the import roots" in caught.value.message and "symlink" not in caught.value.message
+    (roots / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(Forbidden, match="symlink that leaves"):
+        await registry.add_from_path("a", roots / "link", Descriptors())
+    write_lora(roots / "in")
+    assert (await registry.add_from_path("a", roots / "x" / ".." / "in", Descriptors())).created
+
+
+BASE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+               "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 2, "head_dim": 64}
+
+
+@pytest.mark.parametrize(("lora", "fragment"), [
+    ({"hidden": 512}, "maps 512 -> 512 features, the base model's q_proj maps 128 -> 128"),
+    ({"layers": 3}, "layer 2 does not exist (the base model has 2 layers)"),
+    ({"config_overrides": {"modules_to_save": ["lm_head"]}}, "modules_to_save ['lm_head']"),
+    ({"config_overrides": {"use_dora": True}}, "DoRA"),
+    ({"config_overrides": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa'"),
+    ({"config_overrides": {"bias": "all"}}, "bias='all'"),
+])
+async def test_what_the_workers_cannot_load_is_refused_at_registration(lora: dict[str, object], fragment: str,
+                                                                        tmp_path: Path, roots: Path) -> None:
+    """Each of these registered (201) and then failed every request (502 adapter_load_failed)."""
+    from loragate.adapters.base_shapes import BaseModelShapes
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(BASE_CONFIG))
+    registry = open_registry(tmp_path, roots, base_shapes=BaseModelShapes.read(model))
+    assert (await registry.add_from_path("fits", write_lora(roots / "fits"), Descriptors())).created
+    with pytest.raises(LoragateError) as caught:
+        await registry.add_from_path("bad", write_lora(roots / "bad", **lora), Descriptors())  # type: ignore[arg-type]
+    assert caught.value.status == 422 and fragment in caught.value.message, caught.value.message
+    assert stored_state(registry) == (1, [registry.get("fits").sha256], [])
