@@ -12,6 +12,19 @@ from loragate.loadtest.benchkit import ADMIN_TOKEN, start_gateway, start_stub
 from tests.lora_files import write_lora
 
 
+def _until_both_processes_see_it(url: str, wait_s: float = 60.0) -> None:
+    """Poll ``/health`` on new connections until two processes report the adapter (a bounded wait, not a sleep
+    sized for an idle machine: a registry poll can take longer than its interval on a busy one)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + wait_s
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"after {wait_s:.0f} s only processes {seen} had the registration"
+        health = httpx.get(f"{url}/health", headers={"connection": "close"}, timeout=5).json()
+        if health.get("adapters", 0) >= 1:
+            seen.add(health["pid"])
+        time.sleep(0.05)
+
+
 def test_two_processes_follow_each_others_registrations(tmp_path: Path) -> None:
     roots = tmp_path / "imports"
     adapter = write_lora(roots / "cooking")
@@ -23,7 +36,7 @@ def test_two_processes_follow_each_others_registrations(tmp_path: Path) -> None:
                                  json={"name": "cooking", "path": str(adapter), "description": "Cooking and recipes.",
                                        "examples": ["How long do I bake bread?"]}, timeout=60)
             assert created.status_code == 201, created.text
-            time.sleep(1.0)  # a few registry polls
+            _until_both_processes_see_it(gateway.url)
             pids, routed = set(), []
             with httpx.Client(base_url=gateway.url, timeout=30) as client:
                 for i in range(40):

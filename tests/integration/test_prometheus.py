@@ -256,7 +256,10 @@ def _settle(gateway: str, prometheus: str, shadows: int) -> None:
     _until(lambda: _prometheus_total(prometheus, "loragate_requests_total") == total
            and _prometheus_total(prometheus, "loragate_shadow_runs_total") >= shadows,
            30, "Prometheus to scrape the traffic")
-    time.sleep(2.5)  # more scrapes and rule evaluations after the round
+    # two more scrapes (and rule evaluations, on the same 1 s interval) after the round: counted, not slept for
+    scrapes = _prometheus_total(prometheus, 'count_over_time(up{job="loragate"}[1h])')
+    _until(lambda: _prometheus_total(prometheus, 'count_over_time(up{job="loragate"}[1h])') >= scrapes + 2,
+           30, "two more scrapes")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,14 @@ def adapters(tmp_path: Path) -> list[AdapterRecord]:
 
 
 class BuildSpy:
-    """Counts real builds (and can slow them down, so concurrent callers overlap a build)."""
+    """Counts real builds (and can slow them down or hold them on a gate, so concurrent callers overlap a build)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay: float = 0.0) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, delay: float = 0.0,
+                 gate: threading.Event | None = None) -> None:
         self.calls: list[str] = []
         self.threads: set[int] = set()
         self.delay = delay
+        self.gate = gate
         monkeypatch.setattr(merge_cache, "build_merge", self)
 
     def __call__(self, plan: MergePlan, target: Path, *, staging_root: Path | None = None,
@@ -48,6 +50,8 @@ class BuildSpy:
         self.threads.add(threading.get_ident())
         self.durable = durable
         time.sleep(self.delay)
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never opened the build's gate"
         return build_merge(plan, target, staging_root=staging_root, durable=durable)
 
 
@@ -87,13 +91,15 @@ async def test_concurrent_identical_requests_build_once(tmp_path: Path, adapters
 
 async def test_a_cancelled_caller_does_not_cancel_the_shared_build(tmp_path: Path, adapters: list[AdapterRecord],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    BuildSpy(monkeypatch, delay=0.2)
+    gate = threading.Event()  # the build stays in flight until the impatient caller is gone (a delay could lapse)
+    BuildSpy(monkeypatch, gate=gate)
     cache = MergeCache(tmp_path / "merges", max_bytes=10**9)
     impatient = asyncio.create_task(cache.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16))
     await asyncio.sleep(0.05)
     patient = asyncio.create_task(cache.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16))
     await asyncio.sleep(0.01)
     impatient.cancel()
+    gate.set()
     result = await patient
     assert result.built and inspect_dir(result.path).rank == 8 and cache.stats().builds == 1
 

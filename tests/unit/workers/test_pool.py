@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import PurePath
 
 import pytest
@@ -22,6 +23,16 @@ def make_pool(urls: list[str] | None = None, adoptable: dict[str, str] | None = 
     pool = WorkerPool(urls or [W0, W1], admin, observer, PoolConfig(**config),  # type: ignore[arg-type]
                       adoptable=dirs.get)
     return pool, admin, observer
+
+
+async def until(condition: Callable[[], bool], wait_s: float = 10.0) -> None:
+    """Yield to the loop until ``condition`` holds (bounded). A fixed sleep before an assert is a race on a
+    busy machine: a process descheduled longer than the sleep resumes the test before the tasks it waits for."""
+    for _ in range(int(wait_s / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"condition still false after {wait_s:.0f} s")
 
 
 async def serve(pool: WorkerPool, adapter: str | None, **kwargs: object) -> str:
@@ -113,8 +124,7 @@ async def test_concurrent_first_requests_share_one_load() -> None:
     pool, admin, _ = make_pool([W0])
     admin.gate = asyncio.Event()
     tasks = [asyncio.create_task(serve(pool, "a")) for _ in range(5)]
-    await asyncio.sleep(0.01)
-    assert pool.views()[0].loading == ("a",)
+    await until(lambda: pool.views()[0].loading == ("a",))
     admin.gate.set()
     assert await asyncio.gather(*tasks) == [W0] * 5
     assert admin.count("load") == 1
@@ -125,11 +135,13 @@ async def test_a_cancelled_client_does_not_cancel_the_shared_load() -> None:
     admin.gate = asyncio.Event()
     leader = asyncio.create_task(serve(pool, "a"))
     follower = asyncio.create_task(serve(pool, "a"))
-    await asyncio.sleep(0.01)
+    await until(lambda: admin.count("load") == 1)  # the leader's load is in flight
+    await asyncio.sleep(0.01)  # the follower joins it
     leader.cancel()
     admin.gate.set()
     assert await follower == W0
     assert pool.views()[0].loaded == ("a",)
+    assert admin.count("load") == 1  # a follower that joined late must still not have needed a second load
 
 
 async def test_reload_of_an_adapter_being_evicted_waits_for_the_unload() -> None:
@@ -137,14 +149,16 @@ async def test_reload_of_an_adapter_being_evicted_waits_for_the_unload() -> None
     await serve(pool, "a")
     gate = asyncio.Event()
     unload = admin.unload_adapter
+    unloading: list[str] = []
 
     async def slow_unload(url: str, name: str) -> bool:
+        unloading.append(name)
         await gate.wait()
         return await unload(url, name)
 
     admin.unload_adapter = slow_unload  # type: ignore[method-assign]
     evicting = asyncio.create_task(serve(pool, "b"))
-    await asyncio.sleep(0.01)
+    await until(lambda: unloading == ["a"])
     reloading = asyncio.create_task(serve(pool, "a"))
     await asyncio.sleep(0.01)
     assert not reloading.done()
@@ -267,8 +281,8 @@ async def test_background_probe_takes_a_dead_worker_out_quickly() -> None:
     try:
         admin.down.add(W1)
         admin.engine[W0] = EngineStats(running=2, running_adapters=frozenset({"hot"}), scraped_at=1.0)
-        await asyncio.sleep(0.1)
-        assert [v.healthy for v in pool.views()] == [True, False]
+        await until(lambda: [v.healthy for v in pool.views()] == [True, False]
+                    and pool.views()[0].engine.running_adapters == {"hot"})
         assert pool.views()[0].engine.running_adapters == {"hot"}
         assert pool.pick("hot").url == W0
     finally:
@@ -323,15 +337,14 @@ async def test_start_reconciles_and_a_returning_worker_keeps_its_adapters() -> N
     admin.loaded[W1], admin.roots[W1, "a"] = {"a"}, "/store/a"
     await pool.start()
     try:
-        await asyncio.sleep(0.01)
-        assert pool.views()[1].loaded == ("a",)  # a gateway restart finds what the worker still holds
+        await until(lambda: pool.views()[1].loaded == ("a",))  # a gateway restart finds what the worker still holds
         assert await serve(pool, "a") == W1 and admin.count("load") == 0
         admin.down.add(W1)
         await pool.probe_once()
         admin.down.clear()
         await pool.probe_once()  # a blip: back, state reset, then reconciled instead of forgotten
-        await asyncio.sleep(0.01)
-        assert pool.views()[1].loaded == ("a",) and admin.count("load") == 0
+        await until(lambda: pool.views()[1].loaded == ("a",))
+        assert admin.count("load") == 0
     finally:
         await pool.stop()
 
