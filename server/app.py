@@ -206,8 +206,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = LoragateError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
-        return error_response(error)
+        kind = InvalidRequest if exc.status_code < 500 else LoragateError  # e.g. a malformed multipart body: 400
+        return error_response(kind(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}"))
 
     app.include_router(openai.router)
     app.include_router(admin.router)

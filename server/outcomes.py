@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from loragate.errors import Conflict, InvalidRequest, NotFound
-from loragate.shared_db import connect_shared
+from loragate.shared_db import connect_shared, lock_for
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS outcomes (
-    request_id TEXT PRIMARY KEY,
+    outcome_id TEXT PRIMARY KEY,      -- unique per request (X-Outcome-Id); = request_id when the gateway made that
+    request_id TEXT NOT NULL,         -- X-Request-Id: the client's correlation id (may repeat) or a generated one
     ts REAL NOT NULL,
     kind TEXT NOT NULL,               -- primary | shadow
     shadow_of TEXT,                   -- for shadows: the primary request id
@@ -52,10 +53,30 @@ CREATE TABLE IF NOT EXISTS outcomes (
     note TEXT,
     graded_by TEXT,                   -- expected | feedback
     graded_at REAL
-);
-CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
-CREATE INDEX IF NOT EXISTS outcomes_shadow_of ON outcomes (shadow_of);
-"""
+);"""
+_INDEXES = ("outcomes_ts ON outcomes (ts)", "outcomes_shadow_of ON outcomes (shadow_of)",
+            "outcomes_request_id ON outcomes (request_id)")
+_SCHEMA = _TABLE + "".join(f"\nCREATE INDEX IF NOT EXISTS {index};" for index in _INDEXES)
+
+_COLUMNS_BEFORE_OUTCOME_ID = (
+    "request_id, ts, kind, shadow_of, route, policy_asked, policy_applied, candidates, adapters, method, "
+    "compositional, fallback, worker, embed_ms, search_ms, merge_ms, load_ms, upstream_ms, total_ms, status, "
+    "expected, result, score, note, graded_by, graded_at")
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Give a log written before ``outcome_id`` existed its new key (the old request ids were unique).
+
+    Its ``request_id`` was the primary key, so a client reusing an id replaced the earlier record.
+    """
+    with lock_for(path):
+        if any(row["name"] == "outcome_id" for row in db.execute("PRAGMA table_info(outcomes)")):
+            return
+        drops = "".join(f"DROP INDEX IF EXISTS {index.split()[0]};\n" for index in _INDEXES)
+        db.executescript(f"BEGIN;\n{drops}ALTER TABLE outcomes RENAME TO outcomes_old;\n{_SCHEMA}\n"
+                         f"INSERT INTO outcomes (outcome_id, {_COLUMNS_BEFORE_OUTCOME_ID}) "
+                         f"SELECT request_id, {_COLUMNS_BEFORE_OUTCOME_ID} FROM outcomes_old;\n"
+                         "DROP TABLE outcomes_old;\nCOMMIT;")
 
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 
@@ -86,6 +107,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 class OutcomeRecord:
     """One request's decision and result, as logged."""
 
+    outcome_id: str
     request_id: str
     ts: float
     kind: str
@@ -121,31 +143,36 @@ class OutcomeRecord:
         return tuple(d[c] for c in _INSERT_COLUMNS)
 
 
-_INSERT_COLUMNS = ("request_id", "ts", "kind", "shadow_of", "route", "policy_asked", "policy_applied", "candidates",
-                   "adapters", "method", "compositional", "fallback", "worker", "embed_ms", "search_ms", "merge_ms",
-                   "load_ms", "upstream_ms", "total_ms", "status", "expected", "result", "score", "graded_by",
-                   "graded_at")
+_INSERT_COLUMNS = ("outcome_id", "request_id", "ts", "kind", "shadow_of", "route", "policy_asked", "policy_applied",
+                   "candidates", "adapters", "method", "compositional", "fallback", "worker", "embed_ms", "search_ms",
+                   "merge_ms", "load_ms", "upstream_ms", "total_ms", "status", "expected", "result", "score",
+                   "graded_by", "graded_at")
 
 
 @dataclass(frozen=True, slots=True)
 class Feedback:
-    """A client's verdict on one request."""
+    """A client's verdict on one request, named by its request id or (unambiguously) its outcome id."""
 
-    request_id: str
+    request_id: str | None
     success: bool | None
     score: float | None
     note: str | None
     overwrite: bool = False
+    outcome_id: str | None = None
 
     @classmethod
     def parse(cls, body: dict[str, Any]) -> Feedback:
-        """Validate ``{request_id, success | score, note, overwrite}`` (400 on anything else)."""
-        unknown = sorted(set(body) - {"request_id", "success", "score", "note", "overwrite"})
+        """Validate ``{request_id | outcome_id, success | score, note, overwrite}`` (400 on anything else)."""
+        unknown = sorted(set(body) - {"request_id", "outcome_id", "success", "score", "note", "overwrite"})
         if unknown:
             raise InvalidRequest(f"unknown feedback fields {unknown}", param=unknown[0])
-        request_id = body.get("request_id")
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequest("request_id (the X-Request-Id of the response) is required", param="request_id")
+        request_id, outcome_id = body.get("request_id"), body.get("outcome_id")
+        for key, value in (("request_id", request_id), ("outcome_id", outcome_id)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequest(f"{key} must be a non-empty string", param=key)
+        if (request_id is None) == (outcome_id is None):
+            raise InvalidRequest("give request_id (the X-Request-Id of the response) or outcome_id (its "
+                                 "X-Outcome-Id), one of them", param="request_id")
         success, score = body.get("success"), body.get("score")
         if success is None and score is None:
             raise InvalidRequest("give success (true/false) or score (0..1)", param="success")
@@ -160,7 +187,7 @@ class Feedback:
         overwrite = body.get("overwrite", False)
         if not isinstance(overwrite, bool):
             raise InvalidRequest("overwrite must be true or false", param="overwrite")
-        return cls(request_id, success, None if score is None else float(score), note, overwrite)
+        return cls(request_id, success, None if score is None else float(score), note, overwrite, outcome_id)
 
     @property
     def result(self) -> str:
@@ -174,6 +201,7 @@ class OutcomeLog:
     def __init__(self, path: Path, *, retention_days: float = 30.0, batch: int = 256,
                  interval_s: float = 0.25) -> None:
         self._db = connect_shared(path, _SCHEMA)
+        _migrate(self._db, path)
         self._lock = threading.Lock()
         self.retention_s = retention_days * 86400
         self._batch = batch
@@ -221,7 +249,7 @@ class OutcomeLog:
             if batch:
                 placeholders = ",".join("?" * len(_INSERT_COLUMNS))
                 self._db.execute("BEGIN")
-                self._db.executemany(f"INSERT OR REPLACE INTO outcomes ({','.join(_INSERT_COLUMNS)}) "
+                self._db.executemany(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) "
                                      f"VALUES ({placeholders})", [r.row() for r in batch])
                 self._db.execute("COMMIT")
                 self.written += len(batch)
@@ -248,22 +276,38 @@ class OutcomeLog:
 
         def run() -> dict[str, Any]:
             with self._lock:
-                row = self._db.execute("SELECT result, policy_applied, compositional, kind FROM outcomes "
-                                       "WHERE request_id = ?", (fb.request_id,)).fetchone()
-                if row is None:
-                    raise NotFound(f"no request with id {fb.request_id!r} in the outcome log", param="request_id",
-                                   code="request_not_found")
+                row = self._graded_row(fb)
                 if row["result"] != "unknown" and not fb.overwrite:
-                    raise Conflict(f"request {fb.request_id!r} is already graded ({row['result']}); "
+                    raise Conflict(f"request {self._named(fb)} is already graded ({row['result']}); "
                                    "send overwrite=true to replace it", param="request_id", code="already_graded")
                 self._db.execute("UPDATE outcomes SET result = ?, score = ?, note = ?, graded_by = 'feedback', "
-                                 "graded_at = ? WHERE request_id = ?",
+                                 "graded_at = ? WHERE outcome_id = ?",
                                  (fb.result, fb.score if fb.score is not None else float(fb.result == "success"),
-                                  fb.note, time.time(), fb.request_id))
-                return {"request_id": fb.request_id, "result": fb.result, "policy": row["policy_applied"],
-                        "compositional": _flag(row["compositional"]), "previous": row["result"]}
+                                  fb.note, time.time(), row["outcome_id"]))
+                return {"request_id": row["request_id"], "outcome_id": row["outcome_id"], "result": fb.result,
+                        "policy": row["policy_applied"], "compositional": _flag(row["compositional"]),
+                        "previous": row["result"]}
 
         return await asyncio.to_thread(run)
+
+    @staticmethod
+    def _named(fb: Feedback) -> str:
+        return f"with outcome id {fb.outcome_id!r}" if fb.outcome_id is not None else repr(fb.request_id)
+
+    def _graded_row(self, fb: Feedback) -> sqlite3.Row:
+        """The one record feedback names: 404 if none, 409 if a reused request id names several."""
+        key, value = ("outcome_id", fb.outcome_id) if fb.outcome_id is not None else ("request_id", fb.request_id)
+        rows = self._db.execute("SELECT outcome_id, request_id, result, policy_applied, compositional FROM outcomes "
+                                f"WHERE {key} = ? ORDER BY ts LIMIT 6", (value,)).fetchall()
+        if not rows:
+            raise NotFound(f"no request {self._named(fb)} in the outcome log", param=key, code="request_not_found")
+        if len(rows) > 1:
+            listed = ", ".join(r["outcome_id"] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+            raise Conflict(f"request id {fb.request_id!r} was sent with more than one request; grade one of them "
+                           f"by outcome_id (the X-Outcome-Id of its response), oldest first: {listed}",
+                           param="request_id", code="ambiguous_request_id")
+        row: sqlite3.Row = rows[0]
+        return row
 
     # -- reading ---------------------------------------------------------------------------------
     async def records(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -294,7 +338,7 @@ class OutcomeLog:
                     "SUM(p.result = 'success' AND s.result = 'success') AS both_ok, "
                     "SUM(p.result = 'success' AND s.result != 'success') AS only_primary, "
                     "SUM(p.result != 'success' AND s.result = 'success') AS only_shadow "
-                    "FROM outcomes s JOIN outcomes p ON s.shadow_of = p.request_id "
+                    "FROM outcomes s JOIN outcomes p ON s.shadow_of = p.outcome_id "
                     "WHERE s.kind = 'shadow' AND p.result != 'unknown' AND s.result != 'unknown' "
                     "GROUP BY primary_policy, shadow_policy, p.compositional").fetchall()
             return {"object": "outcomes.summary", "groups": [_group(g) for g in groups],

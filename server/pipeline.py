@@ -13,9 +13,10 @@ import contextlib
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -51,7 +52,13 @@ ROUTE_PATHS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/c
 
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
-    """A parsed client request: route, JSON body, request id and the policy header (if any)."""
+    """A parsed client request: route, JSON body, request id and the policy header (if any).
+
+    ``request_id`` is the client's correlation id (X-Request-Id; a client may send one twice);
+    ``outcome_id`` keys the request's outcome record and is unique per request, so a reused
+    request id never replaces or confuses a record (it equals ``request_id`` when the gateway
+    generated that).
+    """
 
     route: str
     body: Mapping[str, Any]
@@ -60,6 +67,7 @@ class CompletionRequest:
     received_at: float
     expected: str | None = None  # X-Expected-Answer: graded here, never forwarded upstream
     shadow_header: str | None = None  # X-Adapter-Policy-Shadow
+    outcome_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +179,8 @@ class Servable:
 def decision_headers(request: CompletionRequest, decision: RoutingDecision, adapter: Servable | None
                      ) -> dict[str, str]:
     """The X-* headers that make a decision visible to the client."""
-    headers = {"x-request-id": request.request_id, "x-adapter-policy-applied": decision.policy_applied}
+    headers = {"x-request-id": request.request_id, "x-outcome-id": request.outcome_id,
+               "x-adapter-policy-applied": decision.policy_applied}
     if (adapters := adapters_header(decision)) is not None:
         headers["x-adapters"] = adapters
     if decision.candidates:
@@ -485,7 +494,8 @@ class CompletionService:
         graded = request.expected is not None and output is not None and status == 200
         success = graded and contains_answer(output or "", request.expected or "")
         self.outcomes.add(OutcomeRecord(
-            request_id=request.request_id, ts=time.time(), kind=trace.kind, shadow_of=trace.shadow_of,
+            outcome_id=request.outcome_id, request_id=request.request_id, ts=time.time(), kind=trace.kind,
+            shadow_of=trace.shadow_of,
             route=request.route, policy_asked=decision.policy_asked, policy_applied=decision.policy_applied,
             candidates=tuple((n, round(s, 4)) for n, s in decision.candidates),
             adapters=tuple((a.name, a.weight) for a in decision.adapters), method=decision.method,
@@ -530,8 +540,8 @@ class CompletionService:
             async with self._shadow_slots:
                 body = {k: v for k, v in request.body.items() if k not in (POLICY_FIELD, "stream", "stream_options")}
                 shadow = replace(request, body=body, request_id=f"{request.request_id}-shadow", policy_header=policy,
-                                 shadow_header=None, received_at=time.perf_counter())
-                trace = Trace(shadow, kind="shadow", shadow_of=request.request_id)
+                                 shadow_header=None, received_at=time.perf_counter(), outcome_id=uuid.uuid4().hex)
+                trace = Trace(shadow, kind="shadow", shadow_of=request.outcome_id)
                 try:
                     _, adapter, upstream_body = await self._route(trace, parse_policy(policy, source="shadow"))
                     await self._proxy(trace, adapter, upstream_body, False, {})

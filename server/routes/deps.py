@@ -18,10 +18,13 @@ def services(request: Request) -> Services:
     return svc
 
 
-def request_id(request: Request) -> str:
-    """The client's X-Request-Id when it is sane, else a fresh one."""
+def request_ids(request: Request) -> tuple[str, str]:
+    """``(request id, outcome id)``: the client's X-Request-Id when it is sane, else a fresh one; and
+    the key of the request's outcome record, unique even when a client sends the same id twice
+    (the generated id itself, else a fresh one)."""
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    fresh = uuid.uuid4().hex
+    return (given, fresh) if _REQUEST_ID.fullmatch(given) else (fresh, fresh)
 
 
 def header_text(value: str) -> str:

@@ -11,7 +11,7 @@ from loragate.errors import InvalidRequest
 from loragate.server.app import Services
 from loragate.server.outcomes import Feedback
 from loragate.server.pipeline import EXPECTED_HEADER, POLICY_HEADER, SHADOW_HEADER, CompletionRequest, parse_json_body
-from loragate.server.routes.deps import request_id, services, single_header
+from loragate.server.routes.deps import request_ids, services, single_header
 from loragate.server.schemas import (
     ChatCompletionBody,
     CompletionBody,
@@ -33,10 +33,12 @@ def expected_answer(request: Request) -> str | None:
 
 async def _complete(route: str, request: Request, svc: Services) -> Response:
     received = time.perf_counter()
-    request.state.request_id = rid = request_id(request)
+    rid, outcome_id = request_ids(request)
+    request.state.request_id = rid
     call = CompletionRequest(route=route, body=parse_json_body(await request.body()), request_id=rid,
                              policy_header=single_header(request, POLICY_HEADER), received_at=received,
-                             expected=expected_answer(request), shadow_header=single_header(request, SHADOW_HEADER))
+                             expected=expected_answer(request), shadow_header=single_header(request, SHADOW_HEADER),
+                             outcome_id=outcome_id)
     result = await svc.completions.complete(call)
     if result.stream is not None:
         return StreamingResponse(result.stream, status_code=result.status, headers=dict(result.headers),

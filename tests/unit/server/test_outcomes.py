@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from loragate.server.outcomes import Feedback, OutcomeLog, OutcomeRecord, contai
 
 def record(rid: str, policy: str = "select", compositional: bool | None = False, result: str = "unknown",
            kind: str = "primary", shadow_of: str | None = None, ts: float | None = None,
-           status: int = 200) -> OutcomeRecord:
+           status: int = 200, outcome_id: str | None = None) -> OutcomeRecord:
     graded = result != "unknown"
     return OutcomeRecord(
-        request_id=rid, ts=time.time() if ts is None else ts, kind=kind, shadow_of=shadow_of,
+        outcome_id=outcome_id or rid, request_id=rid, ts=time.time() if ts is None else ts, kind=kind,
+        shadow_of=shadow_of,
         route="completions", policy_asked=policy, policy_applied=policy, candidates=(("a", 0.5),),
         adapters=(("a", 1.0),), method=None, compositional=compositional, fallback=False, worker="w",
         embed_ms=1, search_ms=0.1, merge_ms=0, load_ms=0, upstream_ms=10, total_ms=12, status=status,
@@ -44,6 +46,8 @@ def test_wilson_interval_known_values() -> None:
 
 @pytest.mark.parametrize(("body", "fragment"), [
     ({}, "request_id"),
+    ({"request_id": "r", "outcome_id": "o", "success": True}, "one of them"),
+    ({"outcome_id": 3, "success": True}, "outcome_id must be a non-empty string"),
     ({"request_id": "r"}, "success"),
     ({"request_id": "r", "success": "yes"}, "true or false"),
     ({"request_id": "r", "score": 2}, "[0, 1]"),
@@ -109,3 +113,50 @@ async def test_close_drains_the_queue_and_retention_prunes(tmp_path: Path) -> No
     assert await reopened.prune() == 1
     assert [r["request_id"] for r in await reopened.records()] == ["new"]
     await reopened.close()
+
+
+async def test_a_reused_request_id_keeps_every_record_and_feedback_names_one(tmp_path: Path) -> None:
+    log = OutcomeLog(tmp_path / "o.sqlite3")
+    log.start()
+    log.add(record("dup", "base", outcome_id="first"))
+    log.add(record("dup", "pin", outcome_id="second", ts=time.time() + 1))
+    await log.flush()
+    assert sorted((r["outcome_id"], r["policy_applied"]) for r in await log.records()) == [
+        ("first", "base"), ("second", "pin")]
+    with pytest.raises(Conflict, match="first, second") as ambiguous:
+        await log.feedback(Feedback.parse({"request_id": "dup", "success": True}))
+    assert ambiguous.value.code == "ambiguous_request_id"
+    graded = await log.feedback(Feedback.parse({"outcome_id": "second", "success": True}))
+    assert graded["request_id"] == "dup" and graded["outcome_id"] == "second" and graded["policy"] == "pin"
+    results = {r["outcome_id"]: r["result"] for r in await log.records()}
+    assert results == {"first": "unknown", "second": "success"}
+    with pytest.raises(NotFound):
+        await log.feedback(Feedback.parse({"outcome_id": "third", "success": True}))
+    await log.close()
+
+
+async def test_a_log_from_before_outcome_ids_is_migrated(tmp_path: Path) -> None:
+    """The old table (request_id as primary key) gets outcome_id = request_id; shadows still pair up."""
+    from loragate.server import outcomes as module
+
+    path = tmp_path / "o.sqlite3"
+    old_schema = module._TABLE.replace("outcome_id TEXT PRIMARY KEY,", "").replace(
+        "request_id TEXT NOT NULL,", "request_id TEXT PRIMARY KEY,")
+    db = sqlite3.connect(path)
+    db.executescript(old_schema + "CREATE INDEX outcomes_ts ON outcomes (ts);")
+    for rid, kind, shadow_of, result in (("p1", "primary", None, "success"), ("p1-shadow", "shadow", "p1", "failure")):
+        row = record(rid, kind=kind, shadow_of=shadow_of, result=result).row()[1:]  # without outcome_id
+        db.execute(f"INSERT INTO outcomes ({module._COLUMNS_BEFORE_OUTCOME_ID.replace(', note', '')}) "
+                   f"VALUES ({','.join('?' * len(row))})", row)
+    db.commit()
+    db.close()
+    log = OutcomeLog(path)
+    log.start()
+    assert {r["outcome_id"]: r["request_id"] for r in await log.records()} == {"p1": "p1", "p1-shadow": "p1-shadow"}
+    log.add(record("p1", outcome_id="p1-again"))  # the old primary key would have replaced the first p1
+    summary = await log.summary()
+    assert summary["shadow_pairs"][0]["pairs"] == 1
+    assert len(await log.records()) == 3
+    await log.close()
+    indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"outcomes_ts", "outcomes_shadow_of", "outcomes_request_id"} <= indexes

@@ -7,6 +7,7 @@ take a request. The stub upstream (``loadtest/stub.py``) stands in for a healthy
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +148,64 @@ def test_ready_is_503_naming_why_when_no_worker_is_in_rotation(tmp_path: Path) -
         assert down in str(error["message"]) and error["code"] == "not_ready"
         health = c.get("/health")
         assert health.status_code == 200 and health.json()["workers"] == [{"url": down, "healthy": False}]
+
+
+def test_a_reused_request_id_keeps_both_records_and_feedback_stays_unambiguous(tmp_path: Path) -> None:
+    """Real SQLite behind the real app: the id is echoed for correlation, each answer names its own record."""
+    with serving(StubApp(), free_port()) as worker, \
+            serving(create_app(stub_settings(tmp_path, worker, admin_token=TOKEN)), free_port()) as gateway:
+        answers = [httpx.post(f"{gateway}/v1/completions", json={"model": "tiny-llama", "prompt": "hi"},
+                              headers={"x-request-id": "client-7", "x-adapter-policy": policy})
+                   for policy in ("base", "auto")]
+        assert [a.headers["x-request-id"] for a in answers] == ["client-7", "client-7"]
+        outcome_ids = [a.headers["x-outcome-id"] for a in answers]
+        assert len(set(outcome_ids)) == 2
+        rows = [r for r in httpx.get(f"{gateway}/admin/outcomes", headers=AUTH).json()["data"]
+                if r["request_id"] == "client-7"]
+        assert sorted(r["outcome_id"] for r in rows) == sorted(outcome_ids)
+        ambiguous = httpx.post(f"{gateway}/v1/feedback", json={"request_id": "client-7", "success": True})
+        assert_openai_error(ambiguous, 409, outcome_ids[0])
+        graded = httpx.post(f"{gateway}/v1/feedback", json={"outcome_id": outcome_ids[1], "success": False})
+        assert graded.status_code == 200 and graded.json()["outcome_id"] == outcome_ids[1]
+        fresh = httpx.post(f"{gateway}/v1/completions", json={"model": "tiny-llama", "prompt": "hi"})
+        assert fresh.headers["x-outcome-id"] == fresh.headers["x-request-id"]  # generated ids are unique already
+        assert httpx.post(f"{gateway}/v1/feedback", json={"request_id": fresh.headers["x-request-id"],
+                                                          "success": True}).status_code == 200
+
+
+class RecordingStub:
+    """The stub upstream, remembering the completion bodies it received."""
+
+    def __init__(self) -> None:
+        self.app = StubApp()
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "http" and str(scope["path"]).endswith("completions"):
+            async def recording() -> dict[str, object]:
+                message: dict[str, object] = await receive()  # type: ignore[operator]
+                self.bodies.append(bytes(message.get("body", b"")))  # type: ignore[arg-type]
+                return message
+            await self.app(scope, recording, send)  # type: ignore[arg-type]
+        else:
+            await self.app(scope, receive, send)  # type: ignore[arg-type]
+
+
+def test_declared_bodies_still_forward_unknown_fields_untouched(tmp_path: Path) -> None:
+    stub = RecordingStub()
+    sent = {"model": "tiny-llama", "prompt": "hi", "min_tokens": 1, "ignore_eos": True, "n": 1,
+            "vendor_extension": {"nested": [1, 2.5, None, "x"]}, "adapter_policy": "base", "max_tokens": 3}
+    with serving(stub, free_port()) as worker, \
+            serving(create_app(stub_settings(tmp_path, worker)), free_port()) as gateway:
+        assert httpx.post(f"{gateway}/v1/completions", json=sent).status_code == 200
+    forwarded = json.loads(stub.bodies[-1])
+    assert forwarded == {k: v for k, v in sent.items() if k != "adapter_policy"}  # the policy field is the gateway's
+
+
+def test_a_malformed_multipart_body_is_the_clients_error(client: TestClient) -> None:
+    """Starlette's own 400s (here: a multipart part without a name) used to carry type server_error."""
+    body = b'--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n'
+    response = client.post("/admin/adapters", content=body,
+                           headers={**AUTH, "content-type": "multipart/form-data; boundary=b"})
+    error = assert_openai_error(response, 400, "")
+    assert error["type"] == "invalid_request_error"
