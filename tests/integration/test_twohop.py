@@ -14,6 +14,7 @@ import pytest
 
 from examples import demo
 from examples.twohop import build
+from examples.twohop import world as w
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "examples" / "twohop" / "reference-small.json"
@@ -98,3 +99,18 @@ def test_small_build_lands_near_its_recorded_numbers(tmp_path: Path) -> None:
                                           "adapters/oracle/adapter_config.json", "eval/twohop-steps.jsonl"}
     assert demo.verify_kit(out)["plan"] == "small"
     assert build.PLANS["small"].size.eval_people * 3 == sum(1 for _ in (out / "eval" / "hop1.jsonl").open())
+
+
+def test_an_oracle_that_never_composes_gets_bounded_extra_rounds_then_fails_the_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real build path with a model far too small to learn anything (seconds, not minutes)."""
+    tiny = build.TrainPlan(w.KitSize(base_worlds=1, people_per_world=8, eval_people=4, cities=4), layers=1,
+                           hidden=64, ffn=64, base_steps=3, lora_steps=2, batch=8)
+    monkeypatch.setitem(build.PLANS, "tiny", tiny)
+    assert build.main(["--size", "tiny", "--seed", "5", "--out", str(tmp_path / "kit")]) == 1
+    report = json.loads((tmp_path / "kit" / "controls.json").read_text())
+    assert not report["controls"]["oracle_twohop_steps"]["ok"]
+    rounds = report["oracle_rounds"]
+    assert rounds["extra"] == build.ORACLE_EXTRA_ROUNDS and len(rounds["measured"]) == build.ORACLE_EXTRA_ROUNDS + 1
+    assert set(rounds["measured"][0]) == {"twohop_steps", "hop1_statements", "hop2_statements"}
+    assert report["counts"]["oracle"]["eval_twohop-steps"] == 3 * 4  # every question of the 4 evaluation people
