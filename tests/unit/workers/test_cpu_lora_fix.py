@@ -1,4 +1,5 @@
-"""The CPU LoRA-op fix: base-model tokens (index -1) get an exact zero delta, LoRA tokens are unchanged.
+"""The CPU LoRA fixes: base-model tokens (index -1) get an exact zero delta, LoRA tokens are unchanged;
+prompt logprobs of a batch of several requests use each request's own adapter instead of crashing.
 
 Runs the installed vLLM's own torch ops on small random tensors; a worker-level test of the same
 fix is in tests/integration/test_workers_pool.py.
@@ -6,7 +7,11 @@ fix is in tests/integration/test_workers_pool.py.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +87,112 @@ def test_apply_patches_every_binding_once_and_then_the_bug_is_gone() -> None:
         assert getattr(punica_cpu, name) is getattr(lora_ops, name)
     assert not cpu_lora_fix.has_bug(lora_ops.bgmv_shrink)
     assert not cpu_lora_fix.has_bug(punica_cpu.bgmv_shrink)
+
+
+# -- prompt logprobs of several requests (the request that killed the worker) ---------------------------
+VOCAB, TOKENS = 5, (3, 2)  # two requests in one batch: 3 prompt rows with adapter slot 0, then 2 base rows
+
+
+def punica_with_batch(index_mapping: tuple[int, ...], prompt_mapping: tuple[int, ...]) -> Any:
+    """vLLM's CPU punica wrapper holding one step's mapping (LoRA id 1 in slot 0, slot 1 empty)."""
+    punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
+    from vllm.lora.layers.utils import LoRAMapping
+
+    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=16, max_batches=4, device="cpu")
+    wrapper.update_metadata(LoRAMapping(index_mapping, prompt_mapping, is_prefill=True), [1, None], 2, VOCAB)
+    return wrapper
+
+
+def lora_logits(wrapper: Any, rows: torch.Tensor) -> torch.Tensor:
+    lora_a, lora_b = weights((RANK, HIDDEN)), weights((VOCAB, RANK))
+    logits = torch.zeros(rows.shape[0], VOCAB)
+    wrapper.add_lora_logits(logits, rows, lora_a, lora_b, 1.0)
+    return logits
+
+
+@pytest.fixture
+def prompt_rows_property(monkeypatch: pytest.MonkeyPatch) -> None:
+    punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
+    cpu_lora_fix.apply()  # the no-LoRA fix, so base rows get an exact zero whatever the slot
+    original = inspect.getattr_static(punica_cpu.PunicaWrapperCPU, "sampler_indices")
+    monkeypatch.setattr(punica_cpu.PunicaWrapperCPU, "sampler_indices",
+                        cpu_lora_fix.sampler_indices_of_prompt_rows(original))
+
+
+@pytest.mark.usefixtures("prompt_rows_property")
+def test_prompt_rows_of_a_two_request_batch_get_their_own_adapter() -> None:
+    hidden = torch.randn(sum(TOKENS), HIDDEN, generator=torch.Generator().manual_seed(3))
+    batch = punica_with_batch((1, 1, 1, 0, 0), (1, 0))
+    first, second = hidden[:3], hidden[3:]
+    with pytest.raises(RuntimeError, match="must match the size"):  # what vLLM does: 2 sampler indices, 3 rows
+        lora_logits(batch, first)
+    with cpu_lora_fix.prompt_rows(cpu_lora_fix.row_slice(hidden, first)):
+        fixed_first = lora_logits(batch, first)
+    with cpu_lora_fix.prompt_rows(cpu_lora_fix.row_slice(hidden, second)):
+        fixed_second = lora_logits(batch, second)
+    # the same as vLLM computes for each request alone in its batch (one index, broadcast over the rows)
+    assert torch.allclose(fixed_first, lora_logits(punica_with_batch((1, 1, 1), (1,)), first))
+    assert torch.count_nonzero(fixed_first) > 0
+    assert torch.count_nonzero(fixed_second) == 0  # base rows: no delta
+
+
+def test_row_slice_finds_a_row_view_and_refuses_anything_else() -> None:
+    hidden = torch.zeros(6, 4)
+    assert cpu_lora_fix.row_slice(hidden, hidden[2:5]) == slice(2, 5)
+    assert cpu_lora_fix.row_slice(hidden, hidden) == slice(0, 6)
+    assert cpu_lora_fix.row_slice(hidden, hidden[2:5].clone()) is None
+    assert cpu_lora_fix.row_slice(hidden, hidden[:, :2]) is None  # a column slice is no row view
+    assert cpu_lora_fix.row_slice(hidden[1:], hidden[:2]) is None  # rows before the start
+
+
+class FakeModel:
+    def __init__(self) -> None:
+        self.seen: list[slice | None] = []
+
+    def compute_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        self.seen.append(cpu_lora_fix._PROMPT_ROWS.get())
+        return rows
+
+
+class FakeRunner:
+    """The runner's loop in miniature: one ``compute_logits`` per request, over its slice of the rows."""
+
+    def __init__(self) -> None:
+        self.model = FakeModel()
+
+    def _get_prompt_logprobs_dict(self, hidden_states: torch.Tensor, num_scheduled_tokens: dict[str, int]) -> int:
+        offset = 0
+        for count in num_scheduled_tokens.values():
+            self.model.compute_logits(hidden_states[offset:offset + count])
+            offset += count
+        return offset
+
+
+def test_runner_patch_tells_each_compute_logits_call_its_rows_and_then_restores_the_model() -> None:
+    FakeRunner._get_prompt_logprobs_dict = cpu_lora_fix.per_request_prompt_logits(  # type: ignore[method-assign]
+        FakeRunner._get_prompt_logprobs_dict)
+    runner = FakeRunner()
+    assert runner._get_prompt_logprobs_dict(torch.zeros(5, 2), {"a": 3, "b": 2}) == 5
+    assert runner.model.seen == [slice(0, 3), slice(3, 5)]
+    assert "compute_logits" not in vars(runner.model)
+    runner.model.compute_logits(torch.zeros(1, 2))
+    assert runner.model.seen[-1] is None  # outside the prompt-logprobs loop: vLLM's own indices
+
+
+def test_patch_on_import_patches_a_module_when_it_is_first_imported(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "loragate_probe_module.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hook = cpu_lora_fix._PatchOnImport("loragate_probe_module", lambda module: setattr(module, "VALUE", 2))
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "loragate_probe_module", raising=False)
+    module = importlib.import_module("loragate_probe_module")
+    assert module.VALUE == 2 and hook not in sys.meta_path
+
+
+def test_apply_prompt_logits_fix_patches_the_installed_runner() -> None:
+    pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
+    cpu_lora_fix.apply_prompt_logits_fix()
+    runner = importlib.import_module(cpu_lora_fix.RUNNER_MODULE).CPUModelRunner
+    assert getattr(runner._get_prompt_logprobs_dict, cpu_lora_fix._MARK, False)
+    assert cpu_lora_fix.apply_prompt_logits_fix() is False  # once per process
