@@ -47,6 +47,8 @@ def path_error(source: Path, exc: OSError | ValueError) -> InvalidRequest | Unpr
         reason = str(exc) if isinstance(exc, ValueError) else (exc.strerror or str(exc))
         return InvalidRequest(f"path {shown_path(source)} is not a usable path: {reason}", param="path",
                               code="invalid_path")
+    if exc.errno == errno.ENOENT:
+        return Unprocessable(f"{shown_path(source)} does not exist", param="path", code="path_not_found")
     return Unprocessable(f"{shown_path(source)} cannot be read: {exc.strerror or exc}", param="path",
                          code="unreadable_path")
 

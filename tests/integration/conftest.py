@@ -67,7 +67,7 @@ def worker(tiny: Tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 def stack(tiny: Tiny, worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("gateway-data")
     settings = Settings(data_dir=data_dir, port=free_port(), workers=[worker], model=MODEL,
-                        admin_token=TOKEN, import_roots=[tiny.root])  # type: ignore[arg-type]
+                        admin_token=TOKEN, import_roots=[tiny.root], base_model_config=tiny.model)  # type: ignore[arg-type]
     with serving(create_app(settings), settings.port) as gateway:
         stack = Stack(gateway=gateway, worker=worker, tiny=tiny, data_dir=data_dir)
         with stack.admin() as admin:

@@ -375,3 +375,11 @@ async def test_what_the_workers_cannot_load_is_refused_at_registration(lora: dic
         await registry.add_from_path("bad", write_lora(roots / "bad", **lora), Descriptors())  # type: ignore[arg-type]
     assert caught.value.status == 422 and fragment in caught.value.message, caught.value.message
     assert stored_state(registry) == (1, [registry.get("fits").sha256], [])
+
+
+async def test_a_missing_dir_is_422_saying_it_does_not_exist(tmp_path: Path, roots: Path) -> None:
+    registry = open_registry(tmp_path, roots)
+    with pytest.raises(LoragateError) as caught:
+        await registry.add_from_path("a", roots / "nope", Descriptors())
+    assert (caught.value.status, caught.value.code) == (422, "path_not_found")
+    assert caught.value.message == f"{roots / 'nope'} does not exist"
