@@ -232,6 +232,31 @@ def train_until_holds(measure: Callable[[], float], train_more: Callable[[int], 
     return history
 
 
+def oracle_rounds(lora: Any, encoder: Encoder, stream: Iterator[list[w.Example]], plan: TrainPlan,
+                  probes: dict[str, list[w.Example]]) -> list[dict[str, float]]:
+    """Train the oracle further (``lora_steps`` a round, at most ``ORACLE_EXTRA_ROUNDS``) while its control fails.
+
+    Each measurement also holds the two statements a chain recalls, asked alone, so a failing build
+    shows whether the oracle lacks the facts or the composition. Returns one measurement per round,
+    the first taken before any extra round.
+    """
+    log: list[dict[str, float]] = []
+
+    def measure() -> float:
+        rates = {k: accuracy(lora, encoder, v) for k, v in probes.items()}
+        log.append({k: round(v, 4) for k, v in rates.items()})
+        print("oracle:", json.dumps(log[-1]), flush=True)
+        return rates["twohop_steps"]
+
+    def train_more(round_: int) -> None:
+        print(f"oracle control below {CONTROLS['oracle_twohop_steps']}: extra round {round_}", flush=True)
+        train(lora, encoder, stream, plan.lora_steps, plan.lora_lr, f"LoRA oracle, extra round {round_}")
+        to_float16(lora)
+
+    train_until_holds(measure, train_more, CONTROLS["oracle_twohop_steps"], ORACLE_EXTRA_ROUNDS)
+    return log
+
+
 def base_eval_sets(kit: w.Kit, pools: dict[str, list[w.Example]]) -> dict[str, list[w.Example]]:
     """What the base model is measured on: its own facts and chains (taught, held out) and the evaluation world."""
     return {
@@ -299,7 +324,6 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
     counts = {"base": {k: len(v) for k, v in sets.items()}}
     results: dict[str, dict[str, float]] = {"base": {k: accuracy(base, encoder, v) for k, v in sets.items()}}
     print("base:", json.dumps(results["base"]), flush=True)
-    oracle_history: list[float] = []
     oracle_log: list[dict[str, float]] = []
     statements = {hop: [e for e in w.hop_examples(evaluation, hop) if e.kind.endswith("statement")]
                   for hop in ("hop1", "hop2")}
@@ -320,20 +344,7 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
         train(lora, encoder, stream, plan.lora_steps, plan.lora_lr, f"LoRA {name}")
         to_float16(lora)
         if name == "oracle":
-            def train_more(round_: int, lora: Any = lora, stream: Iterator[list[w.Example]] = stream) -> None:
-                print(f"oracle control below {CONTROLS['oracle_twohop_steps']}: extra round {round_}", flush=True)
-                train(lora, encoder, stream, plan.lora_steps, plan.lora_lr, f"LoRA oracle, extra round {round_}")
-                to_float16(lora)
-
-            def twohop_steps(lora: Any = lora) -> float:
-                """The control, with the two recalls it chains (each statement alone): tells recall from composition."""
-                rates = {k: accuracy(lora, encoder, v) for k, v in oracle_probes.items()}
-                oracle_log.append({k: round(v, 4) for k, v in rates.items()})
-                print("oracle:", json.dumps(oracle_log[-1]), flush=True)
-                return rates["twohop_steps"]
-
-            oracle_history = train_until_holds(twohop_steps, train_more, CONTROLS["oracle_twohop_steps"],
-                                               ORACLE_EXTRA_ROUNDS)
+            oracle_log = oracle_rounds(lora, encoder, stream, plan, oracle_probes)
         sets = lora_eval_sets(kit, pools, facts)
         counts[name] = {k: len(v) for k, v in sets.items()}
         results[name] = {k: accuracy(lora, encoder, v) for k, v in sets.items()}
@@ -350,7 +361,7 @@ def build(out: Path, plan_name: str, seed: int) -> dict[str, Any]:
     controls = check_controls(results)
     report = {"plan": plan_name, "seed": seed, "plan_detail": asdict(plan), "base_final_loss": round(base_loss, 4),
               "results": results, "counts": counts, "controls": controls,
-              "oracle_rounds": {"extra": len(oracle_history) - 1, "measured": oracle_log},
+              "oracle_rounds": {"extra": len(oracle_log) - 1, "measured": oracle_log},
               "minutes": round((time.monotonic() - started) / 60, 1)}
     (staging / "controls.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_manifest(staging)
