@@ -7,11 +7,11 @@ process sweeps the staging dir when it starts. But gateway processes share the d
 process's work in progress.
 
 Ownership is therefore in the entry's name: ``owner~<host>~<pid>~<start>~<random>``, where
-``start`` is the owner's start time (``/proc/<pid>/stat``, so a reused pid is not mistaken for the
-owner). A sweep removes an entry of this host at once when its owner is gone, and never one whose
-owner still runs. Entries without an owner in their name (other writers, older versions) and
-entries of another host (a data dir on shared storage) fall back to age: untouched for
-:data:`STALE_STAGING_S`.
+``host`` is the hostname and pid namespace and ``start`` the owner's start time
+(``/proc/<pid>/stat``, so a reused pid is not mistaken for the owner). A sweep removes an entry of
+this host at once when its owner is gone, and never one whose owner still runs. Entries without an
+owner in their name (other writers, older versions) and entries of another host or container (a data
+dir on shared storage) fall back to age: untouched for :data:`STALE_STAGING_S`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,13 @@ class Owner:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    """This host and pid namespace: a pid means the same process only within both (two containers on
+    one volume may share a hostname, never a pid namespace)."""
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = ""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname() + (f".pidns{namespace}" if namespace else ""))
 
 
 def process_start(pid: int) -> str | None:

@@ -263,13 +263,17 @@ def test_staging_owned_by_a_reused_pid_and_old_unowned_entries_are_collected(tmp
     reused = registry.store.staging / "~".join([*owner[:3], str(int(owner[3]) + 1), "x"])  # same pid, other start
     reused.mkdir()
     old, fresh = registry.store.staging / "tmpold", registry.store.staging / "tmpfresh"  # older versions' names
-    old.mkdir()
-    fresh.mkdir()
+    # another host or container on shared storage: its pids mean nothing here, so age decides
+    remote_old, remote_fresh = (registry.store.staging / f"owner~elsewhere~{os.getpid()}~1~{tag}"
+                                for tag in ("old", "fresh"))
+    for entry in (old, fresh, remote_old, remote_fresh):
+        entry.mkdir()
     hours_ago = time.time() - 2 * 3600
     os.utime(old, (hours_ago, hours_ago))
+    os.utime(remote_old, (hours_ago, hours_ago))
     registry.close()
     reopened = open_registry(tmp_path, roots)
-    assert stored_state(reopened) == (0, [], sorted([mine.name, "tmpfresh"]))
+    assert stored_state(reopened) == (0, [], sorted([mine.name, "tmpfresh", remote_fresh.name]))
 
 
 async def test_repeating_a_committed_registration_returns_the_existing_record(tmp_path: Path, roots: Path) -> None:
