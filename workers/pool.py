@@ -254,8 +254,14 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._adoptable = adoptable or (lambda name: None)
         self._reconciles: set[asyncio.Task[object]] = set()
+        self._probe_rounds = 0
 
     # -- read side ------------------------------------------------------------------------------------
+    @property
+    def probed(self) -> bool:
+        """Whether one probe round has completed: before it, "healthy" is only the starting assumption."""
+        return self._probe_rounds > 0
+
     def views(self) -> list[WorkerStats]:
         """Immutable per-worker snapshots, in configuration order (admin API, metrics, tests)."""
         return [w.stats() for w in self._workers]
@@ -467,6 +473,7 @@ class WorkerPool:
                                          for w in self._workers))
         for worker, result in zip(self._workers, results, strict=True):
             self._probed(worker, result)
+        self._probe_rounds += 1
 
     def _probed(self, worker: _Worker, result: Probe) -> None:
         if result is Probe.OK:

@@ -31,8 +31,12 @@ async def ready(svc: Services = Depends(services)) -> dict[str, object]:
     Asks the pool the question a request asks (``pick`` without reserving, panic routing
     included), so readiness and serving never disagree. A load balancer or Kubernetes readiness
     probe takes the gateway out while it would only answer 503s, without restarting it (the
-    liveness route ``/health`` stays 200).
+    liveness route ``/health`` stays 200). Until the first probe round has answered, every
+    worker is only assumed healthy, so a gateway just started is not ready yet (requests are
+    still tried meanwhile; readiness is the stricter of the two only for that first interval).
     """
+    if not svc.pool.probed:
+        raise NoWorkerAvailable("not ready: the workers have not been probed yet", code="not_ready")
     try:
         svc.pool.pick(None)
     except NoWorkerAvailable as exc:

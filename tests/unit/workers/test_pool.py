@@ -221,6 +221,14 @@ async def test_probes_move_workers_out_and_back_with_state_reset() -> None:
     assert observer.of("health") == [("health", W0, False), ("health", W0, True)]
 
 
+async def test_the_pool_counts_as_probed_only_after_a_probe_round() -> None:
+    """Readiness (/ready) waits for this: before the first round, "healthy" is only an assumption."""
+    pool, _, _ = make_pool([W0])
+    assert not pool.probed and pool.views()[0].healthy
+    await pool.probe_once()
+    assert pool.probed
+
+
 async def test_no_healthy_worker_is_a_503() -> None:
     pool, admin, _ = make_pool([W0])
     admin.down.add(W0)
