@@ -40,6 +40,7 @@ from numpy.typing import NDArray
 from safetensors import safe_open
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, inspect_dir, read_config
+from loragate.adapters.staging import new_dir
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest, Unprocessable
 
@@ -590,9 +591,12 @@ def write_peft_dir(merged: MergedLora, target: Path, *, staging_root: Path | Non
     ``durable=False`` skips the fsyncs (a third of a large merge's time): for a cache whose entries
     can be rebuilt and are checked with :func:`safetensors_intact` when a process starts.
     """
-    parent = staging_root or target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name[:16]}-"))
+    if staging_root is not None:  # owned by this process: a restart collects it at once if we die (staging.py)
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staged = new_dir(staging_root)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name[:16]}-"))
     try:
         write_safetensors(staged / WEIGHTS_FILE, merged.modules)
         (staged / CONFIG_FILE).write_text(json.dumps(peft_config(merged), indent=2), encoding="utf-8")

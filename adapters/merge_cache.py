@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loragate.adapters.merge import MergePlan, build_merge, plan_merge, safetensors_intact
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loragate.adapters.staging import remove_stale
+from loragate.adapters.staging import current_owner, remove_stale
 from loragate.adapters.types import AdapterRecord
 
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -214,7 +214,7 @@ class MergeCache:
             if key == protect or self._leases[key]:
                 continue
             total -= self._index.pop(key)
-            trash = self.staging / f"evicted-{key[:16]}-{uuid.uuid4().hex[:8]}"
+            trash = self.staging / f"{current_owner().prefix()}evicted-{key[:16]}-{uuid.uuid4().hex[:8]}"
             try:
                 self.path_for(key).rename(trash)
             except FileNotFoundError:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from loragate.adapters import merge_cache
+from loragate.adapters import merge_cache, staging
 from loragate.adapters.merge import MergePlan, build_merge, safetensors_intact
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.peft_format import WEIGHTS_FILE, inspect_dir
@@ -228,3 +230,33 @@ async def test_startup_scan_survives_entries_another_process_removes(tmp_path: P
     monkeypatch.setattr(merge_cache, "_dir_size", evicted_meanwhile)
     restarted = MergeCache(root, max_bytes=10**9)
     assert restarted.stats().entries == 1 and restarted.stats().bytes == second.size_bytes
+
+
+def finished_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+async def test_a_dead_builders_staging_and_trash_are_collected_at_the_next_start(
+        tmp_path: Path, adapters: list[AdapterRecord], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merge builds and evictions stage under this process's name (staging.py), so what a crash leaves
+    in the cache's staging dir is collected at the next start, not an hour later."""
+    from loragate.adapters import merge
+
+    staged: list[Path] = []
+    monkeypatch.setattr(merge, "new_dir", lambda root: staged.append(staging.new_dir(root)) or staged[-1])
+    trash: list[Path] = []
+    monkeypatch.setattr(merge_cache, "_remove_all", trash.extend)  # keep evicted dirs, as a crash would
+    cache = MergeCache(tmp_path / "merges", max_bytes=1)  # every new merge evicts the previous one
+    await cache.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16)
+    await cache.get_or_build(adapters[:2], [0.7, 0.3], "cat", 16)
+    await asyncio.sleep(0)
+    mine = staging.current_owner().prefix()
+    assert len(staged) == 2 and trash and all(p.name.startswith(mine) for p in [*staged, *trash])
+    live = staging.new_dir(cache.staging)  # a build in flight in this (live) process
+    owner = live.name.split("~")
+    dead = finished_pid()
+    for path in trash:  # the same leftovers, had their owner been the finished process
+        path.rename(cache.staging / "~".join([owner[0], owner[1], dead, owner[3], path.name[len(mine):]]))
+    MergeCache(tmp_path / "merges", max_bytes=1)  # the next start, however soon
+    assert [p.name for p in cache.staging.iterdir()] == [live.name]
