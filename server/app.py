@@ -35,6 +35,7 @@ from loragate.server.settings import Settings, load_settings
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.delivery import AdapterFiles, adapter_dir_lookup
 from loragate.workers.pool import PoolConfig, WorkerPool
+from loragate.workers.supervise import RestartCounts
 
 logger = logging.getLogger("loragate")
 
@@ -91,6 +92,7 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         probe_interval_s=settings.probe_interval_s, probe_timeout_s=settings.probe_timeout_s,
         scrape_interval_s=settings.scrape_interval_s), adoptable=adapter_dirs)
     metrics.watch_pool(pool.views)
+    metrics.watch_worker_restarts(RestartCounts.in_data_dir(settings.data_dir).read)  # written by `loragate up`
     delivery_token = settings.delivery_token.get_secret_value() if settings.delivery_token else None
     adapter_files = AdapterFiles(delivery_token, adapter_dirs, store_root=registry.store.root)
     router, embedder, index = build_router(settings)

@@ -7,6 +7,7 @@ Gateway options come from :class:`~loragate.server.settings.Settings`; ``--help`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -30,6 +31,7 @@ from loragate.workers.launch import (
     resolver_env,
     split_cpus,
 )
+from loragate.workers.supervise import Backoff, RestartCounts, Supervisor
 
 app = typer.Typer(help="loragate: an OpenAI-compatible LoRA gateway over vLLM workers.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -126,7 +128,9 @@ def up(
 ) -> None:
     """The embedded default: data dir, one local vLLM worker subprocess, and the gateway.
 
-    Waits for the worker to be ready, then serves until Ctrl-C/SIGTERM and stops the worker with it.
+    Waits for the worker to be ready (``worker_start_timeout_s``), then serves until Ctrl-C/SIGTERM and
+    stops the worker with it. A worker whose process exits meanwhile is restarted, with backoff
+    (``worker_restart_backoff_s``); a worker's processes die with ``up``, even when it is SIGKILLed.
     On a loopback address without an admin token, the admin API is open for local use. With
     ``--set adapter_delivery=resolver`` the workers fetch adapters from this gateway over HTTP
     (a delivery token is generated unless one is set), as workers on other machines would.
@@ -162,14 +166,30 @@ def up(
     # (uvicorn restores these handlers first) lets the `finally` below stop the workers' process groups.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_on_signal)
+    _log_supervision()
+    supervisor = Supervisor(fleet.processes, RestartCounts.in_data_dir(settings.data_dir),
+                            Backoff(first_s=settings.worker_restart_backoff_s,
+                                    max_s=60 * settings.worker_restart_backoff_s),
+                            start_timeout_s=settings.worker_start_timeout_s)
     try:
-        fleet.start(progress=True)
+        fleet.start(timeout=settings.worker_start_timeout_s, progress=True)
+        supervisor.start()  # from here on it restarts workers that exit, and stops them all at the end
         confine_to_cpus(os.getpid(), gateway_cpus)  # after the workers took theirs; uvicorn's processes inherit it
         typer.echo(f"workers ready; loragate on http://{settings.host}:{settings.port}", err=True)
         _serve(settings)
     finally:
         typer.echo("stopping workers" if workers > 1 else "stopping worker", err=True)
-        fleet.stop()
+        supervisor.stop()
+        fleet.stop()  # the workers the supervisor did not get to stop (it never started, or it timed out)
+
+
+def _log_supervision() -> None:
+    """Worker exits and restarts on stderr (uvicorn configures only its own loggers)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("loragate.workers.supervise")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 # -- load testing --------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ several gateways in one process. Names follow Prometheus conventions: base units
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from loragate.router.types import RoutingDecision
@@ -36,6 +36,20 @@ class _PoolCollector(Collector):
             inflight.add_metric([view.url], float(view.in_flight))
         yield healthy
         yield inflight
+
+
+class _RestartsCollector(Collector):
+    """``loragate_worker_restarts_total`` from the supervisor's counts (``loragate up``), read at scrape time."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        restarts = CounterMetricFamily("loragate_worker_restarts", "Local workers restarted by loragate up after "
+                                       "their process exited", labels=["worker"])
+        for worker, count in sorted(self._counts().items()):
+            restarts.add_metric([worker], float(count))
+        yield restarts
 
 
 class GatewayMetrics:
@@ -110,11 +124,16 @@ class GatewayMetrics:
         """An instance exporting every metric family the gateway has (for docs and dashboard checks)."""
         metrics = cls()
         metrics.watch_pool(list)
+        metrics.watch_worker_restarts(dict)
         return metrics
 
     def watch_pool(self, views: Callable[[], Sequence[WorkerStats]]) -> None:
         """Per-worker gauges read from the pool's snapshots at scrape time (nothing on the request path)."""
         self.registry.register(_PoolCollector(views))
+
+    def watch_worker_restarts(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Restart counts of supervised local workers, read at scrape time (they live in another process)."""
+        self.registry.register(_RestartsCollector(counts))
 
     def worker_health(self, worker: str, healthy: bool) -> None:
         self.worker_transitions.labels(worker, "up" if healthy else "down").inc()

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     probe_interval_s: float = Field(0.5, gt=0, le=60, description="Seconds between worker health probes.")
     probe_timeout_s: float = Field(1.0, gt=0, le=60, description="Timeout of one health probe.")
     scrape_interval_s: float = Field(1.0, gt=0, le=60, description="Seconds between scrapes of workers' /metrics.")
+    worker_start_timeout_s: float = Field(
+        600.0, gt=0, description="`loragate up`: seconds a local worker may take to become ready (at start and "
+                                 "after a restart).")
+    worker_restart_backoff_s: float = Field(
+        1.0, gt=0, le=3600, description="`loragate up`: delay before restarting a local worker that exited; doubles "
+                                        "with each restart that follows a short run, up to 60x.")
     upstream_attempts: int = Field(
         2, ge=1, le=5, description="Workers tried per request that fails before any response byte.")
     adapter_delivery: str = Field(

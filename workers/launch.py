@@ -20,6 +20,11 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from loragate.workers.parent_death import die_with_parent
+
+DEFAULT_START_TIMEOUT_S = 600.0
+"""How long a worker may take to answer ``/health`` after its start (one took 219 s on a busy 2-core machine)."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerLaunch:
@@ -141,24 +146,39 @@ def confine_to_cpus(pid: int, cpus: tuple[int, ...]) -> None:
         os.sched_setaffinity(pid, cpus)
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False when the group has no process left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
-    """SIGTERM a process started with ``start_new_session=True`` and its whole group; SIGKILL after ``grace``."""
-    if proc is None or proc.poll() is not None:
+    """SIGTERM a process started with ``start_new_session=True`` and its whole group; SIGKILL after ``grace``.
+
+    The group is killed even when its leader has already exited: vLLM's engine processes are in
+    the leader's group and can outlive it (a crashed or SIGKILLed API server). The group id cannot
+    have been reused meanwhile: Linux keeps a pid allocated while a process group of that id has
+    members.
+    """
+    if proc is None:
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    if proc.poll() is None and _signal_group(proc.pid, signal.SIGTERM):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    _signal_group(proc.pid, signal.SIGKILL)  # what is left of the group, leader or not
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)
 
 
 class WorkerProcess:
-    """A vLLM worker subprocess in its own process group, so shutdown reaches its children too."""
+    """A vLLM worker subprocess in its own process group, so shutdown reaches its children too.
+
+    It dies with the thread that called :meth:`start` (see ``parent_death``): start it from a thread
+    that lives as long as the worker should (the main thread, a supervisor's), not a pool's.
+    """
 
     def __init__(self, launch: WorkerLaunch, log_path: Path) -> None:
         self.launch = launch
@@ -168,12 +188,15 @@ class WorkerProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
+            # die_with_parent: the server dies with the thread that started it, even by SIGKILL; loragate's
+            # vLLM plugin (parent_death.register) does the same for the engine processes the server starts
             self._proc = subprocess.Popen(self.launch.command(), env=self.launch.environment(), stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=die_with_parent)
         confine_to_cpus(self._proc.pid, self.launch.cpus)  # before vLLM forks its engine: the children inherit it
         lower_cpu_priority(self._proc.pid, self.launch.nice)
 
-    def wait_ready(self, timeout: float = 300.0, progress: bool = False) -> float:
+    def wait_ready(self, timeout: float = DEFAULT_START_TIMEOUT_S, progress: bool = False) -> float:
         """Block until ``GET /health`` answers 200 and return the seconds it took.
 
         Raises with the log tail if the process dies first. ``progress`` shows a bar on stderr
@@ -202,13 +225,14 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL the whole process group at once (fault injection: a worker dying without goodbye)."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+        _signal_group(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+    def exited(self) -> int | None:
+        """The API server's exit status once it has exited (reaping it), else None; None before :meth:`start`."""
+        return self._proc.poll() if self._proc is not None else None
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -239,7 +263,7 @@ class WorkerFleet:
     def urls(self) -> list[str]:
         return [launch.url for launch in self.launches]
 
-    def start(self, timeout: float = 300.0, progress: bool = False) -> list[float]:
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT_S, progress: bool = False) -> list[float]:
         """Start every worker and block until all are ready; returns each one's start seconds."""
         for process in self.processes:
             process.start()

@@ -370,7 +370,7 @@ async def _drive_and_kill(fleet: Fleet, gateway: str, victim_index: int, total: 
         out_after = time.monotonic() - killed_at
         await asyncio.gather(*users)
         process = fleet.fleet.processes[victim_index]
-        await asyncio.to_thread(process.start)
+        process.start()  # not from an executor thread: a worker dies with the thread that started it
         await asyncio.to_thread(process.wait_ready, 400)
         ready_at = time.monotonic()
         while not await healthy(http):

@@ -117,3 +117,30 @@ def test_a_confined_worker_session_passes_its_cpus_to_children_it_forks_later() 
         os.killpg(proc.pid, 9)
         proc.wait()
     assert os.sched_getaffinity(0) == before  # the caller keeps its own CPUs
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    members.append(int(entry.name))
+    return members
+
+
+def test_stopping_a_worker_whose_main_process_exited_still_reaps_its_group() -> None:
+    """A crashed API server leaves vLLM's engine processes in its group: stop must not return early."""
+    from loragate.workers.launch import stop_process_group
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 120 & echo $!"], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None
+    engine = int(proc.stdout.readline())
+    proc.wait(timeout=30)  # the leader is gone, its "engine" is not
+    assert _group_members(proc.pid) == [engine]
+    stop_process_group(proc, grace=1.0)
+    deadline = time.monotonic() + 30
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _group_members(proc.pid) == []
