@@ -71,17 +71,22 @@ def results_table(seeds: list[int], builds: list[dict[str, Any]]) -> str:
 
 def run(seeds: list[int], out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="bench-kit-"))
-    builds = [build_kit(seed, work / f"seed{seed}") for seed in seeds]
+    return write(seeds, [build_kit(seed, work / f"seed{seed}") for seed in seeds], out)
+
+
+def write(seeds: list[int], builds: list[dict[str, Any]], out: Path | None) -> str:
+    """The section for these builds (one per seed); returns the headline."""
     failed = {s: [k for k, c in b["controls"].items() if not c["ok"]] for s, b in zip(seeds, builds, strict=True)}
     failed = {s: f for s, f in failed.items() if f}
     minutes = ", ".join(f"{b['minutes']:g}" for b in builds)
     oracle = [b["controls"]["oracle_twohop_steps"]["measured"] for b in builds]
     body = (f"The small two-hop build (`examples/twohop/build.py --size small`) at seeds {seeds}, one after the "
-            f"other ({minutes} min each). A seed draws other worlds, names, data order and initial weights; every "
-            "result is a share of greedy completions containing the expected word, over the number of questions "
-            "given. The binomial sd is `sqrt(p(1-p)/n)` at the mean rate: a spread within about 3 sd is what a "
-            "question set that size allows; CI's rebuild of seed 0 is checked within 3 sd (clamped one question "
-            "away from 0 and 1) of `examples/twohop/reference-small.json`.\n\n### Controls\n\n"
+            f"other ({minutes} wall-clock min each, on a machine shared with other work). A seed draws other "
+            "worlds, names, data order and initial weights; every result is a share of greedy completions "
+            "containing the expected word, over the number of questions given. The binomial sd is "
+            "`sqrt(p(1-p)/n)` at the mean rate: a spread within about 3 sd is what a question set that size "
+            "allows; CI's rebuild of seed 0 is checked within 3 sd (clamped one question away from 0 and 1) of "
+            "`examples/twohop/reference-small.json`.\n\n### Controls\n\n"
             + controls_table(seeds, builds) + "\n\n### Results\n\n" + results_table(seeds, builds) + "\n\n"
             + ("Every control held at every seed." if not failed else f"Controls that failed: {failed}.") + "\n")
     report.write_section("kit", "Two-hop kit across seeds", body, out_dir=out)
