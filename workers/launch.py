@@ -159,9 +159,10 @@ def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0
     """SIGTERM a process started with ``start_new_session=True`` and its whole group; SIGKILL after ``grace``.
 
     The group is killed even when its leader has already exited: vLLM's engine processes are in
-    the leader's group and can outlive it (a crashed or SIGKILLed API server). The group id cannot
-    have been reused meanwhile: Linux keeps a pid allocated while a process group of that id has
-    members.
+    the leader's group and can outlive it (a crashed or SIGKILLed API server). While the group has
+    members Linux keeps its id allocated, so the signal cannot reach a stranger; an empty group's id
+    is free again only after the pid counter wraps around, far beyond the seconds between a worker's
+    exit and its stop (the supervisor stops an exited worker before restarting it).
     """
     if proc is None:
         return
