@@ -30,6 +30,7 @@ import numpy as np
 
 from loragate.loadtest import benchkit, report
 from loragate.workers.client import VLLMAdminClient
+from loragate.workers.observer import PoolObserver
 from loragate.workers.pool import PoolConfig, WorkerPool
 
 
@@ -45,8 +46,8 @@ class _SlowLoads(VLLMAdminClient):
         return await super().load_adapter(base_url, name, path)
 
 
-class _Counts:
-    """Pool observer counting loads and evictions."""
+class LoadCounts(PoolObserver):
+    """Pool observer counting loads and evictions (the other events are PoolObserver's no-ops)."""
 
     def __init__(self) -> None:
         self.loads = self.failed = self.evictions = 0
@@ -57,17 +58,8 @@ class _Counts:
         else:
             self.failed += 1
 
-    def adapters_on_worker(self, worker: str, count: int) -> None:
-        pass
-
-    def worker_health(self, worker: str, healthy: bool) -> None:
-        pass
-
     def adapter_evicted(self, worker: str, adapter: str) -> None:
         self.evictions += 1
-
-    def adapter_load_failed(self, worker: str, adapter: str, message: str) -> None:
-        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +89,7 @@ def zipf_sequence(requests: int, adapters: int, s: float, seed: int) -> list[str
 
 async def run_strategy(strategy: str, urls: list[str], sequence: list[str], *, max_loras: int, concurrency: int,
                        load_s: float) -> Result:
-    counts = _Counts()
+    counts = LoadCounts()
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
         for url in urls:  # stubs keep no state that matters, but start every run from "nothing loaded"
             for name in sorted(set(sequence)):

@@ -88,7 +88,8 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
     adapter_dirs = adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges")
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics, PoolConfig(
-        strategy=settings.scheduling, max_loras=settings.worker_max_loras, delivery=settings.adapter_delivery,
+        strategy=settings.scheduling, scorer_weights=settings.scheduling_weights,
+        max_loras=settings.worker_max_loras, delivery=settings.adapter_delivery,
         probe_interval_s=settings.probe_interval_s, probe_timeout_s=settings.probe_timeout_s,
         scrape_interval_s=settings.scrape_interval_s), adoptable=adapter_dirs)
     metrics.watch_pool(pool.views)

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from loragate.router.types import RoutingDecision
+from loragate.workers.observer import PoolObserver
 from loragate.workers.stats import WorkerStats
 
 MAX_ADAPTER_LABELS = 200
@@ -52,8 +53,8 @@ class _RestartsCollector(Collector):
         yield restarts
 
 
-class GatewayMetrics:
-    """All gateway metrics; also the worker pool's observer (see ``workers.pool.PoolObserver``)."""
+class GatewayMetrics(PoolObserver):
+    """All gateway metrics; also the worker pool's observer (``workers.observer.PoolObserver``)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

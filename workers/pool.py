@@ -1,87 +1,58 @@
 """The worker pool: which worker serves a request, and making sure its adapter is loaded there.
 
-What the pool guarantees, and how:
+The pool is the composition of four parts, each in its own module:
 
-- **Scheduling** is a named strategy (:mod:`~loragate.workers.scheduling`) reading immutable
-  :class:`~loragate.workers.stats.WorkerStats`; picking and reserving a worker happen in one
+- **Scheduling** (:mod:`~loragate.workers.scheduling`): a named profile of filters (health and
+  panic routing, retries' exclusions, load-failure backoff), weighted scorers (LoRA affinity,
+  eviction cost, load) and a picker, reading immutable
+  :class:`~loragate.workers.stats.WorkerStats`. Picking and reserving a worker happen in one
   synchronous step on the event loop, so two concurrent requests never both see a free slot
   that only one can take.
-- **Loads are single-flight**: concurrent first requests for one adapter on one worker share one
-  load, run as its own task so a client that disconnects mid-load cancels nobody else's.
-- **Capacity**: each worker holds at most ``max_loras`` adapters (per worker, from config); a
-  load beyond that unloads the least recently used adapter first, never one with a request in
-  flight on that worker (in-flight is counted per (worker, adapter) for exactly this). If every
-  loaded adapter is busy, the load goes ahead over the cap (vLLM swaps adapters in from CPU
-  memory, so that is slower, not wrong) and the next load evicts again.
-- **Health**: :meth:`start` runs a probe loop (``GET /health`` every ``probe_interval_s``) and a
-  ``/metrics`` scrape loop. A worker failing a probe, or reported by the request path with
-  :meth:`report_failure`, leaves rotation at once; when it answers again its loaded-adapter
-  state is reset (a restarted vLLM has nothing loaded; a blip costs at most a no-op reload).
-- **Panic routing** (Envoy's name): a probe that times out proves less than a refused one. A
-  gateway saturated by its own clients reads a healthy worker's answer late, and with one worker
-  that would turn a busy gateway into a 503 for everyone. So when *no* worker is in rotation,
-  requests still go to the workers that were taken out only for probes that went unanswered;
-  one that then refuses the request's connection is down for good (until it answers probes).
-- **Reconciling**: the pool's view of a worker can be stale: a gateway restarted while its
-  workers kept running, or a worker came back from a blip with its adapters still loaded. When
-  the pool starts and whenever a worker returns to rotation, it lists the worker's adapters and
-  adopts those whose directory name (a sha256) is the one it would load now, as least recently
-  used, so they count against the cap and are evicted first. Others are left alone: another
-  gateway sharing the worker may be serving them, and a lost one is reloaded (:meth:`lost`).
-- **Load failures** are reported to the observer and backed off per (worker, adapter),
-  exponentially up to a cap, so a broken adapter fails fast instead of being retried forever.
+- **Health** (:mod:`~loragate.workers.health`): the probe and ``/metrics`` scrape loops and the
+  transitions in and out of rotation. When a worker returns, its loaded-adapter state is reset
+  (a restarted vLLM has nothing loaded; a blip costs at most a no-op reload) and reconciled.
+- **Reconciling** (:mod:`~loragate.workers.reconcile`): adopting what a worker already holds with
+  the files the gateway would load now, at start and whenever a worker returns.
+- **Loading and capacity**, here:
 
-The pool reports events to an observer, so metrics live in the server layer and the pool stays
-HTTP-framework free.
+  - *Loads are single-flight*: concurrent first requests for one adapter on one worker share one
+    load, run as its own task so a client that disconnects mid-load cancels nobody else's.
+  - *Capacity*: each worker holds at most ``max_loras`` adapters (per worker, from config); a
+    load beyond that unloads the least recently used adapter first, never one with a request in
+    flight on that worker (in-flight is counted per (worker, adapter) for exactly this). If every
+    loaded adapter is busy, the load goes ahead over the cap (vLLM swaps adapters in from CPU
+    memory, so that is slower, not wrong) and the next load evicts again.
+  - *Load failures* are reported to the observer and backed off per (worker, adapter),
+    exponentially up to a cap, so a broken adapter fails fast instead of being retried forever.
+
+The pool reports events to a :class:`~loragate.workers.observer.PoolObserver`, so metrics live in
+the server layer and the pool stays HTTP-framework free.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol
 from urllib.parse import parse_qs, urldefrag
 
-from loragate.errors import InvalidRequest, LoragateError, NoWorkerAvailable, UpstreamError, WorkerRejected
-from loragate.workers.client import Probe, WorkerAdmin
-from loragate.workers.scheduling import Strategy, make_strategy
-from loragate.workers.stats import EngineStats, WorkerStats, WorkerView
+from loragate.errors import InvalidRequest, LoragateError, UpstreamError, WorkerRejected
+from loragate.workers.client import WorkerAdmin
+from loragate.workers.health import HealthMonitor
+from loragate.workers.observer import PoolObserver
+from loragate.workers.reconcile import Reconciler
+from loragate.workers.scheduling import Profile, SchedulingRequest, make_profile
+from loragate.workers.state import WorkerState
+from loragate.workers.stats import LoadBackoff, WorkerStats
 
-__all__ = ["DELIVERIES", "FleetObserver", "Lease", "PoolConfig", "PoolObserver", "WorkerPool", "WorkerSpec",
-           "WorkerStats", "WorkerView"]
+__all__ = ["DELIVERIES", "Lease", "PoolConfig", "PoolObserver", "WorkerPool", "WorkerSpec", "WorkerStats"]
 
 log = logging.getLogger(__name__)
-
-
-class PoolObserver(Protocol):
-    """Receives pool events (the server's metrics implement this)."""
-
-    def adapter_loaded(self, worker: str, adapter: str, seconds: float, ok: bool) -> None: ...
-
-    def adapters_on_worker(self, worker: str, count: int) -> None: ...
-
-
-@runtime_checkable
-class FleetObserver(PoolObserver, Protocol):
-    """Optional further events; the pool sends them only to observers that implement all of them.
-
-    A separate protocol so that an observer written for the single-worker pool keeps working.
-    """
-
-    def worker_health(self, worker: str, healthy: bool) -> None: ...
-
-    def adapter_evicted(self, worker: str, adapter: str) -> None: ...
-
-    def adapter_load_failed(self, worker: str, adapter: str, message: str) -> None: ...
-
-    def panic_routed(self, worker: str) -> None: ...
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -128,7 +99,8 @@ class PoolConfig:
     """Pool behaviour. Defaults make a dead worker leave rotation within ~0.5 s (connection
     refused) and a hung one within ``probe_interval_s + probe_timeout_s`` = 1.5 s."""
 
-    strategy: str = "affinity"
+    strategy: str = "affinity"  # a scheduling profile (workers.scheduling.PROFILES)
+    scorer_weights: Mapping[str, float] = field(default_factory=dict)  # overrides of the profile's weights
     max_loras: int = 4  # default per-worker cap on loaded adapters
     delivery: str = "path"  # how adapters reach workers: see DELIVERIES
     probe_interval_s: float = 0.5
@@ -145,6 +117,7 @@ class PoolConfig:
                                  param="delivery")
         if self.max_loras < 1 or self.unhealthy_after < 1 or self.healthy_after < 1:
             raise InvalidRequest("max_loras, unhealthy_after and healthy_after must be at least 1")
+        make_profile(self.strategy, self.scorer_weights)  # unknown profile, scorer or bad weight: fail at startup
 
 
 # -- adapter delivery ---------------------------------------------------------------------------------
@@ -178,47 +151,6 @@ DELIVERIES: dict[str, Callable[[], Delivery]] = {PathDelivery.name: PathDelivery
                                                  ResolverDelivery.name: ResolverDelivery}
 
 
-# -- state --------------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _LoadFailure:
-    count: int
-    retry_at: float
-    message: str
-
-
-@dataclass(slots=True)
-class _Worker:
-    """Mutable per-worker bookkeeping, touched only from the event loop."""
-
-    spec: WorkerSpec
-    index: int
-    max_loras: int
-    healthy: bool = True
-    in_flight: int = 0
-    loaded: OrderedDict[str, float] = field(default_factory=OrderedDict)  # adapter -> last use; LRU first
-    adapter_in_flight: Counter[str] = field(default_factory=Counter)
-    loading: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    unloading: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    engine: EngineStats = field(default_factory=EngineStats)
-    good_probes: int = 0
-    bad_probes: int = 0
-    last_failure: Probe = Probe.OK  # what took it out of rotation last: SLOW keeps it eligible for panic routing
-    generation: int = 0  # bumped on reset: a load that finishes after a reset is not recorded
-    load_failures: dict[str, _LoadFailure] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return self.spec.url
-
-    def stats(self) -> WorkerStats:
-        victim = next((a for a in self.loaded if not self.adapter_in_flight[a]), None)
-        return WorkerStats(url=self.url, index=self.index, healthy=self.healthy, in_flight=self.in_flight,
-                           loaded=tuple(self.loaded), max_loras=self.max_loras, loading=tuple(sorted(self.loading)),
-                           engine=self.engine,
-                           adapter_in_flight=tuple(sorted((a, n) for a, n in self.adapter_in_flight.items() if n)),
-                           victim_idle_s=None if victim is None else time.monotonic() - self.loaded[victim])
-
-
 @dataclass(frozen=True, slots=True)
 class Lease:
     """The worker a request runs on, for the duration of ``async with pool.lease(...)``."""
@@ -233,66 +165,51 @@ class WorkerPool:
 
     def __init__(self, workers: Sequence[str | WorkerSpec | Mapping[str, object]], client: WorkerAdmin,
                  observer: PoolObserver, config: PoolConfig | None = None, *,
-                 strategy: Strategy | None = None, adoptable: Callable[[str], PurePath | None] | None = None
+                 profile: Profile | None = None, adoptable: Callable[[str], PurePath | None] | None = None
                  ) -> None:
         """``adoptable`` maps an adapter name to the directory the gateway would load it from now
         (the registry's and merge cache's lookup): which adapters a worker already holds that a
         reconcile may count as loaded."""
         if not workers:
             raise ValueError("at least one worker URL is required")
-        self.config = config or PoolConfig()
+        self.config = config = config or PoolConfig()
         specs = [WorkerSpec.parse(w) for w in workers]
         if len({s.url for s in specs}) != len(specs):
             raise InvalidRequest(f"duplicate worker URLs in {[s.url for s in specs]}", param="workers")
-        self._workers = [_Worker(s, i, s.max_loras or self.config.max_loras) for i, s in enumerate(specs)]
+        self._workers = [WorkerState(s, i, s.max_loras or config.max_loras) for i, s in enumerate(specs)]
         self._by_url = {w.url: w for w in self._workers}
         self._client = client
         self._observer = observer
-        self._fleet = observer if isinstance(observer, FleetObserver) else None
-        self.strategy = strategy or make_strategy(self.config.strategy)
-        self._delivery = DELIVERIES[self.config.delivery]()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._adoptable = adoptable or (lambda name: None)
-        self._reconciles: set[asyncio.Task[object]] = set()
-        self._probe_rounds = 0
+        self.profile = profile or make_profile(config.strategy, config.scorer_weights)
+        self._delivery = DELIVERIES[config.delivery]()
+        self.health = HealthMonitor(self._workers, client, self._health_changed,
+                                    probe_interval_s=config.probe_interval_s, probe_timeout_s=config.probe_timeout_s,
+                                    scrape_interval_s=config.scrape_interval_s,
+                                    unhealthy_after=config.unhealthy_after, healthy_after=config.healthy_after)
+        self._reconciler = Reconciler(client, adoptable or (lambda name: None), self._count_changed)
 
     # -- read side ------------------------------------------------------------------------------------
     @property
     def probed(self) -> bool:
         """Whether one probe round has completed: before it, "healthy" is only the starting assumption."""
-        return self._probe_rounds > 0
+        return self.health.rounds > 0
+
+    @property
+    def running(self) -> bool:
+        """Whether the probe and scrape loops run (between :meth:`start` and :meth:`stop`)."""
+        return bool(self.health.tasks)
 
     def views(self) -> list[WorkerStats]:
         """Immutable per-worker snapshots, in configuration order (admin API, metrics, tests)."""
         return [w.stats() for w in self._workers]
 
     def pick(self, adapter: str | None, exclude: Collection[str] = ()) -> WorkerStats:
-        """The worker the strategy would choose now, without reserving it."""
+        """The worker the scheduling profile would choose now, without reserving it."""
         return self._choose(adapter, exclude).stats()
 
-    def _choose(self, adapter: str | None, exclude: Collection[str]) -> _Worker:
-        healthy = [w for w in self._workers if w.healthy and w.url not in exclude]
-        if not any(w.healthy for w in self._workers):  # panic: try those that only failed to answer probes in time
-            healthy = [w for w in self._workers if w.last_failure is Probe.SLOW and w.url not in exclude]
-        if not healthy:
-            raise NoWorkerAvailable("no healthy worker is available" + (f" (excluded: {sorted(exclude)})"
-                                                                        if exclude else ""))
-        candidates = healthy
-        if adapter is not None:
-            now = time.monotonic()
-            candidates = [w for w in healthy if not self._backing_off(w, adapter, now)]
-            if not candidates:
-                failure = healthy[0].load_failures[adapter]
-                raise WorkerRejected(f"adapter {adapter!r} failed to load on every worker; next attempt in "
-                                     f"{failure.retry_at - now:.1f}s. Last error: {failure.message}",
-                                     status=502, code="adapter_load_failed")
-        chosen = self.strategy.choose(adapter, [w.stats() for w in candidates])
-        return self._workers[chosen.index]
-
-    @staticmethod
-    def _backing_off(worker: _Worker, adapter: str, now: float) -> bool:
-        failure = worker.load_failures.get(adapter)
-        return failure is not None and failure.retry_at > now
+    def _choose(self, adapter: str | None, exclude: Collection[str]) -> WorkerState:
+        request = SchedulingRequest(adapter, frozenset(exclude), time.monotonic())
+        return self._workers[self.profile.schedule(request, self.views()).index]
 
     # -- request path ---------------------------------------------------------------------------------
     @asynccontextmanager
@@ -305,8 +222,8 @@ class WorkerPool:
         elsewhere.
         """
         worker = self._choose(adapter, exclude)
-        if not worker.healthy and self._fleet is not None:
-            self._fleet.panic_routed(worker.url)
+        if not worker.healthy:
+            self._observer.panic_routed(worker.url)
         worker.in_flight += 1
         if adapter is not None:
             worker.adapter_in_flight[adapter] += 1
@@ -324,15 +241,10 @@ class WorkerPool:
     def report_failure(self, url: str, reason: str = "request failed") -> None:
         """The request path could not reach ``url``: take it out of rotation until probes pass again."""
         worker = self._by_url.get(url.rstrip("/"))
-        if worker is None:
-            return
-        worker.last_failure = Probe.DOWN  # a refused request is proof: no panic routing to it either
-        if worker.healthy:
-            log.warning("worker %s out of rotation: %s", worker.url, reason)
-            worker.bad_probes, worker.good_probes = self.config.unhealthy_after, 0
-            self._set_health(worker, False)
+        if worker is not None:
+            self.health.request_failed(worker, reason)
 
-    async def _ensure_loaded(self, worker: _Worker, adapter: str, path: str) -> None:
+    async def _ensure_loaded(self, worker: WorkerState, adapter: str, path: str) -> None:
         while True:
             if (unloading := worker.unloading.get(adapter)) is not None:
                 await asyncio.shield(unloading)  # reloading while vLLM unloads would race its per-name lock
@@ -349,7 +261,7 @@ class WorkerPool:
             await asyncio.shield(task)
             return
 
-    async def _load(self, worker: _Worker, adapter: str, path: str) -> None:
+    async def _load(self, worker: WorkerState, adapter: str, path: str) -> None:
         generation = worker.generation
         started = time.perf_counter()
         try:
@@ -369,19 +281,18 @@ class WorkerPool:
         if worker.generation == generation:
             worker.loaded[adapter] = time.monotonic()
             worker.loaded.move_to_end(adapter)
-        self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+        self._count_changed(worker)
 
-    def _load_failed(self, worker: _Worker, adapter: str, message: str) -> None:
+    def _load_failed(self, worker: WorkerState, adapter: str, message: str) -> None:
         previous = worker.load_failures.get(adapter)
         count = previous.count + 1 if previous else 1
         wait = min(self.config.load_backoff_s * 2 ** (count - 1), self.config.load_backoff_max_s)
-        worker.load_failures[adapter] = _LoadFailure(count, time.monotonic() + wait, message)
+        worker.load_failures[adapter] = LoadBackoff(adapter, count, time.monotonic() + wait, message)
         log.warning("loading %r on %s failed (%d in a row, next try in %.1fs): %s", adapter, worker.url, count,
                     wait, message)
-        if self._fleet is not None:
-            self._fleet.adapter_load_failed(worker.url, adapter, message)
+        self._observer.adapter_load_failed(worker.url, adapter, message)
 
-    async def _make_room(self, worker: _Worker, adapter: str) -> None:
+    async def _make_room(self, worker: WorkerState, adapter: str) -> None:
         """Unload least recently used, idle adapters until the one being loaded fits under the cap."""
         while len(worker.loaded) + len(worker.loading) > worker.max_loras:
             victim = next((a for a in worker.loaded if not worker.adapter_in_flight[a] and a != adapter), None)
@@ -394,7 +305,7 @@ class WorkerPool:
             worker.unloading[victim] = task
             await asyncio.shield(task)
 
-    async def _unload(self, worker: _Worker, adapter: str) -> None:
+    async def _unload(self, worker: WorkerState, adapter: str) -> None:
         try:
             await self._client.unload_adapter(worker.url, adapter)
         except LoragateError as exc:
@@ -402,9 +313,8 @@ class WorkerPool:
             log.warning("unloading %r from %s failed: %s", adapter, worker.url, exc.message)
         finally:
             worker.unloading.pop(adapter, None)
-        if self._fleet is not None:
-            self._fleet.adapter_evicted(worker.url, adapter)
-        self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+        self._observer.adapter_evicted(worker.url, adapter)
+        self._count_changed(worker)
 
     def lost(self, url: str, adapter: str) -> None:
         """The worker at ``url`` does not have ``adapter`` although the pool loaded it: load it again next time."""
@@ -412,7 +322,7 @@ class WorkerPool:
         if worker is not None and worker.loaded.pop(adapter, None) is not None:
             log.warning("adapter %r vanished from %s (unloaded by someone else?); it will be reloaded", adapter,
                         worker.url)
-            self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+            self._count_changed(worker)
 
     async def forget(self, adapter: str) -> None:
         """Unload a deleted adapter from every healthy worker.
@@ -429,126 +339,45 @@ class WorkerPool:
                     await self._client.unload_adapter(worker.url, adapter)
                 except UpstreamError as exc:
                     log.warning("could not unload %r from %s: %s", adapter, worker.url, exc.message)
-            self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+            self._count_changed(worker)
 
-    # -- health and stats -----------------------------------------------------------------------------
+    def _count_changed(self, worker: WorkerState) -> None:
+        self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+
+    # -- health and reconciling -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the probe and scrape loops (the app's lifespan calls this; idempotent)."""
-        if self._tasks:
+        """Start the probe and scrape loops and reconcile every worker (the app's lifespan calls this;
+        idempotent)."""
+        if self.running:
             return
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._every(self.config.probe_interval_s, self.probe_once), name="probe"),
-                       loop.create_task(self._every(self.config.scrape_interval_s, self.scrape_once),
-                                        name="scrape")]
+        self.health.start()
         for worker in self._workers:
-            self._schedule_reconcile(worker)
+            self._reconciler.schedule(worker)
 
     async def stop(self) -> None:
-        """Cancel the loops and wait for them to end."""
-        tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._reconciles]
-        self._tasks = []
-        self._reconciles.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    @staticmethod
-    async def _every(interval: float, step: Callable[[], object]) -> None:
-        """Run ``step`` every ``interval`` seconds, measured start to start; errors are logged, never fatal."""
-        while True:
-            started = time.monotonic()
-            try:
-                result = step()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:
-                log.exception("worker pool background step failed")
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        """Cancel the loops and pending reconciles and wait for them to end."""
+        await self.health.stop()
+        await self._reconciler.stop()
 
     async def probe_once(self) -> None:
         """Probe every worker concurrently and apply health transitions."""
-        results = await asyncio.gather(*(self._client.probe(w.url, self.config.probe_timeout_s)
-                                         for w in self._workers))
-        for worker, result in zip(self._workers, results, strict=True):
-            self._probed(worker, result)
-        self._probe_rounds += 1
-
-    def _probed(self, worker: _Worker, result: Probe) -> None:
-        if result is Probe.OK:
-            worker.good_probes, worker.bad_probes = worker.good_probes + 1, 0
-            if not worker.healthy and worker.good_probes >= self.config.healthy_after:
-                self._reset(worker)
-                self._set_health(worker, True)
-                self._schedule_reconcile(worker)
-        else:
-            worker.bad_probes, worker.good_probes = worker.bad_probes + 1, 0
-            worker.last_failure = result
-            if worker.healthy and worker.bad_probes >= self.config.unhealthy_after:
-                self._set_health(worker, False)
-
-    def _set_health(self, worker: _Worker, healthy: bool) -> None:
-        worker.healthy = healthy
-        log.warning("worker %s is %s", worker.url, "back in rotation" if healthy else "out of rotation")
-        if self._fleet is not None:
-            self._fleet.worker_health(worker.url, healthy)
-
-    def _reset(self, worker: _Worker) -> None:
-        """Forget what the worker had loaded: it may be a fresh vLLM process that has nothing."""
-        worker.generation += 1
-        worker.loaded.clear()
-        worker.load_failures.clear()
-        worker.engine = EngineStats()
-        self._observer.adapters_on_worker(worker.url, 0)
-
-    def _schedule_reconcile(self, worker: _Worker) -> None:
-        task = asyncio.get_running_loop().create_task(self.reconcile(worker.url), name=f"reconcile {worker.url}")
-        self._reconciles.add(task)
-        task.add_done_callback(self._reconciles.discard)
-
-    async def reconcile(self, url: str) -> list[str]:
-        """Adopt the adapters the worker holds with the files the pool would load now; returns their names.
-
-        Nothing is unloaded here: a name whose files differ, or that this gateway does not know, may
-        be served by another gateway sharing the worker (the same adapter loaded from another
-        directory looks no different from a stale one). A failure to list is logged and ignored:
-        the worker is then down (and reconciled when it returns) or up with adapters the pool does
-        not count until the next reconcile.
-        """
-        worker = self._by_url[url.rstrip("/")]
-        generation = worker.generation
-        try:
-            served = await self._client.list_adapters(worker.url)
-        except LoragateError as exc:
-            log.warning("could not list the adapters of %s: %s", worker.url, exc.message)
-            return []
-        if worker.generation != generation:
-            return []  # reset meanwhile: a newer reconcile owns this worker
-        adopted = []
-        for name, root in served.items():
-            if name in worker.loaded or name in worker.loading or name in worker.unloading:
-                continue  # this pool loaded it (or is changing it) meanwhile
-            expected = self._adoptable(name)
-            # Store and merge-cache directories are named by the sha256 of their files: same name, same weights.
-            if expected is not None and root and PurePath(root).name == expected.name:
-                adopted.append(name)
-        now = time.monotonic()
-        for name in adopted:  # least recently used: first to go when room is needed
-            worker.loaded[name] = now
-            worker.loaded.move_to_end(name, last=False)
-        if adopted:
-            log.info("worker %s: adopted %s, loaded before this gateway started", worker.url, adopted)
-            self._observer.adapters_on_worker(worker.url, len(worker.loaded))
-        return adopted
+        await self.health.probe_once()
 
     async def scrape_once(self) -> None:
         """Scrape every healthy worker's ``/metrics`` concurrently; a failed scrape clears its stats."""
-        healthy = [w for w in self._workers if w.healthy]
-        results = await asyncio.gather(*(self._client.engine_stats(w.url, self.config.probe_timeout_s)
-                                         for w in healthy), return_exceptions=True)
-        for worker, result in zip(healthy, results, strict=True):
-            worker.engine = result if isinstance(result, EngineStats) else EngineStats()
+        await self.health.scrape_once()
+
+    async def reconcile(self, url: str) -> list[str]:
+        """Adopt the adapters the worker at ``url`` holds with the files the pool would load now
+        (see :mod:`~loragate.workers.reconcile`); returns their names."""
+        return await self._reconciler.reconcile(self._by_url[url.rstrip("/")])
+
+    def _health_changed(self, worker: WorkerState, healthy: bool) -> None:
+        if healthy:  # back: possibly a fresh vLLM process, so forget, then adopt what it still holds
+            worker.reset()
+            self._count_changed(worker)
+            self._reconciler.schedule(worker)
+        self._observer.worker_health(worker.url, healthy)
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:

@@ -81,6 +81,16 @@ def parse_vllm_metrics(text: str, scraped_at: float | None = None) -> EngineStat
 
 
 @dataclass(frozen=True, slots=True)
+class LoadBackoff:
+    """Loads of ``adapter`` failed ``count`` times in a row on one worker: not retried before ``retry_at``."""
+
+    adapter: str
+    count: int
+    retry_at: float  # monotonic
+    message: str  # the last failure's
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerStats:
     """One worker at one moment, as strategies and the admin API see it.
 
@@ -99,7 +109,8 @@ class WorkerStats:
     engine: EngineStats = EngineStats()
     adapter_in_flight: tuple[tuple[str, int], ...] = ()
     victim_idle_s: float | None = None  # how long ago the LRU idle adapter (the next eviction) was used
-
+    panic_eligible: bool = False  # out of rotation only because probes went unanswered (see the health filter)
+    backoff: tuple[LoadBackoff, ...] = ()  # adapters whose loads failed here, newest failure state each
 
     @property
     def load(self) -> int:
@@ -113,6 +124,9 @@ class WorkerStats:
     @property
     def free_slots(self) -> int:
         return self.max_loras - len(self.loaded) - len(self.loading)
+
+    def backoff_for(self, adapter: str) -> LoadBackoff | None:
+        return next((b for b in self.backoff if b.adapter == adapter), None)
 
     def has_adapter(self, adapter: str) -> bool:
         """Loaded (per this pool) or active (per vLLM's running/waiting adapter lists)."""

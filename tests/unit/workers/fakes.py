@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loragate.errors import UpstreamError, WorkerRejected
 from loragate.workers.client import Probe
+from loragate.workers.observer import PoolObserver
 from loragate.workers.stats import EngineStats
 
 
@@ -67,8 +68,8 @@ class FakeAdmin:
         return sum(1 for k, u, _ in self.calls if k == kind and (url is None or u == url))
 
 
-class RecordingObserver:
-    """Implements the full FleetObserver protocol and keeps every event."""
+class RecordingObserver(PoolObserver):
+    """Overrides every PoolObserver event and keeps them all."""
 
     def __init__(self) -> None:
         self.events: list[tuple[object, ...]] = []

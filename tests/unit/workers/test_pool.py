@@ -59,6 +59,13 @@ def test_pool_config_is_validated() -> None:
         WorkerPool([W0], FakeAdmin(), RecordingObserver(), PoolConfig(strategy="nope"))  # type: ignore[arg-type]
 
 
+def test_scheduling_profile_and_weights_are_checked_at_construction_and_used() -> None:
+    with pytest.raises(InvalidRequest, match="unknown scheduling scorer 'cache'; valid:"):
+        PoolConfig(scorer_weights={"cache": 1.0})
+    pool, _, _ = make_pool(strategy="least-loaded", scorer_weights={"load": 2.0})
+    assert pool.profile.name == "least-loaded" and pool.profile.weights == {"load": 2.0, "lora-affinity": 0.01}
+
+
 def test_per_worker_cap_overrides_the_default() -> None:
     pool, _, _ = make_pool([W0 + "#max_loras=1", W1], max_loras=3)
     assert [v.max_loras for v in pool.views()] == [1, 3]
@@ -295,7 +302,7 @@ async def test_background_probe_takes_a_dead_worker_out_quickly() -> None:
         assert pool.pick("hot").url == W0
     finally:
         await pool.stop()
-    assert pool._tasks == []
+    assert not pool.running
 
 
 async def test_forget_unloads_everywhere_and_skips_dead_workers() -> None:
