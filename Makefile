@@ -31,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 typecheck: install .typecheck
-	MYPYPATH=.typecheck $(VENV)/bin/mypy -p loragate
+	MYPYPATH=.typecheck $(VENV)/bin/mypy -p loragate -p bench
 
 unit: install
 	$(PY) -m pytest tests/unit -q
@@ -45,14 +45,15 @@ test: lint typecheck
 clean:
 	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache
 
-# Benchmarks: each script writes its section of docs/BENCHMARKS.md (docs/bench/<name>.md + PNGs) and prints
-# its headline figure last. Timed expectations live here, never in `make test`. BENCH_ARGS=--quick for a
-# fast dry run (add --out DIR to keep docs/ untouched). bench_litellm creates .venv-litellm on demand.
+# Benchmarks (bench/, not installed; run from the repository root as `python -m bench.<script>`): each script
+# writes its section of docs/BENCHMARKS.md (docs/bench/<name>.md + PNGs) and prints its headline figure last.
+# Timed expectations live here, never in `make test`. BENCH_ARGS=--quick for a fast dry run (add --out DIR to
+# keep docs/ untouched). bench_litellm creates .venv-litellm on demand.
 BENCH_SCRIPTS := bench_routing bench_merge bench_shadow bench_workers bench_processes bench_overhead bench_litellm bench_kit
 BENCH_ARGS ?=
 
 bench: install
 	@for script in $(BENCH_SCRIPTS); do \
 		echo "== $$script"; \
-		$(PY) -m loragate.loadtest.$$script $(BENCH_ARGS); \
+		$(PY) -m bench.$$script $(BENCH_ARGS); \
 	done

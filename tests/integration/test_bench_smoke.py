@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.mark.parametrize(("module", "section", "headline"), [
     ("bench_routing", "routing.md", "routing p50"),
@@ -16,8 +18,8 @@ import pytest
     ("bench_processes", "processes.md", "2 gateway processes"),
 ])
 def test_benchmark_quick_run(tmp_path: Path, module: str, section: str, headline: str) -> None:
-    result = subprocess.run([sys.executable, "-m", f"loragate.loadtest.{module}", "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith(headline)
     text = (tmp_path / section).read_text()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loragate.loadtest import benchkit
-from loragate.loadtest.bench_litellm import VENV as LITELLM_VENV
+from bench import benchkit
+from bench.bench_litellm import VENV as LITELLM_VENV
 from tests.integration.conftest import Tiny
 from tests.lora_files import write_lora
 
@@ -101,7 +101,7 @@ def test_chat_route_through_the_gateway(gateway: str, tmp_path: Path, stream: bo
 
 
 def _bench(module: str, out: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", f"loragate.loadtest.{module}", "--quick", "--out", str(out), *args],
+    done = subprocess.run([sys.executable, "-m", f"bench.{module}", "--quick", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]

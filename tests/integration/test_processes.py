@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from loragate.loadtest.benchkit import ADMIN_TOKEN, start_gateway, start_stub
+from bench.benchkit import ADMIN_TOKEN, start_gateway, start_stub
 from tests.lora_files import write_lora
 
 

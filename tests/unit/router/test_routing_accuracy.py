@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loragate.loadtest.bench_routing import load_set, make_router
+from bench.bench_routing import load_set, make_router
 from loragate.router.embedder import make_backend
 from loragate.router.grammar import parse_policy
 

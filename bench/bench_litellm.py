@@ -10,7 +10,7 @@ LiteLLM lives in its own virtual environment (``.venv-litellm``, created on dema
 ``litellm[proxy]`` into .venv would move pinned packages under vLLM and the gateway. If it cannot be
 installed or started, the report section says so with the error and the script still succeeds.
 
-Run: ``python -m loragate.loadtest.bench_litellm [--quick] [--out DIR]``; the last line printed is
+Run: ``python -m bench.bench_litellm [--quick] [--out DIR]``; the last line printed is
 the headline figure.
 """
 
@@ -22,8 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import (
+from bench import report
+from bench.benchkit import (
     Measured,
     ServerProcess,
     Target,

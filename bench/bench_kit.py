@@ -6,7 +6,7 @@ other worlds, names, data order and initial weights. The spread across seeds is 
 what another CPU model does to one seed (there only the float rounding differs), which is why CI's
 rebuild compares with ``reference-small.json`` within binomial tolerances, not exactly.
 
-Run: ``python -m loragate.loadtest.bench_kit [--quick] [--seeds 0 1 2]``; prints its headline figure
+Run: ``python -m bench.bench_kit [--quick] [--seeds 0 1 2]``; prints its headline figure
 last. Each build runs ``examples/twohop/build.py --size small`` in its own process (about 2-5 min).
 """
 
@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import bench_parser, output_dir
+from bench import report
+from bench.benchkit import bench_parser, output_dir
 
 BUILD = report.ROOT / "examples" / "twohop" / "build.py"
 SEEDS = (0, 1, 2)

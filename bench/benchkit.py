@@ -4,7 +4,7 @@ Why separate processes: a gateway, its upstream and the load generator sharing o
 would measure each other; each server here is its own OS process (one uvicorn process each), and
 its CPU time is read from ``/proc`` (psutil) before and after a run to get CPU time per request.
 
-Output goes to docs/ through :mod:`loragate.loadtest.report`; ``--out DIR`` (or
+Output goes to docs/ through :mod:`bench.report`; ``--out DIR`` (or
 ``LORAGATE_BENCH_DIR``) writes the section and its plots to DIR instead, so tests never overwrite
 docs/BENCHMARKS.md.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loragate.loadtest import report
+from bench import report
 from loragate.loadtest.loadgen import LoadSpec, run_load
 from loragate.loadtest.stats import RateRatio, RequestRecord, Summary, paired_rate_ratio, summarize
 from loragate.loadtest.workloads import WorkItem
@@ -185,10 +185,7 @@ def start_gateway(logs: Path, data_dir: Path, workers: list[str], import_root: P
 
 def build_adapters(tiny_dir: Path, names: Sequence[str]) -> tuple[Path, dict[str, Path]]:
     """The tiny Llama and one PEFT LoRA per name (examples/tiny_model.py; cached in ``tiny_dir``)."""
-    root = str(report.ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from examples.tiny_model import build_tiny_lora, build_tiny_model
+    from examples.tiny_model import build_tiny_lora, build_tiny_model  # benchmarks run from the repository root
 
     model = build_tiny_model(tiny_dir / "model", name=MODEL)
     adapters = {name: build_tiny_lora(model, tiny_dir / "adapters" / name, seed=seed + 1, base_model_name=MODEL)

@@ -1,7 +1,7 @@
 """Routing benchmarks: overhead vs bare embedding, embedder backends, compositional detection,
 search latency by index size, and the merge-cache hit rate that weight rounding buys.
 
-Run: ``python -m loragate.loadtest.bench_routing [--quick]``. Writes its section of
+Run: ``python -m bench.bench_routing [--quick]``. Writes its section of
 docs/BENCHMARKS.md (or ``--out DIR``) and prints its headline figure last.
 """
 
@@ -22,9 +22,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from bench import report
+from bench.benchkit import bench_parser, output_dir
 from loragate.adapters.types import AdapterRecord, Descriptors
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import bench_parser, output_dir
 from loragate.router.compositional import DETECTORS, make_detector
 from loragate.router.embedder import Embedder, EmbedderBackend, make_backend
 from loragate.router.grammar import parse_policy

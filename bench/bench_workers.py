@@ -12,7 +12,7 @@ real LoRA loads) in the client: that is where fewer loads turn into lower latenc
 driven in-process because the gateway's config does not select strategies yet; nothing else of
 the gateway is on this path.
 
-Run: ``python -m loragate.loadtest.bench_workers [--quick] [--out DIR]``.
+Run: ``python -m bench.bench_workers [--quick] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loragate.loadtest import benchkit, report
+from bench import benchkit, report
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.observer import PoolObserver
 from loragate.workers.pool import PoolConfig, WorkerPool

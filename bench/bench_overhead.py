@@ -13,7 +13,7 @@ with ``select`` (embed the prompt, search the descriptor index, decide). Two ups
 Every server is its own process (stub, ``loragate serve``, vLLM), and measurements alternate
 between targets in rounds so drift on a shared machine hits all of them alike.
 
-Run: ``python -m loragate.loadtest.bench_overhead [--quick] [--out DIR]``; the last line printed is
+Run: ``python -m bench.bench_overhead [--quick] [--out DIR]``; the last line printed is
 the headline figure.
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import (
+from bench import report
+from bench.benchkit import (
     MODEL,
     Measured,
     Target,

@@ -5,7 +5,7 @@ response is complete; it must not make the client measurably slower. Both series
 in front of the instant stub, alternating in rounds, graded with ``X-Expected-Answer`` so the
 shadows do their full work (route, proxy, grade, record).
 
-Run: ``python -m loragate.loadtest.bench_shadow [--quick]``; prints its headline figure last.
+Run: ``python -m bench.bench_shadow [--quick]``; prints its headline figure last.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import (
+from bench import report
+from bench.benchkit import (
     Target,
     assert_clean,
     bench_parser,

@@ -4,7 +4,7 @@
 rank 16, float32 (~160 MB per adapter). Targets: `cat` within 2x of reading the three adapters;
 a cached repeat <= 1 ms.
 
-Run: ``python -m loragate.loadtest.bench_merge [--quick]``; prints its headline figure last.
+Run: ``python -m bench.bench_merge [--quick]``; prints its headline figure last.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from bench import report
+from bench.benchkit import bench_parser, output_dir
 from loragate.adapters.merge import load_factors
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.peft_format import inspect_dir
 from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import AdapterRecord
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import bench_parser, output_dir
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
           "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}

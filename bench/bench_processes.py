@@ -4,7 +4,7 @@ Both gateways front the same instant stub and are measured alternately in rounds
 with pinned requests, so the gateway itself is the bottleneck. On a 2-core machine the load
 generator and the stub share the cores with the gateway, which caps what a second process can add.
 
-Run: ``python -m loragate.loadtest.bench_processes [--quick]``; prints its headline figure last.
+Run: ``python -m bench.bench_processes [--quick]``; prints its headline figure last.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from loragate.loadtest import report
-from loragate.loadtest.benchkit import (
+from bench import report
+from bench.benchkit import (
     Target,
     assert_clean,
     bench_parser,

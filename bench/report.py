@@ -64,7 +64,7 @@ def write_section(name: str, title: str, body: str, out_dir: Path | None = None)
 def assemble() -> None:
     parts = [
         "# Benchmarks\n",
-        "Written by `make bench` (each script can also be run alone: `python -m loragate.loadtest.<name>`).",
+        "Written by `make bench` (each script can also be run alone: `python -m bench.<name>`).",
         "Every figure is a ratio or comparison measured side by side in one run on the machine named in",
         "its section; absolute numbers vary between runs on these shared machines, ratios much less.\n",
     ]

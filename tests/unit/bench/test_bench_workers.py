@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from loragate.loadtest.bench_workers import LoadCounts, optimal_loads, zipf_sequence
+from bench.bench_workers import LoadCounts, optimal_loads, zipf_sequence
 from loragate.workers.pool import PoolConfig, WorkerPool
 from tests.unit.workers.fakes import FakeAdmin
 
