@@ -53,6 +53,7 @@ from loragate.workers.stats import LoadBackoff, WorkerStats
 __all__ = ["DELIVERIES", "Lease", "PoolConfig", "PoolObserver", "WorkerPool", "WorkerSpec", "WorkerStats"]
 
 log = logging.getLogger(__name__)
+_NONE: frozenset[str] = frozenset()
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ class WorkerPool:
         return self._choose(adapter, exclude).stats()
 
     def _choose(self, adapter: str | None, exclude: Collection[str]) -> WorkerState:
-        request = SchedulingRequest(adapter, frozenset(exclude), time.monotonic())
+        request = SchedulingRequest(adapter, frozenset(exclude) if exclude else _NONE, time.monotonic())
         return self._workers[self.profile.schedule(request, self.views()).index]
 
     # -- request path ---------------------------------------------------------------------------------

@@ -269,9 +269,13 @@ class Profile:
         """The worker for ``request`` among ``workers`` (the whole fleet, in configuration order)."""
         for step in self.filters:
             workers = step.filter(request, workers)
-        scorers = self.scorers
-        return self.picker.pick([(sum(weight * scorer.score(request, worker) for scorer, weight in scorers), worker)
-                                 for worker in workers])
+        scored = []
+        for worker in workers:
+            total = 0.0
+            for scorer, weight in self.scorers:
+                total += weight * scorer.score(request, worker)
+            scored.append((total, worker))
+        return self.picker.pick(scored)
 
 
 def make_profile(name: str, weights: Mapping[str, float] | None = None) -> Profile:
