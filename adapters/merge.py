@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -39,7 +38,7 @@ import safetensors
 from numpy.typing import NDArray
 from safetensors import safe_open
 
-from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, inspect_dir, read_config
+from loragate.adapters.peft_format import CONFIG_FILE, LORA_KEY, WEIGHTS_FILE, inspect_dir, read_config
 from loragate.adapters.staging import new_dir
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest, Unprocessable
@@ -59,9 +58,6 @@ PEFT_PREFIX = "base_model.model."
 
 # safetensors' stub leaves this untyped; it returns [(name, {"dtype", "shape", "data"})].
 _deserialize = cast(Callable[[bytes], list[tuple[str, dict[str, Any]]]], safetensors.deserialize)
-
-# Same grammar as peft_format's validator: "...M.lora_A.weight" or "...M.lora_A.<adapter>.weight".
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def load_factors(directory: Path, *, label: str | None = None) -> LoraFactors:
     _refuse_unmergeable(config, name)
     pairs: dict[str, dict[str, Matrix]] = {}
     for key, tensor in _read_tensors(directory / WEIGHTS_FILE, name).items():
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             raise Unprocessable(f"adapter {name}: tensor {key} is not a lora_A/lora_B factor; adapters with "
                                 "embedding changes, modules_to_save or other extra tensors cannot be merged",

@@ -23,8 +23,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 
-# lora_A of module M: "...M.lora_A.weight" or "...M.lora_A.<adapter_name>.weight" (PEFT variants).
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+#: A LoRA weight key, as validation and merging both read it: lora_A of module M is "...M.lora_A.weight"
+#: or "...M.lora_A.<adapter_name>.weight" (PEFT variants).
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ def parse_spec(config: dict[str, Any], tensors: Iterable[tuple[str, tuple[int, .
 
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in tensors:
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             continue
         pairs.setdefault(match["module"], {})[match["which"]] = shape

@@ -30,7 +30,6 @@ from bench.benchkit import (
     assert_clean,
     bench_parser,
     build_adapters,
-    free_port,
     measure_interleaved,
     ms,
     output_dir,
@@ -43,6 +42,7 @@ from bench.benchkit import (
     warm_up,
 )
 from loragate.loadtest.plots import latency_cdf
+from loragate.workers.launch import free_port
 
 LITELLM_SPEC = "litellm[proxy]==1.106.2"
 VENV = report.ROOT / ".venv-litellm"

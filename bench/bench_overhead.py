@@ -36,7 +36,6 @@ from bench.benchkit import (
     assert_clean,
     bench_parser,
     build_adapters,
-    free_port,
     measure_interleaved,
     ms,
     output_dir,
@@ -51,7 +50,7 @@ from bench.benchkit import (
 )
 from loragate.loadtest.plots import latency_cdf
 from loragate.loadtest.stats import RateRatio, Summary
-from loragate.workers.launch import confine_to_cpus, split_cpus
+from loragate.workers.launch import confine_to_cpus, free_port, split_cpus
 
 PIN = 'pin;adapter="cooking"'
 SELECT = "select"

@@ -17,10 +17,8 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from bench import report
 from loragate.loadtest.loadgen import LoadSpec, run_load
 from loragate.loadtest.stats import RateRatio, RequestRecord, Summary, paired_rate_ratio, summarize
 from loragate.loadtest.workloads import WorkItem
-from loragate.workers.launch import stop_process_group
+from loragate.workers.launch import free_port, stop_process_group, wait_healthy
 
 OUT_ENV = "LORAGATE_BENCH_DIR"
 ADMIN_TOKEN = "bench-token"
@@ -94,12 +92,6 @@ def topical_prompts(count: int, seed: int = 0) -> tuple[WorkItem, ...]:
                  for i in range(count))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServerProcess:
     """One server subprocess in its own session (so stop() reaches its children), logging to a file."""
 
@@ -119,18 +111,13 @@ class ServerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log tail:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.ready_url, timeout=2.0, headers=self.ready_headers).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+        try:
+            wait_healthy(self.ready_url, self.proc, timeout, name=self.name, log_tail=self.log_tail,
+                         headers=self.ready_headers, interval=0.25)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -28,10 +28,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.stack import loragate_up, register
+from loragate.grading import wilson
 from loragate.loadtest.command import run_with_progress
 from loragate.loadtest.loadgen import LoadSpec
 from loragate.loadtest.workloads import WorkItem, load_jsonl
-from loragate.server.outcomes import wilson
 
 KIT = Path(__file__).resolve().parent / "twohop" / "artifacts"
 BASE_NAME = "twohop-base"

@@ -1,4 +1,4 @@
-"""Helpers the demo and the tests share: free ports, waiting for a server, and `loragate up` as a context manager.
+"""Helpers the demo and the tests share: `loragate up` as a context manager and registering adapters.
 
 `loragate up` is started as a subprocess, exactly as a user would start it, and stopped with SIGTERM
 (the graceful path that flushes the outcome log and stops the vLLM worker).
@@ -8,34 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"loragate up exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready after {timeout:.0f}s")
+from loragate.workers.launch import free_port, wait_healthy
 
 
 @contextlib.contextmanager
@@ -49,7 +29,10 @@ def loragate_up(model: Path, data_dir: Path, served_name: str, import_root: Path
     print(f"starting `loragate up`: vLLM-CPU worker on :{worker_port}, gateway on :{port}", flush=True)
     proc = subprocess.Popen(command)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, 400, name="loragate up")
+        except (RuntimeError, TimeoutError) as error:
+            raise SystemExit(str(error)) from None
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -29,8 +29,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from loragate.grading import is_correct
 from loragate.loadtest.stats import RequestRecord
-from loragate.loadtest.workloads import WorkItem, is_correct
+from loragate.loadtest.workloads import WorkItem
 from loragate.wire import choice_text
 
 POLICY_HEADER = "X-Adapter-Policy"

@@ -1,4 +1,4 @@
-"""What a load test sends: prompts from a JSONL file, or generated ones, and how answers are graded.
+"""What a load test sends: prompts from a JSONL file, or generated ones (graded by :mod:`loragate.grading`).
 
 A workload is a tuple of :class:`WorkItem`; the load generator cycles through it, so a short file
 still drives a long run. Items may carry their own adapter policy (sent as ``X-Adapter-Policy``)
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,23 +108,3 @@ def generated(count: int, words: int = 12, seed: int = 0) -> tuple[WorkItem, ...
     rng = random.Random(seed)
     return tuple(WorkItem(prompt=" ".join(rng.choice(GENERATED_WORDS) for _ in range(words)))
                  for _ in range(count))
-
-
-_PUNCT = re.compile(r"[^\w\s]", flags=re.UNICODE)
-_SPACE = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    """Lowercase, punctuation to spaces, whitespace collapsed: what grading compares."""
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
-
-
-def is_correct(answer: str, expected: tuple[str, ...]) -> bool | None:
-    """Normalized containment: any expected answer appears in the answer as whole words.
-
-    ``None`` when nothing is expected (ungraded). Whole words, so "Ana" does not match "banana".
-    """
-    if not expected:
-        return None
-    haystack = f" {normalize(answer)} "
-    return any(f" {needle} " in haystack for needle in (normalize(e) for e in expected) if needle)

@@ -7,7 +7,6 @@ name the client's path or uploaded file names, never the staging dir.
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -15,29 +14,22 @@ from pathlib import Path
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.adapters.registry import AdapterRegistry, Registration, validate_descriptors, validate_name
 from loragate.adapters.types import AdapterRecord
-from loragate.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unauthorized
+from loragate.auth import BearerAuth
+from loragate.errors import InvalidRequest, PayloadTooLarge
 from loragate.router.index import DescriptorIndex
 from loragate.workers.pool import WorkerPool
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
-class AdminAuth:
-    """Bearer-token check with a constant-time compare; no token means admin is off unless allowed."""
+class AdminAuth(BearerAuth):
+    """The admin API's bearer token; no token means admin is off unless unauthenticated use is allowed."""
 
     def __init__(self, token: str | None, allow_unauthenticated: bool) -> None:
-        self._token = token.encode() if token else None
-        self._open = allow_unauthenticated and token is None
-
-    def check(self, authorization: str | None) -> None:
-        if self._open:
-            return
-        if self._token is None:
-            raise Forbidden("the admin API is disabled: set LORAGATE_ADMIN_TOKEN (or, for local use only, "
-                            "LORAGATE_ALLOW_UNAUTHENTICATED_ADMIN=true)", code="admin_disabled")
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(presented.strip().encode(), self._token):
-            raise Unauthorized("missing or invalid admin bearer token")
+        super().__init__(token, what="admin", disabled_code="admin_disabled",
+                         disabled="the admin API is disabled: set LORAGATE_ADMIN_TOKEN (or, for local use only, "
+                                  "LORAGATE_ALLOW_UNAUTHENTICATED_ADMIN=true)",
+                         allow_unauthenticated=allow_unauthenticated)
 
 
 class AdminService:

@@ -15,18 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
-import re
 import sqlite3
 import threading
 import time
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from loragate.errors import Conflict, InvalidRequest, NotFound
+from loragate.grading import contains_answer as contains_answer  # re-exported for server/pipeline.py
+from loragate.grading import wilson
 from loragate.shared_db import connect_shared, lock_for
 
 _TABLE = """
@@ -77,31 +76,6 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
                          f"INSERT INTO outcomes (outcome_id, {_COLUMNS_BEFORE_OUTCOME_ID}) "
                          f"SELECT request_id, {_COLUMNS_BEFORE_OUTCOME_ID} FROM outcomes_old;\n"
                          "DROP TABLE outcomes_old;\nCOMMIT;")
-
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
-
-
-def normalise(text: str) -> str:
-    """Lower-case, accents folded, punctuation dropped, whitespace collapsed."""
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return " ".join(_PUNCT.sub(" ", folded.lower()).split())
-
-
-def contains_answer(output: str, expected: str) -> bool:
-    """Normalised containment on word boundaries: "Paris" is in "It is paris." but not in "Parisian"."""
-    want = normalise(expected)
-    return bool(want) and f" {want} " in f" {normalise(output)} "
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a success rate (95% by default); (0, 1) with no data."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
 
 @dataclass(frozen=True, slots=True)
 class OutcomeRecord:

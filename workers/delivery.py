@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from loragate.adapters.store import ADAPTER_FILES, AdapterStore
 from loragate.adapters.types import AdapterRecord
-from loragate.errors import Forbidden, NotFound, Unauthorized
+from loragate.auth import BearerAuth
+from loragate.errors import NotFound
 
 FILES_PREFIX = "/adapters-files"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -71,7 +71,8 @@ class AdapterFiles:
     def __init__(self, token: str | None, lookup: Callable[[str], Path | None], store_root: Path | None = None) -> None:
         """``store_root``: the content-addressed store, whose entries are found by hash alone (so a
         file request served by another gateway process than the manifest still resolves)."""
-        self._token = token.encode() if token else None
+        self._auth = BearerAuth(token, what="delivery", disabled_code="delivery_disabled",
+                                disabled="adapter file delivery is disabled: set the delivery token on the gateway")
         self._lookup = lookup
         self._store_root = store_root
         self._dirs: dict[str, Path] = {}  # sha256 -> directory, learned from manifests
@@ -79,12 +80,7 @@ class AdapterFiles:
 
     def authorize(self, authorization: str | None) -> None:
         """Constant-time bearer check; without a configured token the routes are off (403)."""
-        if self._token is None:
-            raise Forbidden("adapter file delivery is disabled: set the delivery token on the gateway",
-                            code="delivery_disabled")
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(presented.strip().encode(), self._token):
-            raise Unauthorized("missing or invalid delivery bearer token")
+        self._auth.check(authorization)
 
     async def manifest(self, name: str) -> Manifest:
         """The manifest of ``name``; hashing runs in a thread and is cached per directory version."""

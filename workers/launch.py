@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -174,6 +176,42 @@ def stop_process_group(proc: subprocess.Popen[bytes] | None, grace: float = 15.0
         proc.wait(timeout=5.0)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it; bind it soon, another process may)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, timeout: float, *, name: str,
+                 log_tail: Callable[[], str] | None = None, headers: Mapping[str, str] | None = None,
+                 interval: float = 0.5, progress: bool = False) -> float:
+    """Block until ``GET url`` answers 200 and return the seconds it took: every "start a server
+    subprocess and wait for its /health" (vLLM workers, ``loragate up`` in tests and the demo, benchmark
+    servers) waits here.
+
+    Raises :class:`RuntimeError` as soon as ``proc`` exits, :class:`TimeoutError` after ``timeout``;
+    both name ``name`` and end with ``log_tail()`` when given. ``progress`` shows seconds elapsed on stderr.
+    """
+    def failure(what: str) -> str:
+        return f"{name} {what}" + (f"; log tail:\n{log_tail()}" if log_tail is not None else "")
+
+    started = time.monotonic()
+    with tqdm(total=int(timeout), desc=f"{name} starting", unit="s", disable=not progress,
+              bar_format="{desc}: {n_fmt}s elapsed") as bar:
+        while (elapsed := time.monotonic() - started) < timeout:
+            bar.update(int(elapsed) - bar.n)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(failure(f"exited with {proc.returncode}"))
+            try:
+                if httpx.get(url, timeout=2.0, headers=dict(headers or {})).status_code == 200:
+                    return elapsed
+            except httpx.HTTPError:
+                pass
+            time.sleep(interval)
+    raise TimeoutError(failure(f"not ready after {timeout:.0f}s"))
+
+
 class WorkerProcess:
     """A vLLM worker subprocess in its own process group, so shutdown reaches its children too.
 
@@ -203,21 +241,8 @@ class WorkerProcess:
         Raises with the log tail if the process dies first. ``progress`` shows a bar on stderr
         (a vLLM start takes tens of seconds on a CPU).
         """
-        started = time.monotonic()
-        with tqdm(total=int(timeout), desc="vLLM worker starting", unit="s", disable=not progress,
-                  bar_format="{desc}: {n_fmt}s elapsed") as bar:
-            while (elapsed := time.monotonic() - started) < timeout:
-                bar.update(int(elapsed) - bar.n)
-                if self._proc is not None and self._proc.poll() is not None:
-                    raise RuntimeError(f"vLLM worker exited with {self._proc.returncode}; log tail:\n"
-                                       f"{self.log_tail()}")
-                try:
-                    if httpx.get(f"{self.launch.url}/health", timeout=2.0).status_code == 200:
-                        return elapsed
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-        raise TimeoutError(f"vLLM worker not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+        return wait_healthy(f"{self.launch.url}/health", self._proc, timeout, name="vLLM worker",
+                            log_tail=self.log_tail, progress=progress)
 
     @property
     def pid(self) -> int | None:

@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.stack import free_port
 from examples.tiny_model import DESCRIPTORS, build_tiny_lora, build_tiny_model
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
-from loragate.workers.launch import WorkerLaunch, WorkerProcess
+from loragate.workers.launch import WorkerLaunch, WorkerProcess, free_port
 from tests.servers import serving
 
 TOKEN = "integration-token"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from examples.stack import free_port, wait_for
+from loragate.workers.launch import free_port, wait_healthy
 from tests.integration.conftest import MODEL, Stack
 
 PROMPTS = ["the cat sat on the red chair and then", "where is the old road", "my friend has a black table",
@@ -113,7 +113,7 @@ def test_records_survive_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "loragate.server.cli", "serve"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", proc, timeout=60)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 60, name="gateway")
         ids = [httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": "x"},
                           headers={"x-request-id": f"sigterm-{i}"}).headers["x-request-id"] for i in range(5)]
         proc.send_signal(signal.SIGTERM)

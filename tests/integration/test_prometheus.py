@@ -48,8 +48,8 @@ import uvicorn
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from examples.stack import free_port, wait_for
 from loragate.loadtest.stub import StubApp, answer_words
+from loragate.workers.launch import free_port, wait_healthy
 from tests.lora_files import write_lora
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,8 +291,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
             procs.append(subprocess.Popen([sys.executable, "-m", "loragate.server.cli", "serve"], env=env,
                                           stdout=log, stderr=subprocess.STDOUT, cwd=work))
         try:
-            wait_for(f"{gateway}/health", procs[-1], timeout=180)
-        except SystemExit as exc:
+            wait_healthy(f"{gateway}/health", procs[-1], 180, name="gateway")
+        except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"gateway did not start: {exc}\n{_log_tail(gateway_log)}")
         with httpx.Client(base_url=gateway, headers={"authorization": f"Bearer {TOKEN}"}, timeout=60) as admin:
             for name, (description, examples) in DESCRIPTORS.items():
@@ -311,8 +311,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                  f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=work))
         try:
-            wait_for(f"{prometheus}/-/ready", procs[-1], timeout=60)
-        except SystemExit as exc:
+            wait_healthy(f"{prometheus}/-/ready", procs[-1], 60, name="prometheus")
+        except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"prometheus did not start: {exc}\n{_log_tail(prom_log)}")
         _until(lambda: _prometheus_total(prometheus, 'up{job="loragate"}') == 1, 30, "the first gateway scrape")
 

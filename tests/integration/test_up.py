@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.stack import free_port, wait_for
+from loragate.workers.launch import free_port, wait_healthy
 from tests.integration.conftest import Tiny
 
 
@@ -40,7 +40,7 @@ def test_up_serves_and_stops_its_worker_on_signal(tiny: Tiny, tmp_path: Path, si
                              "--set", f"port={port}", "--set", f"data_dir={tmp_path / 'data'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", proc, timeout=400)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 400, name="loragate up")
         if split:
             [worker] = _children(proc.pid)
             engine = _children(worker)
@@ -71,7 +71,7 @@ def test_up_with_resolver_delivery_serves_adapters_the_workers_fetch_over_http(t
                              "--set", "adapter_delivery=resolver", "--set", f'import_roots=["{tiny.root}"]'])
     gateway = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{gateway}/health", proc, timeout=400)
+        wait_healthy(f"{gateway}/health", proc, 400, name="loragate up")
         assert httpx.post(f"{gateway}/admin/adapters", json={"name": "alpha", "path": str(alpha)}).status_code == 201
         sha = httpx.get(f"{gateway}/admin/adapters/alpha").json()["sha256"]
         body = {"prompt": "the cat sat on the", "max_tokens": 4, "temperature": 0}
@@ -122,7 +122,7 @@ def test_up_restarts_a_dead_worker_and_leaves_no_process_behind(tiny: Tiny, tmp_
                                  "--set", "worker_start_timeout_s=900"], stdout=out, stderr=subprocess.STDOUT)
     worker_groups: list[int] = []
     try:
-        wait_for(f"{gateway}/health", proc, timeout=600)
+        wait_healthy(f"{gateway}/health", proc, 600, name="loragate up")
         [first] = _children(proc.pid)
         worker_groups.append(first)
         assert "VLLM::EngineCor" in _group(first)  # comm is cut at 15 characters

@@ -34,11 +34,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from examples.stack import free_port, wait_for
 from loragate.errors import LoragateError, WorkerRejected
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.delivery import AdapterFiles
-from loragate.workers.launch import WorkerFleet, WorkerLaunch, resolver_env
+from loragate.workers.launch import WorkerFleet, WorkerLaunch, free_port, resolver_env, wait_healthy
 from loragate.workers.pool import PoolConfig, WorkerPool
 from tests.integration.conftest import MODEL, Tiny
 from tests.servers import serving
@@ -314,7 +313,7 @@ def test_kill_9_under_load_through_the_gateway(fleet: Fleet, tmp_path: Path) -> 
                "--set", "scheduling=round-robin", "--set", f"workers={json.dumps(fleet.fleet.urls)}"]
     proc = subprocess.Popen(command)
     try:
-        wait_for(f"{gateway}/health", proc, timeout=120)
+        wait_healthy(f"{gateway}/health", proc, 120, name="gateway")
         out_after, back_after, back_since, failures = asyncio.run(
             _drive_and_kill(fleet, gateway, victim_index, total, concurrency))
     finally:

@@ -1,4 +1,4 @@
-"""Workload parsing and answer grading (normalized containment)."""
+"""Workload parsing and generated workloads (grading: tests/unit/test_grading.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from loragate.loadtest.workloads import (
     WorkItem,
     WorkloadError,
     generated,
-    is_correct,
     load_jsonl,
-    normalize,
     parse_jsonl,
 )
 
@@ -60,21 +58,3 @@ def test_generated_prompts_are_reproducible_and_distinct() -> None:
     assert generated(5, seed=4) != a[:5]
     with pytest.raises(WorkloadError):
         generated(0)
-
-
-def test_normalize() -> None:
-    assert normalize("  Ana's   SPOUSE, is: Bo!\n") == "ana s spouse is bo"
-
-
-@pytest.mark.parametrize(("answer", "expected", "correct"), [
-    ("The answer is Paris.", ("paris",), True),
-    ("PARIS, France", ("Paris France",), True),
-    ("banana", ("Ana",), False),  # whole words only
-    ("it is Lyon", ("Paris", "Lyon"), True),
-    ("no idea", ("Paris",), False),
-    ("anything", (), None),  # ungraded
-    ("anything", ("!!",), False),  # an expected answer that normalizes to nothing never matches
-])
-def test_is_correct_is_normalized_whole_word_containment(answer: str, expected: tuple[str, ...],
-                                                         correct: bool | None) -> None:
-    assert is_correct(answer, expected) is correct

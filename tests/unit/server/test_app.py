@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from examples.stack import free_port
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
+from loragate.workers.launch import free_port
 from tests.lora_files import write_lora
 
 TOKEN = "s3cret-token"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from examples.stack import free_port
 from loragate.server.cli import app
+from loragate.workers.launch import free_port
 
 
 @dataclass

@@ -16,12 +16,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from examples.stack import free_port
 from loragate.errors import InvalidRequest
 from loragate.loadtest.stub import StubApp
 from loragate.server.app import create_app
 from loragate.server.pipeline import MAX_JSON_DEPTH, parse_json
 from loragate.server.settings import Settings
+from loragate.workers.launch import free_port
 from tests.lora_files import write_lora
 from tests.servers import serving
 from tests.unit.server.test_app import AUTH, TOKEN, make_client

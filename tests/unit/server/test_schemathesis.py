@@ -20,10 +20,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 
-from examples.stack import free_port
 from loragate.loadtest.stub import StubApp
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
+from loragate.workers.launch import free_port
 from tests.lora_files import write_lora
 from tests.servers import serving
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.stack import free_port
 from loragate.server.app import create_app
 from loragate.server.settings import Settings
+from loragate.workers.launch import free_port
 from tests.lora_files import write_lora
 from tests.servers import serving
 
