@@ -4,7 +4,8 @@ Every error a client can cause carries its HTTP status and renders as an OpenAI-
 ``{"error": {"message", "type", "param", "code"}}``. Layers below ``server`` raise these without
 knowing anything about HTTP frameworks; the server installs a single handler that renders them.
 Client mistakes are 4xx by construction: only :class:`UpstreamError` and :class:`GatewayError`
-map to 5xx.
+map to 5xx. :class:`ConfigError` is the operator's mistake, found at startup: it stops the gateway
+with its one-line message and is never an HTTP response.
 """
 
 from __future__ import annotations
@@ -117,3 +118,16 @@ class WorkerRejected(LoragateError):
     default_status = 502
     type = "upstream_error"
     default_code = "worker_error"
+
+
+class ConfigError(LoragateError):
+    """A startup configuration mistake (a setting, the worker list, a policy or plugin name).
+
+    Raised while the gateway is wired, before it listens: ``loragate serve``/``up`` print the message
+    as one line and exit non-zero. ``param`` names the setting. Never a client's fault, so never a
+    400; were one rendered, it would be a 500.
+    """
+
+    default_status = 500
+    type = "server_error"
+    default_code = "config_error"

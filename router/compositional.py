@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
-from loragate.errors import InvalidRequest
+from loragate.errors import ConfigError
 from loragate.router.index import Vectors
 
 Candidates = tuple[tuple[str, float], ...]
@@ -128,5 +128,5 @@ def make_detector(name: str) -> Detector:
     try:
         return DETECTORS[name]()
     except KeyError:
-        raise InvalidRequest(f"unknown compositional detector {name!r}; valid: {', '.join(sorted(DETECTORS))}",
-                             code="invalid_config") from None
+        raise ConfigError(f"unknown compositional detector {name!r}; valid: {', '.join(sorted(DETECTORS))}",
+                          param="compositional_detector") from None

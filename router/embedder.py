@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from loragate.errors import InvalidRequest, LoragateError
+from loragate.errors import ConfigError, LoragateError
 
 if TYPE_CHECKING:
     from model2vec import StaticModel
@@ -86,8 +86,8 @@ def _existing_dir(model_dir: str | Path, backend: str) -> Path:
     """
     path = Path(model_dir).expanduser()
     if not path.is_dir():
-        raise InvalidRequest(f"embedder {backend!r}: model directory {str(path)!r} does not exist",
-                             param="model_dir", code="invalid_embedder")
+        raise ConfigError(f"embedder {backend!r}: model directory {str(path)!r} does not exist",
+                          param="embedder_model_dir")
     return path.resolve()
 
 
@@ -245,23 +245,28 @@ def backend_names() -> list[str]:
     return sorted(EMBEDDER_BACKENDS)
 
 
-def make_backend(name: str = DEFAULT_BACKEND, **options: Any) -> EmbedderBackend:
-    """Build the backend registered as ``name`` with ``options`` (e.g. ``model_dir``).
+def backend_class(name: str, **options: Any) -> type[EmbedderBackend]:
+    """The backend class registered as ``name``, checked to accept ``options`` (nothing is loaded).
 
-    Unknown names and options are client/config mistakes, reported as :class:`InvalidRequest` listing
+    Unknown names and options are configuration mistakes, reported as :class:`ConfigError` listing
     what is valid, rather than a ``KeyError``/``TypeError`` from deep inside.
     """
     cls = EMBEDDER_BACKENDS.get(name)
     if cls is None:
-        raise InvalidRequest(f"unknown embedder backend {name!r}; available: {', '.join(backend_names())}",
-                             param="embedder", code="invalid_embedder")
+        raise ConfigError(f"unknown embedder backend {name!r}; available: {', '.join(backend_names())}",
+                          param="embedder")
     try:
         inspect.signature(cls).bind(**options)
     except TypeError:
         accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
-        raise InvalidRequest(f"embedder {name!r} does not take {sorted(options)}; its options: "
-                             f"{', '.join(accepted) or 'none'}", param="embedder", code="invalid_embedder") from None
-    return cls(**options)
+        raise ConfigError(f"embedder {name!r} does not take {sorted(options)}; its options: "
+                          f"{', '.join(accepted) or 'none'}", param="embedder") from None
+    return cls
+
+
+def make_backend(name: str = DEFAULT_BACKEND, **options: Any) -> EmbedderBackend:
+    """Build the backend registered as ``name`` with ``options`` (e.g. ``model_dir``); see :func:`backend_class`."""
+    return backend_class(name, **options)(**options)
 
 
 @dataclass(slots=True)

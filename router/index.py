@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from loragate.adapters.types import AdapterRecord
-from loragate.errors import InvalidRequest
+from loragate.errors import ConfigError
 
 Vectors = npt.NDArray[np.float32]
 #: The saved index in its directory: vectors plus the names and fingerprints they belong to.
@@ -124,13 +124,19 @@ def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: in
                          adapters=frozenset(e.name for e in entries))
 
 
+def check_aggregate(aggregate: str) -> None:
+    """Raise :class:`ConfigError` unless ``aggregate`` is one of :data:`AGGREGATES`."""
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"unknown index aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}",
+                          param="index_aggregate")
+
+
 class DescriptorIndex:
     """Keeps the snapshot in step with the registry; built once at startup."""
 
     def __init__(self, encoder: TextEncoder, directory: Path, embedder_id: str, *, exact_max: int = 50_000,
                  aggregate: str = "max") -> None:
-        if aggregate not in AGGREGATES:
-            raise InvalidRequest(f"unknown index aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}")
+        check_aggregate(aggregate)
         self._encoder = encoder
         self._dir = directory
         self._embedder_id = embedder_id

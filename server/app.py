@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,21 +20,26 @@ from loragate import __version__
 from loragate.adapters.base_shapes import BaseModelShapes
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
-from loragate.errors import InvalidRequest, LoragateError
+from loragate.adapters.resolve import Resolver
+from loragate.errors import ConfigError, InvalidRequest, LoragateError
 from loragate.router.compositional import make_detector
-from loragate.router.embedder import Embedder, make_backend
+from loragate.router.embedder import Embedder, backend_class, make_backend
 from loragate.router.grammar import parse_policy
-from loragate.router.index import DescriptorIndex
+from loragate.router.index import DescriptorIndex, check_aggregate
 from loragate.router.service import Router
 from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
+from loragate.server.calls import CallParser
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog
-from loragate.server.pipeline import CompletionService, ShadowConfig
+from loragate.server.pipeline import CompletionService
+from loragate.server.recorder import OutcomeRecorder
 from loragate.server.settings import Settings, load_settings
+from loragate.server.shadows import ShadowConfig, ShadowScheduler
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.delivery import AdapterFiles, adapter_dir_lookup
-from loragate.workers.pool import PoolConfig, WorkerPool
+from loragate.workers.dispatch import Dispatcher
+from loragate.workers.pool import PoolConfig, WorkerPool, WorkerSpec
 from loragate.workers.supervise import RestartCounts
 
 logger = logging.getLogger("loragate")
@@ -48,6 +53,7 @@ class Services:
     registry: AdapterRegistry
     pool: WorkerPool
     completions: CompletionService
+    shadows: ShadowScheduler
     admin: AdminService
     auth: AdminAuth
     metrics: GatewayMetrics
@@ -55,6 +61,58 @@ class Services:
     index: DescriptorIndex | None
     adapter_files: AdapterFiles
     outcomes: OutcomeLog
+
+
+@contextmanager
+def config_errors(setting: str | None = None) -> Iterator[None]:
+    """Wiring from settings: what validators shared with request parsing (the policy grammar, worker
+    specs, scheduling names) raise as :class:`InvalidRequest` is a configuration mistake here;
+    ``setting`` names the option in the message."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        message = f"{setting}: {exc.message}" if setting else exc.message
+        raise ConfigError(message, param=setting or exc.param) from None
+
+
+def pool_config(settings: Settings) -> PoolConfig:
+    """The worker pool's configuration (validated on construction: delivery, scheduling profile, weights)."""
+    return PoolConfig(strategy=settings.scheduling, scorer_weights=settings.scheduling_weights,
+                      max_loras=settings.worker_max_loras, delivery=settings.adapter_delivery,
+                      probe_interval_s=settings.probe_interval_s, probe_timeout_s=settings.probe_timeout_s,
+                      scrape_interval_s=settings.scrape_interval_s)
+
+
+def embedder_options(settings: Settings) -> dict[str, object]:
+    """The options the embedder backend is built with."""
+    options: dict[str, object] = {"threads": settings.embed_threads, "cache_dir": settings.embedder_cache_dir}
+    if settings.embedder_model_dir:
+        options["model_dir"] = settings.embedder_model_dir
+    return options
+
+
+def check_config(settings: Settings) -> None:
+    """Check what wiring derives from ``settings`` without building anything (no I/O, no model load).
+
+    Runs before the app exists, so a mistake stops ``loragate serve``/``up`` with one line
+    (:class:`ConfigError`) rather than a traceback from a failed startup, and ``up`` before it
+    starts its workers. What needs the services themselves (a default policy that needs an
+    embedder, duplicate worker URLs) is checked while they are built, also as :class:`ConfigError`.
+    """
+    with config_errors():
+        pool_config(settings)
+        for worker in settings.workers:
+            WorkerSpec.parse(worker)
+    with config_errors("default_policy"):
+        parse_policy(settings.default_policy, source="default")
+    with config_errors("shadow_policy"):
+        if settings.shadow_policy:
+            parse_policy(settings.shadow_policy, source="shadow")
+    with config_errors():
+        if settings.embedder != "none":
+            backend_class(settings.embedder, **embedder_options(settings))
+            make_detector(settings.compositional_detector)
+            check_aggregate(settings.index_aggregate)
 
 
 def build_router(settings: Settings) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
@@ -65,11 +123,9 @@ def build_router(settings: Settings) -> tuple[Router, Embedder | None, Descripto
     default = parse_policy(settings.default_policy, source="default")
     if settings.embedder == "none":
         return Router(default, config), None, None
-    options: dict[str, object] = {"threads": settings.embed_threads, "cache_dir": settings.embedder_cache_dir}
-    if settings.embedder_model_dir:
-        options["model_dir"] = settings.embedder_model_dir
-    embedder = Embedder(make_backend(settings.embedder, **options), max_batch=settings.embed_max_batch,
-                        max_wait_ms=settings.embed_max_wait_ms, cache_size=settings.embed_cache_size)
+    embedder = Embedder(make_backend(settings.embedder, **embedder_options(settings)),
+                        max_batch=settings.embed_max_batch, max_wait_ms=settings.embed_max_wait_ms,
+                        cache_size=settings.embed_cache_size)
     index = DescriptorIndex(embedder, settings.data_dir / "index", embedder.identity,
                             exact_max=settings.index_exact_max, aggregate=settings.index_aggregate)
     router = Router(default, config, embedder=embedder, index=index,
@@ -87,11 +143,8 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         base_shapes=BaseModelShapes.read(settings.base_model_config) if settings.base_model_config else None))
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
     adapter_dirs = adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges")
-    pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics, PoolConfig(
-        strategy=settings.scheduling, scorer_weights=settings.scheduling_weights,
-        max_loras=settings.worker_max_loras, delivery=settings.adapter_delivery,
-        probe_interval_s=settings.probe_interval_s, probe_timeout_s=settings.probe_timeout_s,
-        scrape_interval_s=settings.scrape_interval_s), adoptable=adapter_dirs)
+    pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics,
+                      pool_config(settings), adoptable=adapter_dirs)
     metrics.watch_pool(pool.views)
     metrics.watch_worker_restarts(RestartCounts.in_data_dir(settings.data_dir).read)  # written by `loragate up`
     delivery_token = settings.delivery_token.get_secret_value() if settings.delivery_token else None
@@ -102,17 +155,23 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
                           interval_s=settings.outcomes_flush_interval_s)
     if settings.shadow_policy:
         router.resolve(parse_policy(settings.shadow_policy, source="shadow"))  # fail at startup
-    shadow = ShadowConfig(settings.shadow_policy, settings.shadow_rate, settings.shadow_max_concurrency,
-                          settings.shadow_max_pending, settings.shadow_max_wait_s)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    completions = CompletionService(model=settings.model, registry=registry, router=router, pool=pool,
-                                    upstream=upstream, metrics=metrics, merges=merges, max_rank=settings.max_lora_rank,
-                                    outcomes=outcomes, shadow=shadow, upstream_attempts=settings.upstream_attempts)
-    metrics.shadow_pending.set_function(lambda: completions.pending_shadows)
+    recorder = OutcomeRecorder(metrics, outcomes)
+    dispatcher = Dispatcher(pool, upstream, attempts=settings.upstream_attempts, retried=metrics.request_retried)
+    completions = CompletionService(
+        model=settings.model, registry=registry, router=router, recorder=recorder, dispatcher=dispatcher,
+        calls=CallParser(settings.model, registry, router.resolve, unknown_ttl_s=settings.registry_poll_s),
+        resolver=Resolver(registry, merges, default_method=settings.average_method, max_rank=settings.max_lora_rank))
+    shadows = ShadowScheduler(ShadowConfig(settings.shadow_policy, settings.shadow_rate,
+                                           settings.shadow_max_concurrency, settings.shadow_max_pending,
+                                           settings.shadow_max_wait_s), completions.run, dispatcher.in_flight, metrics)
+    recorder.subscribe(shadows.on_event)
+    metrics.shadow_pending.set_function(lambda: shadows.pending)
     return Services(
         settings=settings, registry=registry, pool=pool, metrics=metrics, embedder=embedder, index=index,
         outcomes=outcomes,
         completions=completions,
+        shadows=shadows,
         admin=AdminService(registry, pool, settings.max_adapter_bytes, index),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
         adapter_files=adapter_files,
@@ -164,14 +223,19 @@ def freeze_startup_heap() -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """A gateway app; services exist between startup and shutdown (``app.state.services``)."""
+    """A gateway app; services exist between startup and shutdown (``app.state.services``).
+
+    Raises :class:`ConfigError` for a configuration mistake (:func:`check_config`)."""
     from loragate.server.routes import admin, files, openai, ops
+
+    check_config(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
         async with httpx.AsyncClient(timeout=timeout) as http, upstream_session(settings) as upstream:
-            services = build_services(settings, http, upstream)
+            with config_errors():
+                services = build_services(settings, http, upstream)
             app.state.services = services
             if services.index is not None:
                 await services.index.sync(services.registry.snapshot())
@@ -185,7 +249,7 @@ def create_app(settings: Settings) -> FastAPI:
                 gc.unfreeze()  # an app built again in this process (tests) starts from a collectable heap
                 poller.cancel()
                 await services.pool.stop()
-                await services.completions.close()  # running shadows finish and are recorded
+                await services.shadows.close()  # running shadows finish and are recorded
                 await services.outcomes.close()  # drains the queue: nothing recorded is lost
                 if services.embedder is not None:
                     await services.embedder.close()

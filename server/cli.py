@@ -13,16 +13,18 @@ import secrets
 import signal
 import subprocess
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loragate.server.settings import Settings, describe_options, load_settings, to_environment
+from loragate.errors import ConfigError
+from loragate.server.settings import Settings, as_config_error, describe_options, load_settings, to_environment
 from loragate.workers.launch import (
     WorkerFleet,
     WorkerLaunch,
@@ -58,6 +60,27 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _stop_on_config_error() -> Iterator[None]:
+    """A configuration mistake ends the command with one line on stderr and exit status 2, no traceback."""
+    try:
+        try:
+            yield
+        except (ValidationError, FileNotFoundError) as exc:  # from load_settings
+            raise as_config_error(exc) from None
+    except ConfigError as exc:
+        typer.echo(f"loragate: configuration error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _checked(settings: Settings) -> Settings:
+    """``settings`` once :func:`~loragate.server.app.check_config` accepts them (before anything starts)."""
+    from loragate.server.app import check_config
+
+    check_config(settings)
+    return settings
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
 
@@ -76,7 +99,8 @@ def _serve(settings: Settings) -> None:
 @app.command(epilog=_OPTIONS_HELP)
 def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Run the gateway in front of already running workers (LORAGATE_WORKERS)."""
-    settings = load_settings(config, **_overrides(set_))
+    with _stop_on_config_error():
+        settings = _checked(load_settings(config, **_overrides(set_)))
     typer.echo(f"loragate on http://{settings.host}:{settings.port} -> workers {settings.workers}", err=True)
     _serve(settings)
 
@@ -143,7 +167,8 @@ def up(
     overrides = _overrides(set_)
     overrides.setdefault("workers", [f"http://127.0.0.1:{worker_port + i}" for i in range(workers)])
     overrides.setdefault("base_model_config", model)  # registration checks adapter shapes against it
-    settings = load_settings(config, **overrides)
+    with _stop_on_config_error():
+        settings = _checked(load_settings(config, **overrides))
     if settings.admin_token is None and settings.host in ("127.0.0.1", "localhost", "::1"):
         settings = settings.model_copy(update={"allow_unauthenticated_admin": True})
     if not settings.import_roots:

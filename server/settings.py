@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from loragate.errors import ConfigError
 
 CONFIG_ENV = "LORAGATE_CONFIG"
 
@@ -152,6 +154,15 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise FileNotFoundError(f"config file {config_file} does not exist")
         os.environ[CONFIG_ENV] = str(config_file)
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def as_config_error(exc: ValidationError | FileNotFoundError) -> ConfigError:
+    """What :func:`load_settings` raised, as the one-line :class:`ConfigError` the CLI prints (every bad setting)."""
+    if isinstance(exc, FileNotFoundError):
+        return ConfigError(str(exc), param="config")
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']} (got {e['input']!r})"
+                         for e in exc.errors())
+    return ConfigError(f"invalid settings: {problems}")
 
 
 def to_environment(settings: Settings) -> dict[str, str]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
-from loragate.errors import InvalidRequest
+from loragate.errors import ConfigError
 from loragate.router.embedder import (
     EMBEDDER_BACKENDS,
     STATIC_MODEL_DIR,
@@ -204,19 +204,19 @@ async def test_close_drains_queued_prompts_then_refuses(fake: CountingBackend) -
     await service.close()  # idempotent
 
 
-def test_unknown_backend_is_invalid_request_listing_names() -> None:
-    with pytest.raises(InvalidRequest) as info:
+def test_unknown_backend_is_a_config_error_listing_names() -> None:
+    with pytest.raises(ConfigError) as info:
         make_backend("bert-large")
-    assert info.value.status == 400
+    assert info.value.param == "embedder"  # a startup mistake (was a 400 InvalidRequest)
     assert "bert-large" in info.value.message
     for name in EMBEDDER_BACKENDS:
         assert name in info.value.message
 
 
-def test_unknown_option_and_missing_dir_are_invalid_request() -> None:
-    with pytest.raises(InvalidRequest, match="model_dir"):
+def test_unknown_option_and_missing_dir_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="model_dir"):
         make_backend("static", modle_dir="/x")
-    with pytest.raises(InvalidRequest, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         make_backend("static", model_dir="/nonexistent/static-model")  # never falls back to the hub
 
 

@@ -54,3 +54,38 @@ def test_settings_survive_the_trip_through_the_environment(monkeypatch: pytest.M
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert load_settings() == original
+
+
+@pytest.mark.parametrize(("setting", "fragment"), [
+    ('workers=["ftp://w:1"]', "must start with http://"),
+    ("scheduling=bogus", "unknown scheduling strategy 'bogus'"),
+    ('scheduling_weights={"load": -1}', "scheduling weight of 'load'"),
+    ("adapter_delivery=carrier", "unknown adapter delivery"),
+    ("embedder=bogus", "unknown embedder backend 'bogus'"),
+    ("compositional_detector=zzz", "unknown compositional detector"),
+    ("index_aggregate=mean", "unknown index aggregate"),
+    ("default_policy=pin;;", "default_policy: cannot parse"),
+    ("port=notanint", "port: Input should be a valid integer"),
+])
+def test_a_configuration_mistake_stops_the_gateway_with_one_line(tmp_path: Path, setting: str, fragment: str) -> None:
+    """Before anything starts (no worker, no model load): exit 2, one line naming the mistake, no traceback."""
+    from typer.testing import CliRunner
+
+    from loragate.server.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--set", f"data_dir={tmp_path}", "--set", setting])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loragate: configuration error: "), result.output
+    assert fragment in lines[0] and "Traceback" not in result.output
+    assert not (tmp_path / "registry.sqlite3").exists()  # stopped before wiring anything
+
+
+def test_create_app_raises_config_error_not_invalid_request(tmp_path: Path) -> None:
+    from loragate.errors import ConfigError, InvalidRequest
+    from loragate.server.app import create_app
+    from loragate.server.settings import Settings
+
+    with pytest.raises(ConfigError, match="unknown scheduling strategy") as info:
+        create_app(Settings(data_dir=tmp_path, scheduling="bogus"))
+    assert not isinstance(info.value, InvalidRequest) and info.value.status == 500
