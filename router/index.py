@@ -38,6 +38,17 @@ Vectors = npt.NDArray[np.float32]
 INDEX_FILE = "index.npz"
 AGGREGATES = ("max", "top2mean")
 
+THREAD_MIN_VECTORS = 10_000
+"""Exact (flat) searches over at least this many vectors run in a thread, off the event loop.
+
+Measured on this 2-core Xeon (384-d, one OpenMP thread): a flat search takes 0.12 ms over 1k
+vectors, 0.67 ms over 5k, 2.0 ms over 20k and 4.8 ms over 50k (``index_exact_max``); a thread hop
+(``asyncio.to_thread``) costs about 40 us. From 10k vectors a search would stall every other
+request for a millisecond or more, and the hop adds under 5% to it; below, the stall is under a
+millisecond and the hop a larger share of it, so small indexes are searched inline. HNSW (above
+``index_exact_max``) answers in ~0.1 ms at any size and stays inline. FAISS releases the GIL
+while it searches, so the loop runs meanwhile."""
+
 
 class TextEncoder(Protocol):
     """What the index needs from the embedder."""
@@ -153,6 +164,12 @@ class DescriptorIndex:
 
     def search(self, query: Vectors, k: int) -> tuple[tuple[str, float], ...]:
         return self._snapshot.search(query, k, self.aggregate)
+
+    @property
+    def blocks_loop(self) -> bool:
+        """Whether searching now would stall the event loop enough to run in a thread (:data:`THREAD_MIN_VECTORS`)."""
+        snapshot = self._snapshot
+        return snapshot.kind == "flat" and snapshot.size >= THREAD_MIN_VECTORS
 
     async def sync(self, adapters: Mapping[str, AdapterRecord]) -> None:
         """Bring the index in step with the registry: embed new/changed adapters, drop removed ones."""

@@ -7,6 +7,7 @@ an immutable :class:`RoutingQuery`. ``base`` and ``pin`` never pay for an embedd
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -60,11 +61,16 @@ class Router:
             started = time.perf_counter()
             vectors = await self.embedder.embed_many([prompt, *extra])  # one batch: prompt + detector clauses
             embed_s = time.perf_counter() - started
-            candidates = tuple((n, s) for n, s in self.index.search(vectors[0], self.config.candidates)
-                               if n in adapters)
-            search_s = time.perf_counter() - started - embed_s
-            if self.detector is not None:
-                compositional = self.detector.detect(candidates, vectors[1:], self.index.search)
+            index, detector, k = self.index, self.detector, self.config.candidates
+
+            def search() -> tuple[tuple[tuple[str, float], ...], float, bool | None]:
+                begun = time.perf_counter()
+                found = tuple((n, s) for n, s in index.search(vectors[0], k) if n in adapters)
+                took = time.perf_counter() - begun
+                return found, took, detector.detect(found, vectors[1:], index.search) if detector else None
+
+            # a large exact index searches (and detects) in a thread; a small one inline (index.THREAD_MIN_VECTORS)
+            candidates, search_s, compositional = await asyncio.to_thread(search) if index.blocks_loop else search()
         query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates)
         decision = await policy.decide(query)
         # keep what the client asked for ("auto"), not what it resolved to, in the record

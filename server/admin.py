@@ -1,15 +1,18 @@
 """Admin operations on adapters: register (server path or upload), list, show, patch, delete.
 
-Uploads are streamed into a staging dir of the store with the size limit enforced while writing,
-then registered exactly like a server-side path, so both ways share every validation rule. Errors
-name the client's path or uploaded file names, never the staging dir.
+Uploads are streamed into a staging dir of the store with the size limit enforced while writing
+(each chunk written in a thread, off the event loop), then registered exactly like a server-side
+path, so both ways share every validation rule. Errors name the client's path or uploaded file
+names, never the staging dir.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.adapters.registry import AdapterRegistry, Registration, validate_descriptors, validate_name
@@ -20,6 +23,12 @@ from loragate.router.index import DescriptorIndex
 from loragate.workers.pool import WorkerPool
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+
+def _write(out: BinaryIO, chunk: bytes) -> None:
+    """One chunk (up to 1 MiB) of an upload, written in a worker thread: an upload of up to
+    ``max_adapter_bytes`` (2 GiB) must not stall every other request on the event loop."""
+    out.write(chunk)
 
 
 class AdminAuth(BearerAuth):
@@ -74,18 +83,21 @@ class AdminService:
         unexpected = sorted(set(files) - set(UPLOAD_FILES))
         if unexpected:
             raise InvalidRequest(f"unexpected upload files {unexpected}; send {list(UPLOAD_FILES)}", param="files")
-        staged = self.registry.store.new_staging_dir()
+        staged = await asyncio.to_thread(self.registry.store.new_staging_dir)
         total = 0
         try:
             for filename, chunks in files.items():
-                with (staged / filename).open("wb") as out:
+                out = await asyncio.to_thread((staged / filename).open, "wb")
+                try:
                     async for chunk in chunks:
                         total += len(chunk)
                         if total > self.max_bytes:
                             raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes",
                                                   param="files")
-                        out.write(chunk)
-        except BaseException:
+                        await asyncio.to_thread(_write, out, chunk)
+                finally:
+                    await asyncio.to_thread(out.close)
+        except BaseException:  # rmtree inline: an await here could itself be cancelled and leave the dir
             shutil.rmtree(staged, ignore_errors=True)
             raise
         label = f"the upload ({', '.join(sorted(files))})"

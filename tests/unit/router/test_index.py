@@ -131,3 +131,36 @@ async def test_two_processes_saving_one_dir_never_collide(tmp_path: Path) -> Non
     assert set(reopened.snapshot().adapters) in ({"a", "b"}, {"a", "b", "c"})
     assert reopened.search(vector("only b"), 1)[0] == ("b", pytest.approx(1.0, abs=1e-5))
     assert os.listdir(tmp_path) == ["index.npz"]  # no temp files left behind
+
+
+async def test_a_large_exact_index_is_searched_off_the_event_loop(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """From THREAD_MIN_VECTORS flat vectors the router searches (and detects) in a thread; below, inline."""
+    from loragate.router import index as index_module
+    from loragate.router.compositional import make_detector
+    from loragate.router.grammar import parse_policy
+    from loragate.router.service import Router
+
+    encoder = HashEncoder()
+    index = DescriptorIndex(encoder, tmp_path, "hash")
+    await index.sync(REGISTRY)
+    router = Router(parse_policy("base", source="default"), embedder=encoder, index=index,
+                    detector=make_detector("segments"))
+    searched_on: list[int] = []
+    search = index.search
+
+    def recording(query: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+        searched_on.append(threading.get_ident())
+        return search(query, k)
+
+    monkeypatch.setattr(index, "search", recording)
+    spec = parse_policy("select;min_score=-1", source="header")
+    assert not index.blocks_loop  # 3 vectors
+    assert (await router.decide("first a", spec, REGISTRY)).adapters[0].name == "a"
+    assert set(searched_on) == {threading.get_ident()}
+    monkeypatch.setattr(index_module, "THREAD_MIN_VECTORS", 3)
+    assert index.blocks_loop
+    searched_on.clear()
+    decision = await router.decide("first a, and then only b", spec, REGISTRY)
+    assert decision.adapters[0].name == "a" and decision.search_s > 0
+    assert searched_on and threading.get_ident() not in searched_on  # the search and the detector's searches

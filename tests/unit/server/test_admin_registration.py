@@ -3,9 +3,12 @@ client's terms. Real SQLite, real files, the real app (workers point at a closed
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from fastapi.testclient import TestClient
@@ -109,3 +112,26 @@ def test_limits_and_a_form_without_files(client: TestClient) -> None:
     assert client.get("/admin/limits").status_code == 401
     error = _error(client.post("/admin/adapters", headers=AUTH, data={"name": "x"}), 400)
     assert "a form without files" in str(error["message"])
+
+
+def test_uploaded_chunks_are_written_off_the_event_loop(client: TestClient, imports: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload of up to max_adapter_bytes (2 GiB by default) is written in threads, never on the loop."""
+    from loragate.server import admin
+
+    threads: list[tuple[int, bool]] = []
+    write = admin._write
+
+    def recording(out: BinaryIO, chunk: bytes) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        threads.append((threading.get_ident(), on_loop))
+        write(out, chunk)
+
+    monkeypatch.setattr(admin, "_write", recording)
+    response = _upload(client, "alpha", imports / "alpha")
+    assert response.status_code == 201, response.text  # type: ignore[attr-defined]
+    assert len(threads) >= 2 and not any(on_loop for _, on_loop in threads)  # one chunk per file at least
