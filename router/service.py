@@ -52,6 +52,7 @@ class Router:
 
     async def decide(self, prompt: str, spec: PolicySpec,
                      adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:
+        decide_started = time.perf_counter()
         policy, effective = self.resolve(spec)
         candidates: tuple[tuple[str, float], ...] = ()
         compositional: bool | None = None
@@ -75,4 +76,4 @@ class Router:
         decision = await policy.decide(query)
         # keep what the client asked for ("auto"), not what it resolved to, in the record
         return replace(decision, policy_asked=spec.text(), compositional=compositional, embed_s=embed_s,
-                       search_s=search_s)
+                       search_s=search_s, decide_s=time.perf_counter() - decide_started)

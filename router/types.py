@@ -58,6 +58,7 @@ class RoutingDecision:
     fallback: bool = False  # a searching policy found nothing good enough and answered with the base
     embed_s: float = 0.0
     search_s: float = 0.0
+    decide_s: float = 0.0  # the whole decision: resolving the policy, embedding, searching, deciding
 
     @property
     def is_base(self) -> bool:

@@ -1,7 +1,7 @@
 """Typed request bodies of the HTTP API, published in the OpenAPI document.
 
 Why they exist: the routes read their bodies themselves (the proxy forwards what the client sent,
-unknown fields included, and JSON is parsed once with :func:`loragate.server.pipeline.parse_json`),
+unknown fields included, and JSON is parsed once with :func:`loragate.server.calls.parse_json`),
 so FastAPI saw no body parameters and the published spec declared no request bodies: clients and
 schema-driven tools (schemathesis in the suite) could not know what to send. The OpenAI models
 accept and keep unknown fields (``extra="allow"``): vLLM's own fields are forwarded untouched.

@@ -13,8 +13,9 @@ from typing import Protocol
 
 import httpx
 
-from loragate.errors import UpstreamError, UpstreamTimeout, WorkerRejected
+from loragate.errors import UpstreamError, WorkerRejected
 from loragate.workers.stats import EngineStats, parse_vllm_metrics
+from loragate.workers.transport import transport_error
 
 
 def error_message(response: httpx.Response) -> str:
@@ -68,17 +69,19 @@ class VLLMAdminClient:
         self._http = http
         self._load_timeout = load_timeout
 
-    async def _post(self, url: str, payload: dict[str, str]) -> httpx.Response:
+    async def _send(self, method: str, base_url: str, path: str, *, doing: str = "", timeout_s: float | None = None,
+                    payload: object = None) -> httpx.Response:
+        """One admin call; a transport failure becomes the error the transport table names for it."""
         try:
-            return await self._http.post(url, json=payload, timeout=self._load_timeout)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"worker {url} timed out: {exc}") from exc
+            return await self._http.request(method, base_url + path, json=payload,
+                                            timeout=self._load_timeout if timeout_s is None else timeout_s)
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker {url} unreachable: {exc!r}") from exc
+            raise transport_error(exc, base_url, doing or f"on {method} {path}") from exc
 
     async def load_adapter(self, base_url: str, name: str, path: str) -> bool:
         """Load ``name`` from ``path``; False when the worker already had it loaded."""
-        response = await self._post(f"{base_url}/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        response = await self._send("POST", base_url, "/v1/load_lora_adapter",
+                                    payload={"lora_name": name, "lora_path": path})
         if response.status_code == 200:
             return True
         message = error_message(response)
@@ -89,7 +92,7 @@ class VLLMAdminClient:
 
     async def unload_adapter(self, base_url: str, name: str) -> bool:
         """Unload ``name``; False when the worker did not have it."""
-        response = await self._post(f"{base_url}/v1/unload_lora_adapter", {"lora_name": name})
+        response = await self._send("POST", base_url, "/v1/unload_lora_adapter", payload={"lora_name": name})
         if response.status_code == 200:
             return True
         if response.status_code in (400, 404):
@@ -103,10 +106,7 @@ class VLLMAdminClient:
         vLLM lists each LoRA in ``/v1/models`` with ``parent`` set to the base model and ``root`` set
         to its path; the base model has no parent.
         """
-        try:
-            response = await self._http.get(f"{base_url}/v1/models", timeout=self._load_timeout)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker {base_url} unreachable: {exc!r}") from exc
+        response = await self._send("GET", base_url, "/v1/models")
         if response.status_code != 200:
             raise UpstreamError(f"worker {base_url} answered {response.status_code} to GET /v1/models")
         return {str(m["id"]): str(m.get("root") or "") for m in response.json().get("data", []) if m.get("parent")}
@@ -119,18 +119,13 @@ class VLLMAdminClient:
         """
         try:
             response = await self._http.get(f"{base_url}/health", timeout=timeout_s)
-        except httpx.TimeoutException:
-            return Probe.SLOW
-        except httpx.HTTPError:
-            return Probe.DOWN
+        except httpx.HTTPError as exc:
+            return Probe.SLOW if isinstance(exc, httpx.TimeoutException) else Probe.DOWN
         return Probe.OK if response.status_code == 200 else Probe.DOWN
 
     async def engine_stats(self, base_url: str, timeout_s: float = 2.0) -> EngineStats:
         """Scrape the worker's Prometheus ``/metrics`` into an :class:`EngineStats` snapshot."""
-        try:
-            response = await self._http.get(f"{base_url}/metrics", timeout=timeout_s)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker {base_url} metrics unreachable: {exc!r}") from exc
+        response = await self._send("GET", base_url, "/metrics", doing="scraping metrics", timeout_s=timeout_s)
         if response.status_code != 200:
             raise UpstreamError(f"worker {base_url} metrics answered {response.status_code}")
         return parse_vllm_metrics(response.text, time.monotonic())
@@ -145,12 +140,7 @@ class VLLMAdminClient:
         but failed to load, e.g. a tampered file the plugin refused).
         """
         payload = {"model": name, "prompt": [0], "max_tokens": 1, "temperature": 0}
-        try:
-            response = await self._http.post(f"{base_url}/v1/completions", json=payload, timeout=self._load_timeout)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"worker {base_url} timed out resolving {name!r}: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker {base_url} unreachable: {exc!r}") from exc
+        response = await self._send("POST", base_url, "/v1/completions", doing=f"resolving {name!r}", payload=payload)
         if response.status_code == 200:
             return True
         raise WorkerRejected(f"worker {base_url} could not resolve adapter {name!r}: {error_message(response)}",

@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 
 from loragate.errors import InvalidRequest, PayloadTooLarge
 from loragate.server.app import Services
-from loragate.server.pipeline import parse_json, parse_json_body
+from loragate.server.calls import parse_json, parse_json_body
 from loragate.server.routes.deps import services
 from loragate.server.schemas import AdapterPatch, AdapterRegistration, AdapterUpload, request_body
 

@@ -6,11 +6,13 @@ import time
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from loragate.errors import InvalidRequest
 from loragate.server.app import Services
+from loragate.server.calls import EXPECTED_HEADER, POLICY_HEADER, SHADOW_HEADER, CompletionRequest, parse_json_body
 from loragate.server.outcomes import Feedback
-from loragate.server.pipeline import EXPECTED_HEADER, POLICY_HEADER, SHADOW_HEADER, CompletionRequest, parse_json_body
+from loragate.server.recorder import RecordedStream
 from loragate.server.routes.deps import request_ids, services, single_header
 from loragate.server.schemas import (
     ChatCompletionBody,
@@ -31,6 +33,22 @@ def expected_answer(request: Request) -> str | None:
     return value
 
 
+class RelayResponse(StreamingResponse):
+    """A streamed completion that is closed however sending ends: finished, failed, or the client gone
+    before the first byte (the stream then never iterated) — closing it releases the worker and ends
+    the request's record."""
+
+    def __init__(self, stream: RecordedStream, status_code: int, headers: dict[str, str], media_type: str) -> None:
+        super().__init__(stream, status_code=status_code, headers=headers, media_type=media_type)
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.aclose()
+
+
 async def _complete(route: str, request: Request, svc: Services) -> Response:
     received = time.perf_counter()
     rid, outcome_id = request_ids(request)
@@ -41,8 +59,8 @@ async def _complete(route: str, request: Request, svc: Services) -> Response:
                              outcome_id=outcome_id)
     result = await svc.completions.complete(call)
     if result.stream is not None:
-        return StreamingResponse(result.stream, status_code=result.status, headers=dict(result.headers),
-                                 media_type=result.media_type)
+        return RelayResponse(result.stream, status_code=result.status, headers=dict(result.headers),
+                             media_type=result.media_type)
     return Response(result.content, status_code=result.status, headers=dict(result.headers),
                     media_type=result.media_type)
 

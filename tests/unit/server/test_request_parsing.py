@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from loragate.errors import InvalidRequest
 from loragate.loadtest.stub import StubApp
 from loragate.server.app import create_app
-from loragate.server.pipeline import MAX_JSON_DEPTH, parse_json
+from loragate.server.calls import MAX_JSON_DEPTH, parse_json
 from loragate.server.settings import Settings
 from loragate.workers.launch import free_port
 from tests.lora_files import write_lora

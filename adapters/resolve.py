@@ -1,0 +1,69 @@
+"""Resolve: a routing decision becomes what a worker loads — a registered adapter, or a cached merge.
+
+This stage sits between the router and the workers. It reads the decision through a structural
+type (:class:`Choice`) so that adapters/ keeps not importing router/, and returns a frozen
+:class:`Servable` that says how it was obtained (a merge found or built, and how long that took).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from loragate.adapters.merge_cache import MergeCache
+from loragate.adapters.registry import AdapterRegistry
+
+
+class Weighted(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def weight(self) -> float: ...
+
+
+class Choice(Protocol):
+    """What resolving reads of a routing decision: the weighted adapters and the merge method."""
+
+    @property
+    def adapters(self) -> Sequence[Weighted]: ...
+
+    @property
+    def method(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Servable:
+    """The adapter a worker loads for a decision: its vLLM name and path (a merge has a method)."""
+
+    name: str
+    path: str
+    method: str | None = None
+    built: bool = False  # a merge built for this request (or the build it joined), not found in the cache
+    build_s: float = 0.0  # the merge's build time when built, else its lookup time
+    merge_s: float = 0.0  # what getting the merge cost this request, waiting included
+
+
+class Resolver:
+    """Built once at startup with the registry, the merge cache and the merge defaults."""
+
+    def __init__(self, registry: AdapterRegistry, merges: MergeCache, *, default_method: str, max_rank: int) -> None:
+        self.registry = registry
+        self.merges = merges
+        self.default_method = default_method
+        self.max_rank = max_rank
+
+    async def resolve(self, choice: Choice) -> Servable | None:
+        """None for the base model; one adapter as registered; several merged (reused, or built once)."""
+        if not choice.adapters:
+            return None
+        records = [self.registry.get(a.name) for a in choice.adapters]
+        if len(records) == 1:
+            return Servable(records[0].name, str(records[0].path))
+        started = time.perf_counter()
+        merged = await self.merges.get_or_build(records, [a.weight for a in choice.adapters],
+                                                choice.method or self.default_method, self.max_rank)
+        return Servable(merged.name, str(merged.path), merged.method, merged.built, merged.seconds,
+                        time.perf_counter() - started)

@@ -1,0 +1,47 @@
+"""The X-* response headers that make a routing decision visible to the client (RFC 8941 lists)."""
+
+from __future__ import annotations
+
+from http_sfv.item import Item
+from http_sfv.list import List as SfList
+
+from loragate.adapters.resolve import Servable
+from loragate.router.types import RoutingDecision
+from loragate.server.calls import CompletionCall
+
+
+def adapters_header(decision: RoutingDecision) -> str | None:
+    """``X-Adapters`` as an RFC 8941 list: ``"name";w=1.0``.
+
+    None for the base model: RFC 8941 says an empty list is sent as no header at all.
+    """
+    if decision.is_base:
+        return None
+    items = SfList()
+    for aw in decision.adapters:
+        item = Item(aw.name)
+        item.params["w"] = round(aw.weight, 3)
+        items.append(item)
+    return str(items)
+
+
+def decision_headers(call: CompletionCall, decision: RoutingDecision, adapter: Servable | None) -> dict[str, str]:
+    """The X-* headers that make a decision visible to the client."""
+    headers = {"x-request-id": call.request_id, "x-outcome-id": call.outcome_id,
+               "x-adapter-policy-applied": decision.policy_applied}
+    if (adapters := adapters_header(decision)) is not None:
+        headers["x-adapters"] = adapters
+    if decision.candidates:
+        scores = SfList()
+        for name, score in decision.candidates:
+            item = Item(name)
+            item.params["s"] = round(score, 3)
+            scores.append(item)
+        headers["x-route-scores"] = str(scores)
+    if decision.compositional is not None:
+        headers["x-compositional"] = "?1" if decision.compositional else "?0"
+    if adapter is not None and adapter.method is not None:
+        headers["x-adapter-merge"] = f'"{adapter.name}";method={adapter.method}'
+    if decision.fallback:
+        headers["x-route-fallback"] = "?1"
+    return headers
