@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-PERCENTILES = (50.0, 90.0, 99.0)
-
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
