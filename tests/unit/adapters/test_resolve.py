@@ -1,0 +1,54 @@
+"""Resolving a decision: base -> nothing to load, one adapter as registered, several -> a cached merge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from loragate.adapters.merge_cache import MergeCache
+from loragate.adapters.registry import AdapterRegistry, RegistryLimits
+from loragate.adapters.resolve import Resolver
+from loragate.adapters.types import Descriptors
+from loragate.errors import NotFound
+from tests.lora_files import write_lora
+
+
+@dataclass(frozen=True)
+class Weight:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    adapters: tuple[Weight, ...] = ()
+    method: str | None = None
+
+
+@pytest.fixture
+async def resolver(tmp_path: Path) -> Resolver:
+    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=64, max_bytes=10**9,
+                            import_roots=(tmp_path,))
+    registry = AdapterRegistry.open(tmp_path / "data", limits)
+    for seed, name in enumerate(("alpha", "beta")):
+        await registry.add_from_path(name, write_lora(tmp_path / name, rank=8, seed=seed), Descriptors())
+    return Resolver(registry, MergeCache(tmp_path / "merges", max_bytes=10**9), default_method="cat", max_rank=64)
+
+
+async def test_base_and_single_adapters(resolver: Resolver) -> None:
+    assert await resolver.resolve(Choice()) is None
+    single = await resolver.resolve(Choice((Weight("alpha"),)))
+    assert single is not None and single.name == "alpha" and single.method is None and single.merge_s == 0.0
+    with pytest.raises(NotFound):
+        await resolver.resolve(Choice((Weight("ghost"),)))
+
+
+async def test_a_merge_is_built_once_then_found(resolver: Resolver) -> None:
+    choice = Choice((Weight("alpha", 0.5), Weight("beta", 0.5)))  # no method: the configured default
+    built = await resolver.resolve(choice)
+    again = await resolver.resolve(choice)
+    assert built is not None and again is not None
+    assert (built.method, built.built, again.built) == ("cat", True, False) and built.name == again.name
+    assert built.path.startswith(str(resolver.merges.root)) and built.merge_s > 0 and built.build_s > 0
