@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from loragate.errors import Conflict, InvalidRequest, NotFound
-from loragate.grading import contains_answer as contains_answer  # re-exported for server/pipeline.py
 from loragate.grading import wilson
 from loragate.shared_db import connect_shared, lock_for
 
