@@ -64,35 +64,6 @@ _deserialize = cast(Callable[[bytes], list[tuple[str, dict[str, Any]]]], safeten
 # Weights
 
 
-def round_weights(weights: Sequence[float], step: float) -> list[float]:
-    """Quantise similarity-derived weights to multiples of ``step`` that sum to exactly 1.
-
-    Routing turns scores into weights with many decimals; two prompts that pick the same adapters
-    with nearly the same scores should share one merged adapter (and one cache entry), so weights are
-    snapped to a grid. Largest-remainder rounding keeps the sum at 1 *on* the grid (plain rounding
-    then renormalising would leave the grid). When 1/step is not an integer there is no grid that
-    sums to 1, so values are rounded and renormalised. Weights may round to 0: callers drop those.
-    """
-    if not (math.isfinite(step) and 0 < step <= 1):
-        raise InvalidRequest(f"weight step must be in (0, 1], got {step!r}", param="weight_step",
-                             code="invalid_weights")
-    values = _checked_weights(weights, len(weights))
-    total = sum(values)
-    units = 1 / step
-    whole = round(units)
-    if abs(units - whole) > 1e-9:
-        rounded = [round(v / total / step) * step for v in values]
-        if sum(rounded) <= 0:
-            rounded = [v / total for v in values]
-        return [round(r / sum(rounded), 12) for r in rounded]
-    exact = [v / total * whole for v in values]
-    counts = [math.floor(x) for x in exact]
-    remainders = sorted(range(len(values)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in remainders[: whole - sum(counts)]:
-        counts[i] += 1
-    return [c / whole for c in counts]
-
-
 def _checked_weights(weights: Sequence[float], count: int) -> list[float]:
     """Weights a merge accepts: one per adapter, finite, non-negative, not all zero (else 422)."""
     if count == 0:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
-from loragate.adapters.merge import get_method, round_weights
+from loragate.adapters.merge import get_method
 from loragate.errors import InvalidRequest, NotFound
 from loragate.router.types import AdapterWeight, PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
 
@@ -126,6 +127,38 @@ def similarity_weights(scores: list[float], how: str, temperature: float) -> lis
     top = max(scores)
     exps = [math.exp((s - top) / temperature) for s in scores]
     return [e / sum(exps) for e in exps]
+
+
+def round_weights(weights: Sequence[float], step: float) -> list[float]:
+    """Quantise similarity-derived weights to multiples of ``step`` that sum to exactly 1.
+
+    Routing turns scores into weights with many decimals; two prompts that pick the same adapters
+    with nearly the same scores should share one merged adapter (and one cache entry), so weights are
+    snapped to a grid. Largest-remainder rounding keeps the sum at 1 *on* the grid (plain rounding
+    then renormalising would leave the grid). When 1/step is not an integer there is no grid that
+    sums to 1, so values are rounded and renormalised. Weights may round to 0: callers drop those.
+    """
+    if not (math.isfinite(step) and 0 < step <= 1):
+        raise InvalidRequest(f"weight step must be in (0, 1], got {step!r}", param="weight_step",
+                             code="invalid_weights")
+    values = [float(w) for w in weights]
+    total = sum(values)
+    if not values or min(values) < 0 or not math.isfinite(total) or total <= 0:
+        raise InvalidRequest(f"weights must be non-negative with a positive, finite sum, got {values}",
+                             param="weights", code="invalid_weights")
+    units = 1 / step
+    whole = round(units)
+    if abs(units - whole) > 1e-9:
+        rounded = [round(v / total / step) * step for v in values]
+        if sum(rounded) <= 0:
+            rounded = [v / total for v in values]
+        return [round(r / sum(rounded), 12) for r in rounded]
+    exact = [v / total * whole for v in values]
+    counts = [math.floor(x) for x in exact]
+    remainders = sorted(range(len(values)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in remainders[: whole - sum(counts)]:
+        counts[i] += 1
+    return [c / whole for c in counts]
 
 
 class AveragePolicy(Policy):

@@ -24,7 +24,6 @@ from loragate.adapters.merge import (
     load_factors,
     merge_factors,
     plan_merge,
-    round_weights,
     write_peft_dir,
 )
 from loragate.adapters.peft_format import inspect_dir
@@ -435,20 +434,6 @@ def test_regex_targets_become_concrete_module_names(tmp_path: Path) -> None:
     b = load_factors(lora(tmp_path / "b", rank=2, alpha=2, seed=2, targets=("q_proj",)))
     merged = merge_factors([a, b], [0.5, 0.5], "linear", max_rank=8)
     assert merged.target_modules == ("q_proj", "v_proj")
-
-
-def test_round_weights_snaps_to_the_grid_and_sums_to_one() -> None:
-    for raw in ([0.33, 0.33, 0.34], [0.62, 0.38], [0.9, 0.07, 0.03], [5.0, 3.0, 2.0], [1.0]):
-        out = round_weights(raw, 0.05)
-        assert sum(out) == pytest.approx(1.0, abs=1e-12)
-        assert all(abs(w / 0.05 - round(w / 0.05)) < 1e-9 for w in out), out
-    assert round_weights([0.62, 0.38], 0.05) == [0.6, 0.4]
-    assert round_weights([0.5, 0.5], 0.05) == [0.5, 0.5]
-    assert round_weights([0.98, 0.02], 0.05) == [1.0, 0.0]  # a negligible adapter drops out
-    assert round_weights([0.612, 0.388], 0.05) == round_weights([0.59, 0.41], 0.05)  # nearby decisions share
-    assert round_weights([0.5, 0.5], 0.3) == [0.5, 0.5]  # no grid sums to 1: round, then renormalise
-    with pytest.raises(InvalidRequest, match="weight step"):
-        round_weights([0.5, 0.5], 0.0)
 
 
 def test_plan_key_is_canonical_and_names_what_is_built(tmp_path: Path) -> None:

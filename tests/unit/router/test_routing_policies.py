@@ -11,7 +11,7 @@ import pytest
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest, NotFound
 from loragate.router.grammar import parse_policy
-from loragate.router.policies import POLICIES, similarity_weights
+from loragate.router.policies import POLICIES, round_weights, similarity_weights
 from loragate.router.types import AdapterWeight, RouterConfig, RoutingQuery
 
 
@@ -104,3 +104,17 @@ async def test_weight_step_zero_keeps_exact_softmax_weights() -> None:
     policy = POLICIES["average"](RouterConfig(weight_step=0.0))
     decision = await policy.decide(RoutingQuery("q", spec, ADAPTERS, CANDIDATES))
     assert [a.weight for a in decision.adapters] == pytest.approx(similarity_weights([0.62, 0.58], "softmax", 0.05))
+
+
+def test_round_weights_snaps_to_the_grid_and_sums_to_one() -> None:
+    for raw in ([0.33, 0.33, 0.34], [0.62, 0.38], [0.9, 0.07, 0.03], [5.0, 3.0, 2.0], [1.0]):
+        out = round_weights(raw, 0.05)
+        assert sum(out) == pytest.approx(1.0, abs=1e-12)
+        assert all(abs(w / 0.05 - round(w / 0.05)) < 1e-9 for w in out), out
+    assert round_weights([0.62, 0.38], 0.05) == [0.6, 0.4]
+    assert round_weights([0.5, 0.5], 0.05) == [0.5, 0.5]
+    assert round_weights([0.98, 0.02], 0.05) == [1.0, 0.0]  # a negligible adapter drops out
+    assert round_weights([0.612, 0.388], 0.05) == round_weights([0.59, 0.41], 0.05)  # nearby decisions share
+    assert round_weights([0.5, 0.5], 0.3) == [0.5, 0.5]  # no grid sums to 1: round, then renormalise
+    with pytest.raises(InvalidRequest, match="weight step"):
+        round_weights([0.5, 0.5], 0.0)
