@@ -288,6 +288,16 @@ def _key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class EmbedderStats:
+    """The embedder's counters since construction, as an immutable snapshot (read by metrics at scrape time)."""
+
+    batches: int
+    encoded_texts: int
+    cache_hits: int
+    coalesced: int
+
+
 class Embedder:
     """The router's async embedding service: micro-batching, an LRU cache, encoding off the event loop.
 
@@ -298,9 +308,10 @@ class Embedder:
     up and form the next batch, so batches grow with load without a longer wait. An exception from
     the backend is delivered to every waiter of that batch; later batches are unaffected.
 
-    Counters (plain attributes, read by metrics): ``batches`` (backend calls), ``encoded_texts``
-    (texts sent to the backend), ``cache_hits`` (served from the LRU), ``coalesced`` (shared a slot
-    with an identical prompt already waiting).
+    Counters (plain attributes; :meth:`stats` snapshots them for ``/metrics``): ``batches`` (backend
+    calls), ``encoded_texts`` (texts sent to the backend), ``cache_hits`` (served from the LRU),
+    ``coalesced`` (shared a slot with an identical prompt already waiting). Together they tell an
+    operator whether micro-batching and the cache earn their keep on real traffic.
     """
 
     def __init__(self, backend: EmbedderBackend, *, max_batch: int = 32, max_wait_ms: float = 0.0,
@@ -330,6 +341,10 @@ class Embedder:
     @property
     def dim(self) -> int:
         return self.backend.dim
+
+    def stats(self) -> EmbedderStats:
+        return EmbedderStats(batches=self.batches, encoded_texts=self.encoded_texts, cache_hits=self.cache_hits,
+                             coalesced=self.coalesced)
 
     @property
     def identity(self) -> str:

@@ -151,6 +151,7 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     adapter_files = AdapterFiles(delivery_token, adapter_dirs, store_root=registry.store.root)
     router, embedder, index = build_router(settings)
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
+    metrics.watch_components(embedder.stats if embedder is not None else None, merges.stats)
     outcomes = OutcomeLog(settings.data_dir / "outcomes.sqlite3", retention_days=settings.outcomes_retention_days,
                           interval_s=settings.outcomes_flush_interval_s)
     if settings.shadow_policy:

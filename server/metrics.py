@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from loragate.adapters.merge_cache import MergeCacheStats
+from loragate.router.embedder import EmbedderStats
 from loragate.router.types import RoutingDecision
 from loragate.workers.observer import PoolObserver
 from loragate.workers.stats import WorkerStats
@@ -51,6 +53,35 @@ class _RestartsCollector(Collector):
         for worker, count in sorted(self._counts().items()):
             restarts.add_metric([worker], float(count))
         yield restarts
+
+
+class _StatsCollector(Collector):
+    """Counters the embedder and the merge cache keep themselves, exported from their snapshots at scrape time
+    (one copy of each count: the component's own, which its tests read too)."""
+
+    def __init__(self, embedder: Callable[[], EmbedderStats] | None, merges: Callable[[], MergeCacheStats]) -> None:
+        self._embedder = embedder
+        self._merges = merges
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        if self._embedder is not None:
+            e = self._embedder()
+            for name, text, value in (
+                    ("loragate_embed_batches", "Embedding backend calls (micro-batches)", e.batches),
+                    ("loragate_embed_texts", "Texts sent to the embedding backend", e.encoded_texts),
+                    ("loragate_embed_cache_hits", "Prompts whose embedding came from the LRU cache", e.cache_hits),
+                    ("loragate_embed_coalesced", "Prompts that shared an identical prompt's pending embedding",
+                     e.coalesced)):
+                yield CounterMetricFamily(name, text, value=float(value))
+        m = self._merges()
+        yield CounterMetricFamily("loragate_merge_cache_joins", "Merge requests that waited on an identical "
+                                  "build already in flight", value=float(m.joins))
+        yield CounterMetricFamily("loragate_merge_cache_evictions", "Merged adapters evicted to stay within "
+                                  "merge_cache_bytes", value=float(m.evictions))
+        yield CounterMetricFamily("loragate_merge_cache_failures", "Merge builds that failed", value=float(m.failures))
+        yield GaugeMetricFamily("loragate_merge_cache_entries", "Merged adapters in the cache", value=float(m.entries))
+        yield GaugeMetricFamily("loragate_merge_cache_bytes", "Disk used by the merged-adapter cache",
+                                value=float(m.bytes))
 
 
 class GatewayMetrics(PoolObserver):
@@ -126,11 +157,17 @@ class GatewayMetrics(PoolObserver):
         metrics = cls()
         metrics.watch_pool(list)
         metrics.watch_worker_restarts(dict)
+        metrics.watch_components(lambda: EmbedderStats(0, 0, 0, 0), lambda: MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0))
         return metrics
 
     def watch_pool(self, views: Callable[[], Sequence[WorkerStats]]) -> None:
         """Per-worker gauges read from the pool's snapshots at scrape time (nothing on the request path)."""
         self.registry.register(_PoolCollector(views))
+
+    def watch_components(self, embedder: Callable[[], EmbedderStats] | None,
+                         merges: Callable[[], MergeCacheStats]) -> None:
+        """The embedder's (when routing is on) and the merge cache's own counters, read at scrape time."""
+        self.registry.register(_StatsCollector(embedder, merges))
 
     def watch_worker_restarts(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Restart counts of supervised local workers, read at scrape time (they live in another process)."""
