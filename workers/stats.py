@@ -132,7 +132,3 @@ class WorkerStats:
         """Loaded (per this pool) or active (per vLLM's running/waiting adapter lists)."""
         return (adapter in self.loaded or adapter in self.loading or adapter in self.engine.running_adapters
                 or adapter in self.engine.waiting_adapters)
-
-
-#: The name the admin routes and older code use for a worker's immutable view.
-WorkerView = WorkerStats
