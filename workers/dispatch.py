@@ -3,18 +3,17 @@
 The dispatcher is the request path's only user of the proxied-request client. It knows nothing of
 policies or OpenAI bodies beyond the route's path: it gets a frozen :class:`Job` and hands back a
 frozen :class:`Dispatched` (or raises :class:`DispatchFailed` carrying the error and where the
-last attempt got). It also keeps the :class:`InFlight` gauge of client requests on workers, with
-a context manager held from the lease until the response is released, so that a stream that is
-closed early, or never iterated at all, still leaves the count.
+last attempt got). It also keeps the :class:`InFlight` gauge of client requests on workers, a context
+manager held from the lease until the response is released, so that a stream that is closed
+early, or never iterated at all, still leaves the count.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -95,7 +94,11 @@ class DispatchFailed(Exception):
 
 
 class InFlight:
-    """Client requests on workers now, and how many have started: shadows wait for it to be idle."""
+    """Client requests on workers now, and how many have started: shadows wait for it to be idle.
+
+    A context manager (``with gauge:`` counts one request until the block exits); the dispatcher
+    enters it on each attempt's release stack, which a streamed answer's relay takes over.
+    """
 
     def __init__(self) -> None:
         self.active = 0
@@ -103,17 +106,16 @@ class InFlight:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
+    def __enter__(self) -> InFlight:
         self.active += 1
         self.starts += 1
         self.idle.clear()
-        try:
-            yield
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self.idle.set()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
 
 
 class Relay:
@@ -192,30 +194,29 @@ class Dispatcher:
         worker, an adapter the worker lost. A read timeout is not retried (the first worker may
         still be running it), nor is an error status (the worker answered).
         """
-        async with AsyncExitStack() as held:
-            if job.counted:
-                held.enter_context(self.in_flight.track())  # a streaming attempt takes it over
-            excluded: set[str] = set()
-            failed: _RetryElsewhere | None = None
-            for number in range(1, self.attempts + 1):
-                if number > 1:
-                    self.retried(job.route)
-                try:
-                    return await self._attempt(job, excluded, held)
-                except _RetryElsewhere as retry:
-                    failed = retry
-                    if retry.url is not None:
-                        excluded.add(retry.url)
-                except NoWorkerAvailable as exc:
-                    if failed is None:
-                        raise DispatchFailed(exc, Attempt()) from exc
-                    break  # nowhere else to go: report the failure itself (502)
-            assert failed is not None
-            raise DispatchFailed(failed.error, Attempt(failed.url)) from failed
+        excluded: set[str] = set()
+        failed: _RetryElsewhere | None = None
+        for number in range(1, self.attempts + 1):
+            if number > 1:
+                self.retried(job.route)
+            try:
+                return await self._attempt(job, excluded)
+            except _RetryElsewhere as retry:
+                failed = retry
+                if retry.url is not None:
+                    excluded.add(retry.url)
+            except NoWorkerAvailable as exc:
+                if failed is None:
+                    raise DispatchFailed(exc, Attempt()) from exc
+                break  # nowhere else to go: report the failure itself (502)
+        assert failed is not None
+        raise DispatchFailed(failed.error, Attempt(failed.url)) from failed
 
-    async def _attempt(self, job: Job, excluded: Collection[str], held: AsyncExitStack) -> Dispatched:
-        release = AsyncExitStack()
+    async def _attempt(self, job: Job, excluded: Collection[str]) -> Dispatched:
+        release = AsyncExitStack()  # what a streamed answer's relay takes over
         try:
+            if job.counted:
+                release.enter_context(self.in_flight)
             started = time.perf_counter()
             try:
                 worker = await release.enter_async_context(self.pool.lease(job.adapter, job.adapter_path,
@@ -233,8 +234,7 @@ class Dispatcher:
                 if response.status >= 400:
                     self._refused(job, worker.url, response.status, body_message(await _read(response)))
                 media_type = response.headers.get("content-type", "application/json")
-                if job.stream:
-                    release.push_async_exit(held.pop_all())  # the relay holds the count until it is closed
+                if job.stream:  # the relay holds the lease and the count until it is closed
                     return Dispatched(attempt, media_type, stream=Relay(response, release, started))
                 content = await _read(response)
             except LoragateError as exc:

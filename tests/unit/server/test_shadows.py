@@ -45,7 +45,7 @@ def runs(metrics: GatewayMetrics, result: str) -> float:
 async def test_a_shadow_asked_by_the_request_is_submitted_once_idle() -> None:
     submit, metrics, gauge = Submitted(), GatewayMetrics(), InFlight()
     shadows = ShadowScheduler(ShadowConfig(**FAST), submit, gauge, metrics)  # type: ignore[arg-type]
-    with gauge.track():  # a client request is on a worker: the shadow waits
+    with gauge:  # a client request is on a worker: the shadow waits
         shadows.on_event(event(primary(PolicySpec("pin", {"adapter": "a"}, source="shadow"))))
         await asyncio.sleep(0.05)
         assert submit.calls == [] and shadows.pending == 1
@@ -80,7 +80,7 @@ async def test_sampling_and_the_pending_bound() -> None:
 async def test_a_shadow_with_no_idle_moment_expires_and_one_that_fails_is_counted() -> None:
     metrics, gauge = GatewayMetrics(), InFlight()
     shadows = ShadowScheduler(ShadowConfig(max_wait_s=0.1, idle_s=0.01), Submitted(), gauge, metrics)  # type: ignore[arg-type]
-    with gauge.track():
+    with gauge:
         shadows.on_event(event(primary(PolicySpec("base"))))
         await asyncio.sleep(0.3)
     assert runs(metrics, "expired") == 1 and shadows.pending == 0
