@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from loragate.errors import NoWorkerAvailable, UpstreamError, UpstreamTimeout, WorkerRejected
-from loragate.workers.dispatch import CLIENT_CLOSED, Dispatcher, DispatchFailed, Job
+from loragate.workers.dispatch import CLIENT_CLOSED, Dispatcher, DispatchFailed, Job, StreamEnd
 from tests.unit.workers.test_client import closed_port
 
 OK = json.dumps({"choices": [{"index": 0, "text": "fine"}]}).encode()
@@ -206,37 +206,32 @@ async def test_a_load_that_could_not_reach_its_worker_runs_elsewhere() -> None:
     assert reply.attempt.worker == second and retries == ["completions"]
 
 
-async def test_a_stream_holds_its_lease_and_count_until_it_ends() -> None:
-    async with upstream("stream") as url:
+async def relay(mode: str, *, iterate: bool) -> tuple[list[bytes], StreamEnd, FakePool, Dispatcher]:
+    """Dispatch a streamed job to a ``mode`` upstream; read the relay (or not), then close it twice."""
+    async with upstream(mode) as url:
         pool = FakePool([url])
         async with dispatcher(pool) as (d, _):
             reply = await d.dispatch(job(stream=True))
             assert reply.stream is not None and pool.held == 1 and d.in_flight.active == 1
-            chunks = [c async for c in reply.stream]
+            chunks = [c async for c in reply.stream] if iterate else []
             end = await reply.stream.aclose()
+            assert await reply.stream.aclose() is end  # once only
+    return chunks, end, pool, d
+
+
+async def test_a_stream_holds_its_lease_and_count_until_it_ends() -> None:
+    chunks, end, pool, d = await relay("stream", iterate=True)
     assert b"".join(chunks).endswith(b"data: [DONE]\n\n") and end.status == 200
     assert pool.held == 0 and d.in_flight.active == 0 and d.in_flight.idle.is_set()
 
 
 async def test_a_stream_never_iterated_releases_everything_when_closed() -> None:
-    async with upstream("stream") as url:
-        pool = FakePool([url])
-        async with dispatcher(pool) as (d, _):
-            reply = await d.dispatch(job(stream=True))
-            assert reply.stream is not None
-            end = await reply.stream.aclose()
-            assert await reply.stream.aclose() is end  # once only
+    _, end, pool, d = await relay("stream", iterate=False)
     assert end.status == CLIENT_CLOSED and pool.held == 0 and d.in_flight.active == 0
 
 
 async def test_a_stream_that_breaks_ends_with_an_sse_error_event() -> None:
-    async with upstream("break") as url:
-        pool = FakePool([url])
-        async with dispatcher(pool) as (d, _):
-            reply = await d.dispatch(job(stream=True))
-            assert reply.stream is not None
-            chunks = [c async for c in reply.stream]
-            end = await reply.stream.aclose()
+    chunks, end, _, d = await relay("break", iterate=True)
     assert b"worker stream broke" in chunks[-1] and end.status == 502 and d.in_flight.active == 0
 
 
