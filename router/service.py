@@ -20,6 +20,29 @@ from loragate.router.policies import AUTO, POLICIES, Policy, policy_names
 from loragate.router.types import PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
 
 
+def resolve_policy(policies: Mapping[str, Policy], spec: PolicySpec, *, routing: bool) -> Policy:
+    """The policy ``spec`` names, checked: registered, servable here (``routing``: an embedder and an
+    index exist), parameters it takes. The router asks this per request; startup asks it of the
+    configured policies before anything is built (:func:`check_policy`)."""
+    policy = policies.get(spec.name)
+    if policy is None:
+        raise InvalidRequest(f"unsupported adapter policy {spec.name!r}; supported: {', '.join(policy_names())}",
+                             param="X-Adapter-Policy", code="unsupported_policy")
+    if policy.searches and not routing:
+        raise InvalidRequest(f"policy {spec.name!r} needs semantic routing, which is not configured here",
+                             param="X-Adapter-Policy", code="unsupported_policy")
+    policy.check_params(spec)
+    return policy
+
+
+def check_policy(spec: PolicySpec, config: RouterConfig, *, routing: bool) -> None:
+    """What :meth:`Router.resolve` would refuse of a configured policy, without building a router."""
+    if spec.name == AUTO:
+        raise InvalidRequest("a configured policy cannot itself be 'auto' (auto means the default_policy)",
+                             code="unsupported_policy")
+    resolve_policy({name: cls(config) for name, cls in POLICIES.items()}, spec, routing=routing)
+
+
 class Router:
     """Holds one instance of every registered policy and the search machinery they share."""
 
@@ -40,15 +63,7 @@ class Router:
         """The policy object and effective spec for a request (``auto`` becomes the default)."""
         if spec.name == AUTO:
             spec = self.default_policy
-        policy = self._policies.get(spec.name)
-        if policy is None:
-            raise InvalidRequest(f"unsupported adapter policy {spec.name!r}; supported: {', '.join(policy_names())}",
-                                 param="X-Adapter-Policy", code="unsupported_policy")
-        if policy.searches and (self.embedder is None or self.index is None):
-            raise InvalidRequest(f"policy {spec.name!r} needs semantic routing, which is not configured here",
-                                 param="X-Adapter-Policy", code="unsupported_policy")
-        policy.check_params(spec)
-        return policy, spec
+        return resolve_policy(self._policies, spec, routing=self.embedder is not None and self.index is not None), spec
 
     async def decide(self, prompt: str, spec: PolicySpec,
                      adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:

@@ -26,7 +26,7 @@ from loragate.router.compositional import make_detector
 from loragate.router.embedder import Embedder, backend_class, make_backend
 from loragate.router.grammar import parse_policy
 from loragate.router.index import DescriptorIndex, check_aggregate
-from loragate.router.service import Router
+from loragate.router.service import Router, check_policy
 from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
 from loragate.server.calls import CallParser
@@ -96,18 +96,23 @@ def check_config(settings: Settings) -> None:
 
     Runs before the app exists, so a mistake stops ``loragate serve``/``up`` with one line
     (:class:`ConfigError`) rather than a traceback from a failed startup, and ``up`` before it
-    starts its workers. What needs the services themselves (a default policy that needs an
-    embedder, duplicate worker URLs) is checked while they are built, also as :class:`ConfigError`.
+    starts its workers: worker specs and duplicates, the pool's scheduling, the default and shadow
+    policies (name, parameters, and whether they need routing that ``embedder=none`` leaves out), the
+    embedder backend, detector and aggregate. Wiring raises :class:`ConfigError` too, for anything
+    only the built services can tell.
     """
     with config_errors():
         pool_config(settings)
-        for worker in settings.workers:
-            WorkerSpec.parse(worker)
+        urls = [WorkerSpec.parse(worker).url for worker in settings.workers]
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"workers: duplicate worker URLs in {urls}", param="workers")
+    routing = settings.embedder != "none"
     with config_errors("default_policy"):
-        parse_policy(settings.default_policy, source="default")
+        check_policy(parse_policy(settings.default_policy, source="default"), router_config(settings), routing=routing)
     with config_errors("shadow_policy"):
         if settings.shadow_policy:
-            parse_policy(settings.shadow_policy, source="shadow")
+            check_policy(parse_policy(settings.shadow_policy, source="shadow"), router_config(settings),
+                         routing=routing)
     with config_errors():
         if settings.embedder != "none":
             backend_class(settings.embedder, **embedder_options(settings))
@@ -115,11 +120,15 @@ def check_config(settings: Settings) -> None:
             check_aggregate(settings.index_aggregate)
 
 
+def router_config(settings: Settings) -> RouterConfig:
+    return RouterConfig(min_score=settings.select_min_score, k=settings.average_k, method=settings.average_method,
+                        weights=settings.average_weights, temperature=settings.average_temperature,
+                        weight_step=settings.merge_weight_step, candidates=settings.route_candidates)
+
+
 def build_router(settings: Settings) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
     """The router with its embedder, descriptor index and compositional detector (unless embedder=none)."""
-    config = RouterConfig(min_score=settings.select_min_score, k=settings.average_k, method=settings.average_method,
-                          weights=settings.average_weights, temperature=settings.average_temperature,
-                          weight_step=settings.merge_weight_step, candidates=settings.route_candidates)
+    config = router_config(settings)
     default = parse_policy(settings.default_policy, source="default")
     if settings.embedder == "none":
         return Router(default, config), None, None

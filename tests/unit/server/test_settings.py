@@ -65,6 +65,11 @@ def test_settings_survive_the_trip_through_the_environment(monkeypatch: pytest.M
     ("compositional_detector=zzz", "unknown compositional detector"),
     ("index_aggregate=mean", "unknown index aggregate"),
     ("default_policy=pin;;", "default_policy: cannot parse"),
+    ("default_policy=nearest", "default_policy: unsupported adapter policy 'nearest'"),
+    ("default_policy=base;k=2", "default_policy: policy 'base' does not take ['k']"),
+    ("default_policy=select", "default_policy: policy 'select' needs semantic routing"),  # with embedder=none
+    ("shadow_policy=average;bogus=1", "shadow_policy: policy 'average' does not take ['bogus']"),
+    ('workers=["http://w:1", "http://w:1/"]', "duplicate worker URLs"),
     ("port=notanint", "port: Input should be a valid integer"),
 ])
 def test_a_configuration_mistake_stops_the_gateway_with_one_line(tmp_path: Path, setting: str, fragment: str) -> None:
@@ -73,7 +78,8 @@ def test_a_configuration_mistake_stops_the_gateway_with_one_line(tmp_path: Path,
 
     from loragate.server.cli import app
 
-    result = CliRunner().invoke(app, ["serve", "--set", f"data_dir={tmp_path}", "--set", setting])
+    extra = ["--set", "embedder=none"] if setting == "default_policy=select" else []
+    result = CliRunner().invoke(app, ["serve", "--set", f"data_dir={tmp_path}", "--set", setting, *extra])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loragate: configuration error: "), result.output
