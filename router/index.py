@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy.typing as npt
 
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import ConfigError
+from loragate.files import replaced_atomically
 
 Vectors = npt.NDArray[np.float32]
 #: The saved index in its directory: vectors plus the names and fingerprints they belong to.
@@ -202,13 +201,8 @@ class DescriptorIndex:
         matrix = np.vstack(nonempty) if nonempty else np.zeros((0, 1), np.float32)
         meta = {"embedder": self._embedder_id,
                 "adapters": [{"name": e.name, "fingerprint": e.fingerprint, "count": len(e.vectors)} for e in entries]}
-        with tempfile.NamedTemporaryFile(dir=self._dir, prefix=".index-", suffix=".npz", delete=False) as handle:
-            try:
-                np.savez(handle, vectors=matrix, meta=np.array(json.dumps(meta)))
-            except BaseException:
-                os.unlink(handle.name)
-                raise
-        os.replace(handle.name, self._dir / INDEX_FILE)
+        with replaced_atomically(self._dir / INDEX_FILE, suffix=".npz") as tmp, tmp.open("wb") as handle:
+            np.savez(handle, vectors=matrix, meta=np.array(json.dumps(meta)))
 
     def _load(self) -> None:
         """Load saved vectors; anything unreadable or from another embedder is simply re-embedded."""

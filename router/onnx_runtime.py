@@ -14,7 +14,6 @@ declares), and the caller checks the graph's output against the torch model's be
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from loragate.files import replaced_atomically
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -77,20 +78,12 @@ def export(model: SentenceTransformer, path: Path) -> None:
             out: torch.Tensor = self.model(dict(zip(names, inputs, strict=True)))["sentence_embedding"]
             return out
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        dynamic = {name: {0: "batch", 1: "tokens"} for name in names}
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes (checked after)
-            torch.onnx.export(Pipeline().eval(), tuple(features[n] for n in names), tmp, dynamo=False,
-                              input_names=names, output_names=["sentence_embedding"],
-                              dynamic_axes={**dynamic, "sentence_embedding": {0: "batch"}}, opset_version=OPSET)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    dynamic = {name: {0: "batch", 1: "tokens"} for name in names}
+    with replaced_atomically(path) as tmp, warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes (checked after)
+        torch.onnx.export(Pipeline().eval(), tuple(features[n] for n in names), str(tmp), dynamo=False,
+                          input_names=names, output_names=["sentence_embedding"],
+                          dynamic_axes={**dynamic, "sentence_embedding": {0: "batch"}}, opset_version=OPSET)
 
 
 def session(path: Path, threads: int | None) -> onnxruntime.InferenceSession:

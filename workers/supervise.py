@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +31,7 @@ from typing import Protocol
 
 import httpx
 
+from loragate.files import replaced_atomically
 from loragate.workers.launch import DEFAULT_START_TIMEOUT_S, WorkerLaunch
 
 log = logging.getLogger(__name__)
@@ -73,16 +72,8 @@ class RestartCounts:
         return {str(url): int(n) for url, n in data.items() if isinstance(n, int)}
 
     def write(self, counts: Mapping[str, int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(dict(counts), f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with replaced_atomically(self.path) as tmp:
+            tmp.write_text(json.dumps(dict(counts)))
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
