@@ -18,6 +18,7 @@ import pytest
 
 from loragate.workers.launch import free_port, wait_healthy
 from tests.integration.conftest import Tiny
+from tests.procs import process_group
 
 
 def _children(pid: int) -> list[int]:
@@ -91,14 +92,7 @@ def test_up_with_resolver_delivery_serves_adapters_the_workers_fetch_over_http(t
 
 def _group(pgid: int) -> list[str]:
     """Live processes of process group ``pgid`` (a worker: its API server and vLLM's engine processes), by name."""
-    names = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    names.append((entry / "comm").read_text().strip())
-    return names
+    return list(process_group(pgid).values())
 
 
 def _eventually(condition: Callable[[], object], timeout: float, what: str) -> None:

@@ -18,6 +18,7 @@ from loragate.workers.launch import (
     resolver_env,
     split_cpus,
 )
+from tests.procs import process_group
 
 
 def test_fleet_uses_consecutive_ports_and_one_log_each(tmp_path: Path) -> None:
@@ -120,14 +121,7 @@ def test_a_confined_worker_session_passes_its_cpus_to_children_it_forks_later() 
 
 
 def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    members.append(int(entry.name))
-    return members
+    return sorted(process_group(pgid))
 
 
 def test_stopping_a_worker_whose_main_process_exited_still_reaps_its_group() -> None:
