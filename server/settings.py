@@ -36,6 +36,31 @@ class Settings(BaseSettings):
     processes: int = Field(1, ge=1, le=64, description="Gateway server processes sharing the port (and data dir).")
     registry_poll_s: float = Field(
         1.0, gt=0, le=60, description="How often a gateway picks up adapters registered by another process.")
+    # -- fleet state (unset: SQLite + the local store in data_dir, the embedded default) -----------------
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://user:password@host:port/db: the registry and outcome log live in PostgreSQL, "
+                          "shared by every replica (unset: SQLite files in data_dir).")
+    database_pool_size: int = Field(4, ge=1, le=64, description="PostgreSQL connections per gateway process.")
+    registry_resync_s: float = Field(
+        30.0, gt=0, le=3600, description="With PostgreSQL: a full re-read of the registry this often, the backstop for "
+                                         "change notifications missed while disconnected.")
+    store_url: str | None = Field(
+        None, description="s3://bucket/prefix: adapter files and merges live in an S3-compatible object store "
+                          "(unset: data_dir/adapters and data_dir/merges).")
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of the S3-compatible store (MinIO, Ceph, ...); unset: AWS_ENDPOINT_URL or AWS.")
+    s3_region: str | None = Field(
+        None, description="Region of the object store; unset: AWS_REGION / AWS_DEFAULT_REGION.")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="Access key of the object store; unset: the usual AWS credential chain (env, files, role).")
+    s3_secret_access_key: SecretStr | None = Field(None, description="Secret key that goes with s3_access_key_id.")
+    store_cache_bytes: int = Field(
+        8 << 30, gt=0, description="With store_url: bytes of object-store files each replica keeps on local disk "
+                                   "(LRU).")
+    workers_dns: str | None = Field(
+        None, description="name:port of a DNS name that resolves to every worker (a Kubernetes headless Service), "
+                          "re-resolved every workers_dns_interval_s; used besides the workers list.")
+    workers_dns_interval_s: float = Field(5.0, gt=0, le=3600, description="How often workers_dns is re-resolved.")
     model: str = Field("tiny-llama", description="Base model name the workers serve (their --served-model-name).")
     model_aliases: list[str] = Field(
         default_factory=list,
@@ -120,6 +145,29 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A shadow that finds no idle moment within this time expires instead of running.")
     compositional_detector: str = Field(
         "gap", description="Compositional detection: gap (free) | segments | hybrid (best recall, larger embed batch).")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (PostgreSQL is the only shared database)")
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("s3://") or not value[5:].split("/")[0]):
+            raise ValueError("must look like s3://bucket or s3://bucket/prefix")
+        return value
+
+    @field_validator("workers_dns")
+    @classmethod
+    def _dns_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be name:port, e.g. vllm-workers.default.svc.cluster.local:8000")
+        return value
 
     @field_validator("workers")
     @classmethod
