@@ -3,9 +3,9 @@
 Every error a client can cause carries its HTTP status and renders as an OpenAI-style body
 ``{"error": {"message", "type", "param", "code"}}``. Layers below ``server`` raise these without
 knowing anything about HTTP frameworks; the server installs a single handler that renders them.
-Client mistakes are 4xx by construction: only :class:`UpstreamError` and :class:`GatewayError`
-map to 5xx. :class:`ConfigError` is the operator's mistake, found at startup: it stops the gateway
-with its one-line message and is never an HTTP response.
+Client mistakes are 4xx by construction: only :class:`UpstreamError`, :class:`StorageUnavailable`
+and :class:`GatewayError` map to 5xx. :class:`ConfigError` is the operator's mistake, found at
+startup: it stops the gateway with its one-line message and is never an HTTP response.
 """
 
 from __future__ import annotations
@@ -110,6 +110,15 @@ class UpstreamTimeout(UpstreamError):
 
     default_status = 504
     default_code = "upstream_timeout"
+
+
+class StorageUnavailable(LoragateError):
+    """The registry or outcome database (or the object store) cannot be reached (503): the request
+    changed nothing and may be retried; the message says what is down, never a password."""
+
+    default_status = 503
+    type = "server_error"
+    default_code = "storage_unavailable"
 
 
 class WorkerRejected(LoragateError):

@@ -21,6 +21,7 @@ from loragate.adapters.base_shapes import BaseModelShapes
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.adapters.resolve import Resolver
+from loragate.database import PostgresOptions, open_databases
 from loragate.errors import ConfigError, InvalidRequest, LoragateError
 from loragate.router.compositional import make_detector
 from loragate.router.embedder import Embedder, backend_class, make_backend
@@ -146,10 +147,14 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     """Every service, wired once. ``http`` carries the pool's admin calls, probes and scrapes; ``upstream``
     the proxied requests (aiohttp: a third of httpx's CPU per request on this path)."""
     metrics = GatewayMetrics()
+    registry_db, outcomes_db = open_databases(
+        settings.data_dir, settings.database_url.get_secret_value() if settings.database_url else None,
+        PostgresOptions(pool_size=settings.database_pool_size, connect_timeout_s=settings.connect_timeout_s))
     registry = AdapterRegistry.open(settings.data_dir, RegistryLimits(
         base_models=settings.base_models, max_rank=settings.max_lora_rank,
         max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots),
-        base_shapes=BaseModelShapes.read(settings.base_model_config) if settings.base_model_config else None))
+        base_shapes=BaseModelShapes.read(settings.base_model_config) if settings.base_model_config else None),
+        database=registry_db)
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
     adapter_dirs = adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges")
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics,
@@ -161,7 +166,7 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     router, embedder, index = build_router(settings)
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
     metrics.watch_components(embedder.stats if embedder is not None else None, merges.stats)
-    outcomes = OutcomeLog(settings.data_dir / "outcomes.sqlite3", retention_days=settings.outcomes_retention_days,
+    outcomes = OutcomeLog(outcomes_db, retention_days=settings.outcomes_retention_days,
                           interval_s=settings.outcomes_flush_interval_s)
     if settings.shadow_policy:
         router.resolve(parse_policy(settings.shadow_policy, source="shadow"))  # fail at startup
@@ -189,16 +194,13 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
 
 
 async def follow_registry(services: Services) -> None:
-    """Pick up adapters that another gateway process (sharing the data dir) registered, patched or removed."""
-    while True:
-        await asyncio.sleep(services.settings.registry_poll_s)
-        try:
-            if await services.registry.changed_elsewhere():
-                await services.registry.refresh()
-                if services.index is not None:
-                    await services.index.sync(services.registry.snapshot())
-        except Exception:  # a failed poll must not end the follower; the next one tries again
-            logger.exception("registry poll failed")
+    """Pick up adapters that another gateway process or replica registered, patched or removed."""
+    async def reindex() -> None:
+        if services.index is not None:
+            await services.index.sync(services.registry.snapshot())
+
+    await services.registry.follow(reindex, poll_s=services.settings.registry_poll_s,
+                                   resync_s=services.settings.registry_resync_s)
 
 
 def app_from_env() -> FastAPI:

@@ -6,8 +6,10 @@ status) is stored, and its outcome (success/failure/score) arrives later, from c
 (``POST /v1/feedback``) or from the gateway grading the answer against ``X-Expected-Answer``.
 
 Writes never touch the request path: records go into an in-memory queue that a background task
-writes to SQLite (WAL) in batches, off the event loop. ``close()`` drains the queue, so a graceful
-shutdown loses nothing; feedback flushes first so it can grade a record written a moment ago.
+writes in batches, off the event loop, to the outcome database (``outcomes.sqlite3`` in the data dir,
+or PostgreSQL with ``database_url``, where every replica writes and every replica's summary reads the
+same records). ``close()`` drains the queue, so a graceful shutdown loses nothing; feedback flushes
+first so it can grade a record written a moment ago.
 """
 
 from __future__ import annotations
@@ -15,25 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loragate.database import Database, Executor, Migration, Row, SQLiteDatabase, migrate
 from loragate.errors import Conflict, InvalidRequest, NotFound
 from loragate.grading import wilson
-from loragate.shared_db import connect_shared, lock_for
 
-_TABLE = """
-CREATE TABLE IF NOT EXISTS outcomes (
-    outcome_id TEXT PRIMARY KEY,      -- unique per request (X-Outcome-Id); = request_id when the gateway made that
-    request_id TEXT NOT NULL,         -- X-Request-Id: the client's correlation id (may repeat) or a generated one
-    ts REAL NOT NULL,
+_COLUMNS = """
+    ts DOUBLE PRECISION NOT NULL,
     kind TEXT NOT NULL,               -- primary | shadow
-    shadow_of TEXT,                   -- for shadows: the primary request id
+    shadow_of TEXT,                   -- for shadows: the primary's outcome id
     route TEXT NOT NULL,
     policy_asked TEXT NOT NULL,
     policy_applied TEXT NOT NULL,
@@ -43,18 +40,23 @@ CREATE TABLE IF NOT EXISTS outcomes (
     compositional INTEGER,            -- 1 | 0 | NULL (not routed)
     fallback INTEGER NOT NULL,
     worker TEXT,
-    embed_ms REAL, search_ms REAL, merge_ms REAL, load_ms REAL, upstream_ms REAL, total_ms REAL,
+    embed_ms DOUBLE PRECISION, search_ms DOUBLE PRECISION, merge_ms DOUBLE PRECISION, load_ms DOUBLE PRECISION,
+    upstream_ms DOUBLE PRECISION, total_ms DOUBLE PRECISION,
     status INTEGER NOT NULL,
     expected TEXT,
     result TEXT NOT NULL DEFAULT 'unknown',   -- unknown | success | failure
-    score REAL,
+    score DOUBLE PRECISION,
     note TEXT,
     graded_by TEXT,                   -- expected | feedback
-    graded_at REAL
-);"""
+    graded_at DOUBLE PRECISION
+)"""
+_TABLE = ("CREATE TABLE IF NOT EXISTS outcomes (\n"
+          "    outcome_id TEXT PRIMARY KEY,      -- unique per request (X-Outcome-Id)\n"
+          "    request_id TEXT NOT NULL,         -- X-Request-Id: the client's correlation id (may repeat)\n"
+          f"{_COLUMNS}")
 _INDEXES = ("outcomes_ts ON outcomes (ts)", "outcomes_shadow_of ON outcomes (shadow_of)",
             "outcomes_request_id ON outcomes (request_id)")
-_SCHEMA = _TABLE + "".join(f"\nCREATE INDEX IF NOT EXISTS {index};" for index in _INDEXES)
+_CREATE_INDEXES = tuple(f"CREATE INDEX IF NOT EXISTS {index}" for index in _INDEXES)
 
 _COLUMNS_BEFORE_OUTCOME_ID = (
     "request_id, ts, kind, shadow_of, route, policy_asked, policy_applied, candidates, adapters, method, "
@@ -62,19 +64,32 @@ _COLUMNS_BEFORE_OUTCOME_ID = (
     "expected, result, score, note, graded_by, graded_at")
 
 
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    """Give a log written before ``outcome_id`` existed its new key (the old request ids were unique).
+def _add_outcome_id(tx: Executor) -> None:
+    """SQLite v2: a log written before ``outcome_id`` existed gets its new key (the old request ids were
+    unique: ``request_id`` was the primary key, so a client reusing an id replaced the earlier record)."""
+    if not any(row["name"] == "outcome_id" for row in tx.query("PRAGMA table_info(outcomes)")):
+        for index in _INDEXES:
+            tx.execute(f"DROP INDEX IF EXISTS {index.split()[0]}")
+        tx.execute("ALTER TABLE outcomes RENAME TO outcomes_old")
+        tx.execute(_TABLE)
+        tx.execute(f"INSERT INTO outcomes (outcome_id, {_COLUMNS_BEFORE_OUTCOME_ID}) "
+                   f"SELECT request_id, {_COLUMNS_BEFORE_OUTCOME_ID} FROM outcomes_old")
+        tx.execute("DROP TABLE outcomes_old")
+    for statement in _CREATE_INDEXES:
+        tx.execute(statement)
 
-    Its ``request_id`` was the primary key, so a client reusing an id replaced the earlier record.
-    """
-    with lock_for(path):
-        if any(row["name"] == "outcome_id" for row in db.execute("PRAGMA table_info(outcomes)")):
-            return
-        drops = "".join(f"DROP INDEX IF EXISTS {index.split()[0]};\n" for index in _INDEXES)
-        db.executescript(f"BEGIN;\n{drops}ALTER TABLE outcomes RENAME TO outcomes_old;\n{_SCHEMA}\n"
-                         f"INSERT INTO outcomes (outcome_id, {_COLUMNS_BEFORE_OUTCOME_ID}) "
-                         f"SELECT request_id, {_COLUMNS_BEFORE_OUTCOME_ID} FROM outcomes_old;\n"
-                         "DROP TABLE outcomes_old;\nCOMMIT;")
+
+MIGRATIONS = (
+    Migration(1, "the outcomes table", {
+        # as every release before outcome ids wrote it (a newer file already has outcome_id: v2 sees that)
+        "sqlite": [f"CREATE TABLE IF NOT EXISTS outcomes (\n    request_id TEXT PRIMARY KEY,{_COLUMNS}",
+                   "CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts)",
+                   "CREATE INDEX IF NOT EXISTS outcomes_shadow_of ON outcomes (shadow_of)"],
+        "postgresql": [_TABLE, *_CREATE_INDEXES],
+    }),
+    Migration(2, "outcome ids: a reused request id no longer replaces a record", {"sqlite": _add_outcome_id}),
+)
+
 
 @dataclass(frozen=True, slots=True)
 class OutcomeRecord:
@@ -169,13 +184,13 @@ class Feedback:
 
 
 class OutcomeLog:
-    """Batched, durable storage of outcome records in ``<data_dir>/outcomes.sqlite3``."""
+    """Batched, durable storage of outcome records in a :class:`~loragate.database.Database` (a path:
+    that SQLite file)."""
 
-    def __init__(self, path: Path, *, retention_days: float = 30.0, batch: int = 256,
+    def __init__(self, db: Database | Path, *, retention_days: float = 30.0, batch: int = 256,
                  interval_s: float = 0.25) -> None:
-        self._db = connect_shared(path, _SCHEMA)
-        _migrate(self._db, path)
-        self._lock = threading.Lock()
+        self._db = SQLiteDatabase(db) if isinstance(db, Path) else db
+        migrate(self._db, "outcomes", MIGRATIONS)
         self.retention_s = retention_days * 86400
         self._batch = batch
         self._interval = interval_s
@@ -218,18 +233,15 @@ class OutcomeLog:
 
     def _write(self, batch: list[OutcomeRecord], prune: bool) -> int:
         removed = 0
-        with self._lock:
-            if batch:
-                placeholders = ",".join("?" * len(_INSERT_COLUMNS))
-                self._db.execute("BEGIN")
-                self._db.executemany(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) "
-                                     f"VALUES ({placeholders})", [r.row() for r in batch])
-                self._db.execute("COMMIT")
-                self.written += len(batch)
-            if prune:
-                self._last_prune = time.time()
-                removed = self._db.execute("DELETE FROM outcomes WHERE ts < ?",
-                                           (self._last_prune - self.retention_s,)).rowcount
+        if batch:
+            placeholders = ",".join("?" * len(_INSERT_COLUMNS))
+            with self._db.transaction() as tx:
+                tx.executemany(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) VALUES ({placeholders})",
+                               [r.row() for r in batch])
+            self.written += len(batch)
+        if prune:
+            self._last_prune = time.time()
+            removed = self._db.execute("DELETE FROM outcomes WHERE ts < ?", (self._last_prune - self.retention_s,))
         return removed
 
     async def close(self) -> None:
@@ -239,8 +251,7 @@ class OutcomeLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     # -- grading ---------------------------------------------------------------------------------
     async def feedback(self, fb: Feedback) -> dict[str, Any]:
@@ -248,16 +259,18 @@ class OutcomeLog:
         await self.flush()
 
         def run() -> dict[str, Any]:
-            with self._lock:
-                row = self._graded_row(fb)
-                if row["result"] != "unknown" and not fb.overwrite:
-                    raise Conflict(f"request {self._named(fb)} is already graded ({row['result']}); "
-                                   "send overwrite=true to replace it", param="request_id", code="already_graded")
-                self._db.execute("UPDATE outcomes SET result = ?, score = ?, note = ?, graded_by = 'feedback', "
-                                 "graded_at = ? WHERE outcome_id = ?",
-                                 (fb.result, fb.score if fb.score is not None else float(fb.result == "success"),
-                                  fb.note, time.time(), row["outcome_id"]))
-                return {"request_id": row["request_id"], "outcome_id": row["outcome_id"], "result": fb.result,
+            row = self._graded_row(fb)
+            # conditional on the grade read: two replicas grading one record at once cannot both win
+            changed = 0 if row["result"] != "unknown" and not fb.overwrite else self._db.execute(
+                "UPDATE outcomes SET result = ?, score = ?, note = ?, graded_by = 'feedback', graded_at = ? "
+                "WHERE outcome_id = ? AND result = ?",
+                (fb.result, fb.score if fb.score is not None else float(fb.result == "success"), fb.note,
+                 time.time(), row["outcome_id"], row["result"]))
+            if not changed:
+                current = self._graded_row(fb)["result"]
+                raise Conflict(f"request {self._named(fb)} is already graded ({current}); "
+                               "send overwrite=true to replace it", param="request_id", code="already_graded")
+            return {"request_id": row["request_id"], "outcome_id": row["outcome_id"], "result": fb.result,
                         "policy": row["policy_applied"], "compositional": _flag(row["compositional"]),
                         "previous": row["result"]}
 
@@ -267,11 +280,11 @@ class OutcomeLog:
     def _named(fb: Feedback) -> str:
         return f"with outcome id {fb.outcome_id!r}" if fb.outcome_id is not None else repr(fb.request_id)
 
-    def _graded_row(self, fb: Feedback) -> sqlite3.Row:
+    def _graded_row(self, fb: Feedback) -> Row:
         """The one record feedback names: 404 if none, 409 if a reused request id names several."""
         key, value = ("outcome_id", fb.outcome_id) if fb.outcome_id is not None else ("request_id", fb.request_id)
-        rows = self._db.execute("SELECT outcome_id, request_id, result, policy_applied, compositional FROM outcomes "
-                                f"WHERE {key} = ? ORDER BY ts LIMIT 6", (value,)).fetchall()
+        rows = self._db.query("SELECT outcome_id, request_id, result, policy_applied, compositional FROM outcomes "
+                              f"WHERE {key} = ? ORDER BY ts LIMIT 6", (value,))
         if not rows:
             raise NotFound(f"no request {self._named(fb)} in the outcome log", param=key, code="request_not_found")
         if len(rows) > 1:
@@ -279,17 +292,14 @@ class OutcomeLog:
             raise Conflict(f"request id {fb.request_id!r} was sent with more than one request; grade one of them "
                            f"by outcome_id (the X-Outcome-Id of its response), oldest first: {listed}",
                            param="request_id", code="ambiguous_request_id")
-        row: sqlite3.Row = rows[0]
-        return row
+        return rows[0]
 
     # -- reading ---------------------------------------------------------------------------------
     async def records(self, limit: int = 100) -> list[dict[str, Any]]:
         await self.flush()
 
         def run() -> list[dict[str, Any]]:
-            with self._lock:
-                rows = self._db.execute("SELECT * FROM outcomes ORDER BY ts DESC LIMIT ?", (limit,)).fetchall()
-                return [dict(r) for r in rows]
+            return [dict(r) for r in self._db.query("SELECT * FROM outcomes ORDER BY ts DESC LIMIT ?", (limit,))]
 
         return await asyncio.to_thread(run)
 
@@ -298,22 +308,24 @@ class OutcomeLog:
         await self.flush()
 
         def run() -> dict[str, Any]:
-            with self._lock:
-                groups = self._db.execute(
-                    "SELECT policy_applied, compositional, COUNT(*) AS n, "
-                    "SUM(result != 'unknown') AS graded, SUM(result = 'success') AS ok "
-                    "FROM outcomes WHERE kind = 'primary' AND status < 400 "
-                    "GROUP BY policy_applied, compositional ORDER BY policy_applied, compositional").fetchall()
-                pairs = self._db.execute(
-                    "SELECT p.policy_applied AS primary_policy, s.policy_applied AS shadow_policy, "
-                    "p.compositional AS compositional, COUNT(*) AS n, "
-                    "SUM(p.result = 'success') AS primary_ok, SUM(s.result = 'success') AS shadow_ok, "
-                    "SUM(p.result = 'success' AND s.result = 'success') AS both_ok, "
-                    "SUM(p.result = 'success' AND s.result != 'success') AS only_primary, "
-                    "SUM(p.result != 'success' AND s.result = 'success') AS only_shadow "
-                    "FROM outcomes s JOIN outcomes p ON s.shadow_of = p.outcome_id "
-                    "WHERE s.kind = 'shadow' AND p.result != 'unknown' AND s.result != 'unknown' "
-                    "GROUP BY primary_policy, shadow_policy, p.compositional").fetchall()
+            groups = self._db.query(
+                "SELECT policy_applied, compositional, COUNT(*) AS n, "
+                "COUNT(*) FILTER (WHERE result != 'unknown') AS graded, "
+                "COUNT(*) FILTER (WHERE result = 'success') AS ok "
+                "FROM outcomes WHERE kind = 'primary' AND status < 400 "
+                "GROUP BY policy_applied, compositional ORDER BY policy_applied, compositional")
+            pairs = self._db.query(
+                "SELECT p.policy_applied AS primary_policy, s.policy_applied AS shadow_policy, "
+                "p.compositional AS compositional, COUNT(*) AS n, "
+                "COUNT(*) FILTER (WHERE p.result = 'success') AS primary_ok, "
+                "COUNT(*) FILTER (WHERE s.result = 'success') AS shadow_ok, "
+                "COUNT(*) FILTER (WHERE p.result = 'success' AND s.result = 'success') AS both_ok, "
+                "COUNT(*) FILTER (WHERE p.result = 'success' AND s.result != 'success') AS only_primary, "
+                "COUNT(*) FILTER (WHERE p.result != 'success' AND s.result = 'success') AS only_shadow "
+                "FROM outcomes s JOIN outcomes p ON s.shadow_of = p.outcome_id "
+                "WHERE s.kind = 'shadow' AND p.result != 'unknown' AND s.result != 'unknown' "
+                "GROUP BY p.policy_applied, s.policy_applied, p.compositional "
+                "ORDER BY p.policy_applied, s.policy_applied, p.compositional")
             return {"object": "outcomes.summary", "groups": [_group(g) for g in groups],
                     "shadow_pairs": [_pair(p) for p in pairs]}
 
@@ -324,7 +336,7 @@ def _flag(value: int | None) -> str:
     return "unknown" if value is None else ("true" if value else "false")
 
 
-def _group(g: sqlite3.Row) -> dict[str, Any]:
+def _group(g: Row) -> dict[str, Any]:
     graded, ok = int(g["graded"] or 0), int(g["ok"] or 0)
     low, high = wilson(ok, graded)
     return {"policy": g["policy_applied"], "compositional": _flag(g["compositional"]), "requests": g["n"],
@@ -332,7 +344,7 @@ def _group(g: sqlite3.Row) -> dict[str, Any]:
             "ci95": [round(low, 4), round(high, 4)]}
 
 
-def _pair(p: sqlite3.Row) -> dict[str, Any]:
+def _pair(p: Row) -> dict[str, Any]:
     n = int(p["n"])
     return {"primary_policy": p["primary_policy"], "shadow_policy": p["shadow_policy"],
             "compositional": _flag(p["compositional"]), "pairs": n,

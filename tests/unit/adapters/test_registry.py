@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,14 +12,26 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.adapters.types import Descriptors
-from loragate.errors import Conflict, Forbidden, InvalidRequest, LoragateError, NotFound, PayloadTooLarge
+from loragate.database import PostgresDatabase, PostgresOptions, schema_version
+from loragate.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    LoragateError,
+    NotFound,
+    PayloadTooLarge,
+    StorageUnavailable,
+)
 from tests.lora_files import write_lora
+from tests.postgres import running_postgres
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -27,24 +41,51 @@ def roots(tmp_path: Path) -> Path:
     return root
 
 
-def open_registry(tmp_path: Path, roots: Path, **overrides: object) -> AdapterRegistry:
-    limits = dict(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20, import_roots=(roots,))
-    limits.update(overrides)
-    return AdapterRegistry.open(tmp_path / "data", RegistryLimits(**limits))  # type: ignore[arg-type]
+OpenRegistry = Callable[..., AdapterRegistry]
+
+
+@pytest.fixture
+def open_registry(tmp_path: Path, roots: Path, database_url: str | None) -> OpenRegistry:
+    """Opens the registry of ``tmp_path/data`` on the test's backend (each test runs on SQLite and on
+    PostgreSQL); every call is another gateway process's view of the same state."""
+    def opened(**overrides: object) -> AdapterRegistry:
+        limits = dict(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20, import_roots=(roots,))
+        limits.update(overrides)
+        database = PostgresDatabase(database_url) if database_url else None
+        return AdapterRegistry.open(tmp_path / "data", RegistryLimits(**limits), database=database)  # type: ignore[arg-type]
+
+    return opened
 
 
 def stored_state(registry: AdapterRegistry) -> tuple[int, list[str], list[str]]:
-    """(rows, store entries, staging leftovers) as found on disk."""
-    db = sqlite3.connect(registry.store.root.parent / "registry.sqlite3")
-    rows = db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
-    db.close()
+    """(rows, store entries, staging leftovers) as found in the database and on disk."""
+    rows = registry.database.query("SELECT COUNT(*) AS n FROM adapters")[0]["n"]
     entries = sorted(p.name for p in registry.store.root.iterdir() if p.name != "tmp")
     staging = sorted(p.name for p in registry.store.staging.iterdir())
     return rows, entries, staging
 
 
-async def test_register_copies_into_content_addressed_store(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+def _run_in_child(script: str, tmp_path: Path, roots: Path, database_url: str | None,
+                  **kwargs: object) -> subprocess.Popen[bytes]:
+    """A second gateway process: opens the same registry and runs ``script`` with ``reg`` bound."""
+    prelude = textwrap.dedent(f"""
+        import asyncio, os, signal, sys
+        from pathlib import Path
+        from loragate.adapters.registry import AdapterRegistry, RegistryLimits
+        from loragate.adapters.types import Descriptors
+        from loragate.database import PostgresDatabase, PostgresOptions, schema_version
+        url = {database_url!r}
+        reg = AdapterRegistry.open(Path({str(tmp_path / "data")!r}), RegistryLimits(
+            base_models=frozenset({{"tiny-llama"}}), max_rank=16, max_bytes=1 << 30,
+            import_roots=(Path({str(roots)!r}),)), database=PostgresDatabase(url) if url else None)
+    """)
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], env={**os.environ},
+                            **kwargs)  # type: ignore[call-overload]
+
+
+async def test_register_copies_into_content_addressed_store(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     source = write_lora(roots / "a")
     record = (await registry.add_from_path("alpha", source, Descriptors("facts", ("who?",)))).record
     assert record.path == registry.store.root / record.sha256
@@ -55,14 +96,15 @@ async def test_register_copies_into_content_addressed_store(tmp_path: Path, root
     assert (record.path / "adapter_model.safetensors").read_bytes() == original
     # durable: a new process sees the row
     registry.close()
-    reopened = open_registry(tmp_path, roots)
+    reopened = open_registry()
     assert reopened.get("alpha").sha256 == record.sha256
     assert reopened.get("alpha").descriptors.examples == ("who?",)
     assert reopened.store.root.joinpath(record.sha256, "adapter_config.json").is_file()
 
 
-async def test_same_content_two_names_share_files_and_delete_keeps_the_other(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_same_content_two_names_share_files_and_delete_keeps_the_other(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     source = write_lora(roots / "a")
     first = (await registry.add_from_path("one", source, Descriptors())).record
     second = (await registry.add_from_path("two", source, Descriptors())).record
@@ -109,8 +151,9 @@ def _bad_dirs(roots: Path, outside: Path) -> dict[str, tuple[Path, type[Loragate
     "missing config", "missing weights", "not a lora", "wrong base", "rank too high", "unreadable header",
     "shape vs rank", "outside roots", "dir symlink leaves roots", "file symlink leaves roots", "too large",
 ])
-async def test_each_rejection_has_its_status_and_leaves_nothing(case: str, tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_each_rejection_has_its_status_and_leaves_nothing(
+        case: str, tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     outside = tmp_path / "outside"
     outside.mkdir()
     path, error_type, status, fragment = _bad_dirs(roots, outside)[case]
@@ -121,8 +164,9 @@ async def test_each_rejection_has_its_status_and_leaves_nothing(case: str, tmp_p
     assert "bad" not in registry.snapshot()
 
 
-async def test_duplicate_name_is_409_and_keeps_the_first(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_duplicate_name_is_409_and_keeps_the_first(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     first = (await registry.add_from_path("dup", write_lora(roots / "a", seed=1), Descriptors())).record
     with pytest.raises(Conflict, match="already registered with different files") as caught:
         await registry.add_from_path("dup", write_lora(roots / "b", seed=2), Descriptors())
@@ -131,91 +175,110 @@ async def test_duplicate_name_is_409_and_keeps_the_first(tmp_path: Path, roots: 
 
 
 @pytest.mark.parametrize("name", ["Upper", "-lead", "", "a" * 65, "white space", "slash/x"])
-async def test_invalid_names_are_400(name: str, tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_invalid_names_are_400(name: str, tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     with pytest.raises(InvalidRequest, match="invalid adapter name"):
         await registry.add_from_path(name, write_lora(roots / "a"), Descriptors())
     assert stored_state(registry) == (0, [], [])
 
 
-def test_crash_between_store_and_commit_leaves_nothing_after_restart(tmp_path: Path, roots: Path) -> None:
+def test_crash_between_store_and_commit_leaves_nothing_after_restart(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry, database_url: str | None) -> None:
     """A process killed after the files are in the store but before the row commits."""
     write_lora(roots / "a")
-    script = textwrap.dedent(f"""
-        import asyncio, os
-        from pathlib import Path
-        from loragate.adapters.registry import AdapterRegistry, RegistryLimits
-        from loragate.adapters.types import Descriptors
-        reg = AdapterRegistry.open(Path({str(tmp_path / "data")!r}), RegistryLimits(
-            base_models=frozenset({{"tiny-llama"}}), max_rank=16, max_bytes=1 << 30,
-            import_roots=(Path({str(roots)!r}),)))
+    child = _run_in_child(f"""
         reg._insert = lambda record: os._exit(9)   # die exactly between rename and commit
         asyncio.run(reg.add_from_path("crashy", Path({str(roots / "a")!r}), Descriptors()))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, timeout=120)
-    assert result.returncode == 9, result.stderr.decode()
+    """, tmp_path, roots, database_url, stderr=subprocess.PIPE)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 9, stderr.decode()
     store = tmp_path / "data" / "adapters"
     assert [p.name for p in store.iterdir() if p.name != "tmp"], "the crash should have left a store entry"
-    registry = open_registry(tmp_path, roots)
+    registry = open_registry()
     assert stored_state(registry) == (0, [], [])
 
 
-async def test_patch_descriptors_is_durable(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_patch_descriptors_is_durable(tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     await registry.add_from_path("a", write_lora(roots / "a"), Descriptors("old", ()))
     updated = await registry.update_descriptors("a", Descriptors("new", ("q1", "q2")))
     assert updated.descriptors == Descriptors("new", ("q1", "q2"))
     registry.close()
-    assert open_registry(tmp_path, roots).get("a").descriptors.description == "new"
+    assert open_registry().get("a").descriptors.description == "new"
 
 
-async def test_a_second_process_notices_registrations(tmp_path: Path, roots: Path) -> None:
-    first = open_registry(tmp_path, roots)
-    second = open_registry(tmp_path, roots)
-    assert await second.changed_elsewhere() is False
-    await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
-    assert await second.changed_elsewhere() is True
-    assert await second.changed_elsewhere() is True  # until it re-reads
-    assert "a" not in second.snapshot()
-    await second.refresh()
-    assert second.get("a").descriptors.description == "d"
-    assert await second.changed_elsewhere() is False
+async def test_a_second_process_follows_registrations_patches_and_deletes(
+        roots: Path, open_registry: OpenRegistry) -> None:
+    """SQLite: data_version polls; PostgreSQL: LISTEN/NOTIFY (resync far away, so notifications carry it)."""
+    first, second = open_registry(), open_registry()
+    seen: list[frozenset[str]] = []
+
+    async def changed() -> None:
+        seen.append(frozenset(second.snapshot()))
+
+    follower = asyncio.create_task(second.follow(changed, poll_s=0.05, resync_s=3600))
+    try:
+        await asyncio.sleep(0.2)  # listening
+        await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
+        await until(lambda: "a" in second.snapshot())
+        assert seen and "a" in seen[-1]  # the callback (the descriptor index's re-sync) ran after the re-read
+        await first.update_descriptors("a", Descriptors("patched", ()))
+        await until(lambda: second.get("a").descriptors.description == "patched")
+        await first.remove("a")
+        await until(lambda: "a" not in second.snapshot())
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
 
 
-async def test_a_second_process_starting_keeps_an_in_flight_registration(tmp_path: Path, roots: Path) -> None:
+async def test_postgres_follower_catches_up_after_losing_its_connection(
+        roots: Path, postgres_url: str, tmp_path: Path) -> None:
+    """Notifications sent while the LISTEN connection is down are lost; the reconnect re-reads everything."""
+    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
+                            import_roots=(roots,))
+    first = AdapterRegistry.open(tmp_path / "one", limits, database=PostgresDatabase(postgres_url))
+    second = AdapterRegistry.open(tmp_path / "two", limits, database=PostgresDatabase(postgres_url))
+
+    async def nothing() -> None:
+        return None
+
+    follower = asyncio.create_task(second.follow(nothing, poll_s=0.05, resync_s=3600))
+    try:
+        await asyncio.sleep(0.3)
+        # kill every LISTEN connection, register while none is back (a listener reconnects within 0.2 s, so
+        # the registration races it; either way the reconnect's re-read must bring the row)
+        first.database.query("SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
+                             "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
+        await until(lambda: "a" in second.snapshot())
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+
+async def test_a_second_process_starting_keeps_an_in_flight_registration(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
     """Opening the registry collects crash leftovers; it must not collect another process's registration."""
-    first = open_registry(tmp_path, roots)
+    first = open_registry()
     source = write_lora(roots / "a")
     staged = first.store.stage_copy(sorted(source.iterdir()))  # the first process is mid-registration
-    second = open_registry(tmp_path, roots)  # a second gateway process starts meanwhile
+    second = open_registry()  # a second gateway process starts meanwhile
     assert staged.is_dir(), "the second process deleted the first one's staging dir"
     record = (await first.add_staged("a", staged, Descriptors("d", ()))).record
-    third = open_registry(tmp_path, roots)
+    third = open_registry()
     assert (record.path / "adapter_model.safetensors").is_file()
     assert stored_state(third) == (1, [record.sha256], [])
     await second.refresh()
     assert second.get("a").sha256 == record.sha256
 
 
-def _run_in_child(script: str, tmp_path: Path, roots: Path, **kwargs: object) -> subprocess.Popen[bytes]:
-    """A second gateway process: opens the same registry and runs ``script`` with ``reg`` bound."""
-    prelude = textwrap.dedent(f"""
-        import asyncio, os, signal, sys
-        from pathlib import Path
-        from loragate.adapters.registry import AdapterRegistry, RegistryLimits
-        from loragate.adapters.types import Descriptors
-        reg = AdapterRegistry.open(Path({str(tmp_path / "data")!r}), RegistryLimits(
-            base_models=frozenset({{"tiny-llama"}}), max_rank=16, max_bytes=1 << 30,
-            import_roots=(Path({str(roots)!r}),)))
-    """)
-    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)], env={**os.environ},
-                            **kwargs)  # type: ignore[call-overload]
-
-
-def test_a_killed_uploads_staging_dir_is_collected_at_the_next_start(tmp_path: Path, roots: Path) -> None:
+def test_a_killed_uploads_staging_dir_is_collected_at_the_next_start(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry, database_url: str | None) -> None:
     """SIGKILL in the middle of an upload (the real upload code) leaves its staging dir; the next start,
     however soon, collects it: its owner is gone."""
-    registry = open_registry(tmp_path, roots)
+    registry = open_registry()
     child = _run_in_child("""
         from loragate.server.admin import AdminService
         async def body():
@@ -225,16 +288,17 @@ def test_a_killed_uploads_staging_dir_is_collected_at_the_next_start(tmp_path: P
             yield b""
         admin = AdminService(reg, None, 1 << 30)
         asyncio.run(admin.register_upload("big", {"adapter_model.safetensors": body()}, "", []))
-    """, tmp_path, roots, stderr=subprocess.PIPE)
+    """, tmp_path, roots, database_url, stderr=subprocess.PIPE)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL, stderr.decode()
     leftovers = list(registry.store.staging.iterdir())
     assert len(leftovers) == 1 and (leftovers[0] / "adapter_model.safetensors").stat().st_size == 2 << 20
     registry.close()
-    assert stored_state(open_registry(tmp_path, roots)) == (0, [], [])
+    assert stored_state(open_registry()) == (0, [], [])
 
 
-def test_a_live_processs_staging_dir_is_never_collected(tmp_path: Path, roots: Path) -> None:
+def test_a_live_processs_staging_dir_is_never_collected(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry, database_url: str | None) -> None:
     """Another gateway process mid-registration keeps its staging dir however old it is; once that
     process is gone, the next start collects it."""
     child = _run_in_child("""
@@ -242,22 +306,23 @@ def test_a_live_processs_staging_dir_is_never_collected(tmp_path: Path, roots: P
         (staged / "adapter_config.json").write_text("{}")
         print(staged, flush=True)
         sys.stdin.read()  # busy until the test lets it go; exits without cleaning up
-    """, tmp_path, roots, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    """, tmp_path, roots, database_url, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None
         staged = Path(child.stdout.readline().decode().strip())
         hours_ago = time.time() - 2 * 3600
         os.utime(staged, (hours_ago, hours_ago))
-        registry = open_registry(tmp_path, roots)  # a second process starts meanwhile
+        registry = open_registry()  # a second process starts meanwhile
         assert staged.is_dir(), "a live process's staging dir was collected"
         registry.close()
     finally:
         child.communicate(b"", timeout=120)
-    assert stored_state(open_registry(tmp_path, roots)) == (0, [], [])
+    assert stored_state(open_registry()) == (0, [], [])
 
 
-def test_staging_owned_by_a_reused_pid_and_old_unowned_entries_are_collected(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+def test_staging_owned_by_a_reused_pid_and_old_unowned_entries_are_collected(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     mine = registry.store.new_staging_dir()
     owner = mine.name.split("~")
     reused = registry.store.staging / "~".join([*owner[:3], str(int(owner[3]) + 1), "x"])  # same pid, other start
@@ -272,13 +337,14 @@ def test_staging_owned_by_a_reused_pid_and_old_unowned_entries_are_collected(tmp
     os.utime(old, (hours_ago, hours_ago))
     os.utime(remote_old, (hours_ago, hours_ago))
     registry.close()
-    reopened = open_registry(tmp_path, roots)
+    reopened = open_registry()
     assert stored_state(reopened) == (0, [], sorted([mine.name, "tmpfresh", remote_fresh.name]))
 
 
-async def test_repeating_a_committed_registration_returns_the_existing_record(tmp_path: Path, roots: Path) -> None:
+async def test_repeating_a_committed_registration_returns_the_existing_record(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
     """A client that lost the response retries: same name, files and descriptors is the same registration."""
-    registry = open_registry(tmp_path, roots)
+    registry = open_registry()
     source = write_lora(roots / "a")
     first = await registry.add_from_path("a", source, Descriptors("facts", ("who?",)))
     again = await registry.add_from_path("a", source, Descriptors("facts", ("who?",)))
@@ -287,7 +353,7 @@ async def test_repeating_a_committed_registration_returns_the_existing_record(tm
     staged = registry.store.stage_copy(sorted(source.iterdir()))  # the same files, uploaded
     assert (await registry.add_staged("a", staged, Descriptors("facts", ("who?",)))).record == first.record
     # a second process that has not seen the row yet answers the same
-    other = open_registry(tmp_path, roots)
+    other = open_registry()
     assert (await other.add_from_path("a", source, Descriptors("facts", ("who?",)))).record == first.record
     assert stored_state(registry) == (1, [first.record.sha256], [])
 
@@ -295,8 +361,8 @@ async def test_repeating_a_committed_registration_returns_the_existing_record(tm
 @pytest.mark.parametrize(("change", "fragment"), [
     ("files", "different files"), ("description", "a different description"), ("examples", "different examples")])
 async def test_a_different_registration_under_a_taken_name_is_409_naming_the_difference(
-        change: str, fragment: str, tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+        change: str, fragment: str, tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     first = (await registry.add_from_path("a", write_lora(roots / "a"), Descriptors("facts", ("who?",)))).record
     source = write_lora(roots / "b", seed=7) if change == "files" else roots / "a"
     descriptors = Descriptors("other" if change == "description" else "facts",
@@ -308,8 +374,9 @@ async def test_a_different_registration_under_a_taken_name_is_409_naming_the_dif
     assert stored_state(registry) == (1, [first.sha256], [])
 
 
-async def test_errors_name_the_users_path_or_the_upload_never_the_staging_dir(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_errors_name_the_users_path_or_the_upload_never_the_staging_dir(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     empty = roots / "empty"
     empty.mkdir()
     with pytest.raises(LoragateError) as caught:
@@ -329,9 +396,9 @@ async def test_errors_name_the_users_path_or_the_upload_never_the_staging_dir(tm
     ("x" * 5000, "invalid_path", "File name too long"),
     ("deep/" + "y" * 5000 + "/z", "invalid_path", "File name too long"),
 ])
-async def test_paths_the_os_refuses_are_400_naming_the_path_field(path: str, code: str, fragment: str,
-                                                                  tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_paths_the_os_refuses_are_400_naming_the_path_field(
+        path: str, code: str, fragment: str, tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     with pytest.raises(InvalidRequest, match=fragment) as caught:
         await registry.add_from_path("a", roots / path, Descriptors())
     assert (caught.value.status, caught.value.param, caught.value.code) == (400, "path", code)
@@ -339,8 +406,9 @@ async def test_paths_the_os_refuses_are_400_naming_the_path_field(path: str, cod
     assert stored_state(registry) == (0, [], [])
 
 
-async def test_dotdot_out_of_the_roots_is_outside_not_a_symlink(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_dotdot_out_of_the_roots_is_outside_not_a_symlink(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     write_lora(tmp_path / "elsewhere")
     with pytest.raises(Forbidden) as caught:
         await registry.add_from_path("a", roots / ".." / "elsewhere", Descriptors())
@@ -365,15 +433,15 @@ BASE_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hi
     ({"config_overrides": {"init_lora_weights": "pissa"}}, "init_lora_weights='pissa'"),
     ({"config_overrides": {"bias": "all"}}, "bias='all'"),
 ])
-async def test_what_the_workers_cannot_load_is_refused_at_registration(lora: dict[str, object], fragment: str,
-                                                                        tmp_path: Path, roots: Path) -> None:
+async def test_what_the_workers_cannot_load_is_refused_at_registration(
+        lora: dict[str, object], fragment: str, tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
     """Each of these registered (201) and then failed every request (502 adapter_load_failed)."""
     from loragate.adapters.base_shapes import BaseModelShapes
 
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(BASE_CONFIG))
-    registry = open_registry(tmp_path, roots, base_shapes=BaseModelShapes.read(model))
+    registry = open_registry(base_shapes=BaseModelShapes.read(model))
     assert (await registry.add_from_path("fits", write_lora(roots / "fits"), Descriptors())).created
     with pytest.raises(LoragateError) as caught:
         await registry.add_from_path("bad", write_lora(roots / "bad", **lora), Descriptors())  # type: ignore[arg-type]
@@ -381,9 +449,56 @@ async def test_what_the_workers_cannot_load_is_refused_at_registration(lora: dic
     assert stored_state(registry) == (1, [registry.get("fits").sha256], [])
 
 
-async def test_a_missing_dir_is_422_saying_it_does_not_exist(tmp_path: Path, roots: Path) -> None:
-    registry = open_registry(tmp_path, roots)
+async def test_a_missing_dir_is_422_saying_it_does_not_exist(
+        tmp_path: Path, roots: Path, open_registry: OpenRegistry) -> None:
+    registry = open_registry()
     with pytest.raises(LoragateError) as caught:
         await registry.add_from_path("a", roots / "nope", Descriptors())
     assert (caught.value.status, caught.value.code) == (422, "path_not_found")
     assert caught.value.message == f"{roots / 'nope'} does not exist"
+
+
+async def test_a_registry_file_from_before_versioned_migrations_is_migrated(tmp_path: Path, roots: Path) -> None:
+    """Version 1 rows carried the registering host's absolute path; version 2 derives it from the store."""
+    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
+                            import_roots=(roots,))
+    first = AdapterRegistry.open(tmp_path / "data", limits)
+    record = (await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ("q",)))).record
+    first.close()
+    db = sqlite3.connect(tmp_path / "data" / "registry.sqlite3")  # rewrite it as the old release left it
+    db.executescript(
+        "DROP TABLE schema_versions; ALTER TABLE adapters RENAME TO new; "
+        "CREATE TABLE adapters (name TEXT PRIMARY KEY, base_model TEXT NOT NULL, rank INTEGER NOT NULL, "
+        "alpha REAL NOT NULL, target_modules TEXT NOT NULL, use_rslora INTEGER NOT NULL, "
+        "modules_to_save TEXT NOT NULL, "
+        "sha256 TEXT NOT NULL, path TEXT NOT NULL, size_bytes INTEGER NOT NULL, description TEXT NOT NULL, "
+        "examples TEXT NOT NULL, created_at REAL NOT NULL); "
+        "INSERT INTO adapters SELECT name, base_model, rank, alpha, target_modules, use_rslora, modules_to_save, "
+        "sha256, '/elsewhere/on/another/host', size_bytes, description, examples, created_at FROM new; DROP TABLE new;")
+    db.close()
+    reopened = AdapterRegistry.open(tmp_path / "data", limits)
+    assert reopened.get("a") == record  # the path comes from this host's store, not the old row
+    assert schema_version(reopened.database, "registry") == 2
+    columns = {row["name"] for row in reopened.database.query("PRAGMA table_info(adapters)")}
+    assert "path" not in columns
+
+
+async def test_registration_while_postgres_is_down_is_503_and_leaves_nothing(tmp_path: Path, roots: Path) -> None:
+    """A server of its own (stopping the session's would fail other tests): down -> a 503 naming it, nothing
+    stored; back -> the pool reconnects and the same registration succeeds."""
+    with running_postgres() as server:
+        limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
+                                import_roots=(roots,))
+        registry = AdapterRegistry.open(tmp_path / "data", limits,
+                                        database=PostgresDatabase(server.url(), PostgresOptions(connect_timeout_s=2)))
+        server.stop()
+        with pytest.raises(StorageUnavailable) as caught:
+            await registry.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
+        assert caught.value.status == 503 and f"127.0.0.1:{server.port}" in caught.value.message
+        assert "password" not in caught.value.message
+        assert [p.name for p in registry.store.root.iterdir() if p.name != "tmp"] == []
+        assert list(registry.store.staging.iterdir()) == []
+        server.start()
+        assert (await registry.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))).created
+        assert stored_state(registry)[0] == 1
+        registry.close()

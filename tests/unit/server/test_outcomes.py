@@ -1,16 +1,31 @@
-"""The outcome log on a real SQLite file: batching, grading, feedback rules, summaries, retention."""
+"""The outcome log on a real SQLite file and a real PostgreSQL database: batching, grading, feedback rules,
+summaries, retention, migrations."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from loragate.errors import Conflict, InvalidRequest, NotFound
+from loragate.database import PostgresDatabase, SQLiteDatabase, schema_version
+from loragate.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from loragate.grading import wilson
-from loragate.server.outcomes import Feedback, OutcomeLog, OutcomeRecord, format_summary
+from loragate.server.outcomes import _INSERT_COLUMNS, Feedback, OutcomeLog, OutcomeRecord, format_summary
+
+OpenLog = Callable[..., OutcomeLog]
+
+
+@pytest.fixture
+def open_log(tmp_path: Path, database_url: str | None) -> OpenLog:
+    """Opens the test's outcome log (the same one at every call) on SQLite, then on PostgreSQL."""
+    def opened(**options: Any) -> OutcomeLog:
+        return OutcomeLog(PostgresDatabase(database_url) if database_url else tmp_path / "o.sqlite3", **options)
+
+    return opened
 
 
 def record(rid: str, policy: str = "select", compositional: bool | None = False, result: str = "unknown",
@@ -42,8 +57,8 @@ def test_malformed_feedback_is_400(body: dict[str, object], fragment: str) -> No
         Feedback.parse(body)
 
 
-async def test_feedback_grades_once_unless_overwrite(tmp_path: Path) -> None:
-    log = OutcomeLog(tmp_path / "o.sqlite3")
+async def test_feedback_grades_once_unless_overwrite(open_log: OpenLog) -> None:
+    log = open_log()
     log.start()
     log.add(record("r1"))
     with pytest.raises(NotFound):
@@ -59,8 +74,8 @@ async def test_feedback_grades_once_unless_overwrite(tmp_path: Path) -> None:
     await log.close()
 
 
-async def test_summary_matches_a_recount_and_pairs_shadows(tmp_path: Path) -> None:
-    log = OutcomeLog(tmp_path / "o.sqlite3")
+async def test_summary_matches_a_recount_and_pairs_shadows(open_log: OpenLog) -> None:
+    log = open_log()
     results = ["success", "failure", "success", "unknown", "success"]
     for i, result in enumerate(results):
         log.add(record(f"s{i}", "select", compositional=bool(i % 2), result=result))
@@ -83,23 +98,23 @@ async def test_summary_matches_a_recount_and_pairs_shadows(tmp_path: Path) -> No
     await log.close()
 
 
-async def test_close_drains_the_queue_and_retention_prunes(tmp_path: Path) -> None:
-    log = OutcomeLog(tmp_path / "o.sqlite3", retention_days=30, interval_s=3600)
+async def test_close_drains_the_queue_and_retention_prunes(open_log: OpenLog) -> None:
+    log = open_log(retention_days=30, interval_s=3600)
     log.start()
     log.add(record("old", ts=time.time() - 3 * 86400))
     log.add(record("new"))
     await log.close()  # the writer never woke up: close must write both
-    kept = OutcomeLog(tmp_path / "o.sqlite3", retention_days=30)
+    kept = open_log(retention_days=30)
     assert {r["request_id"] for r in await kept.records()} == {"old", "new"}
     await kept.close()
-    reopened = OutcomeLog(tmp_path / "o.sqlite3", retention_days=1)
+    reopened = open_log(retention_days=1)
     assert await reopened.prune() == 1
     assert [r["request_id"] for r in await reopened.records()] == ["new"]
     await reopened.close()
 
 
-async def test_a_reused_request_id_keeps_every_record_and_feedback_names_one(tmp_path: Path) -> None:
-    log = OutcomeLog(tmp_path / "o.sqlite3")
+async def test_a_reused_request_id_keeps_every_record_and_feedback_names_one(open_log: OpenLog) -> None:
+    log = open_log()
     log.start()
     log.add(record("dup", "base", outcome_id="first"))
     log.add(record("dup", "pin", outcome_id="second", ts=time.time() + 1))
@@ -118,15 +133,28 @@ async def test_a_reused_request_id_keeps_every_record_and_feedback_names_one(tmp
     await log.close()
 
 
+#: The table as releases before outcome ids wrote it (schema version 1; no schema_versions table yet).
+_V1_TABLE = """CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, shadow_of TEXT, route TEXT NOT NULL,
+    policy_asked TEXT NOT NULL, policy_applied TEXT NOT NULL, candidates TEXT NOT NULL, adapters TEXT NOT NULL,
+    method TEXT, compositional INTEGER, fallback INTEGER NOT NULL, worker TEXT,
+    embed_ms REAL, search_ms REAL, merge_ms REAL, load_ms REAL, upstream_ms REAL, total_ms REAL,
+    status INTEGER NOT NULL, expected TEXT, result TEXT NOT NULL DEFAULT 'unknown', score REAL, note TEXT,
+    graded_by TEXT, graded_at REAL);
+CREATE INDEX IF NOT EXISTS outcomes_ts ON outcomes (ts);
+CREATE INDEX IF NOT EXISTS outcomes_shadow_of ON outcomes (shadow_of);"""
+#: What the release before versioned migrations wrote (outcome ids, still no schema_versions table).
+_V2_UNVERSIONED = _V1_TABLE.replace("request_id TEXT PRIMARY KEY,",
+                                    "outcome_id TEXT PRIMARY KEY, request_id TEXT NOT NULL,")
+
+
 async def test_a_log_from_before_outcome_ids_is_migrated(tmp_path: Path) -> None:
     """The old table (request_id as primary key) gets outcome_id = request_id; shadows still pair up."""
     from loragate.server import outcomes as module
 
     path = tmp_path / "o.sqlite3"
-    old_schema = module._TABLE.replace("outcome_id TEXT PRIMARY KEY,", "").replace(
-        "request_id TEXT NOT NULL,", "request_id TEXT PRIMARY KEY,")
     db = sqlite3.connect(path)
-    db.executescript(old_schema + "CREATE INDEX outcomes_ts ON outcomes (ts);")
+    db.executescript(_V1_TABLE)
     for rid, kind, shadow_of, result in (("p1", "primary", None, "success"), ("p1-shadow", "shadow", "p1", "failure")):
         row = record(rid, kind=kind, shadow_of=shadow_of, result=result).row()[1:]  # without outcome_id
         db.execute(f"INSERT INTO outcomes ({module._COLUMNS_BEFORE_OUTCOME_ID.replace(', note', '')}) "
@@ -143,3 +171,29 @@ async def test_a_log_from_before_outcome_ids_is_migrated(tmp_path: Path) -> None
     await log.close()
     indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"outcomes_ts", "outcomes_shadow_of", "outcomes_request_id"} <= indexes
+    assert schema_version(SQLiteDatabase(path), "outcomes") == 2
+
+
+async def test_a_log_from_the_release_before_versioned_migrations_opens_as_version_2(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(_V2_UNVERSIONED)
+    row = record("r1").row()
+    db.execute(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) VALUES ({','.join('?' * len(row))})", row)
+    db.commit()
+    db.close()
+    log = OutcomeLog(path)
+    assert [r["outcome_id"] for r in await log.records()] == ["r1"]
+    await log.close()
+    assert schema_version(SQLiteDatabase(path), "outcomes") == 2
+
+
+async def test_a_schema_newer_than_this_release_is_refused(open_log: OpenLog) -> None:
+    log = open_log()
+    await log.close()
+    bumped = open_log()  # the same database, one release ahead
+    database = bumped._db
+    database.execute("UPDATE schema_versions SET version = 99 WHERE component = 'outcomes'")
+    await bumped.close()
+    with pytest.raises(StorageUnavailable, match="version 99, newer than this loragate knows"):
+        open_log()
