@@ -7,19 +7,29 @@ edited mid-registration cannot slip past validation), then renames the staging d
 entry or a staging dir; :meth:`AdapterStore.collect_garbage` removes the staging dirs of processes
 that are gone and entries no registry row references. Identical content registered under two names
 is stored once.
+
+Every store (this local one, :class:`loragate.adapters.objectstore.S3Store`) has one interface:
+``path_for`` (where the files are, or will be, on this replica's disk), ``commit`` (durable when it
+returns), ``materialize`` (await before reading files: an object store may have to download them),
+``remove`` and ``collect_garbage``. :class:`LruDirs` is the bounded directory cache that the object
+store's local copies and the merge cache share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loragate.adapters.staging import new_dir, remove_stale
+from loragate.adapters.staging import current_owner, new_dir, remove_stale
 from loragate.errors import Forbidden, InvalidRequest, PayloadTooLarge, Unprocessable
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -165,6 +175,19 @@ class AdapterStore:
         staged.rename(target)
         return target, True
 
+    async def materialize(self, sha256: str) -> Path:
+        """The local directory with the complete files of ``sha256``; await it before reading them.
+
+        Here the store *is* the local disk, so this is :meth:`path_for` at once (no thread hop on the
+        request path); an object store downloads and verifies on a miss.
+        """
+        return self.path_for(sha256)
+
+    def held(self, sha256s: Iterable[str]) -> contextlib.AbstractContextManager[None]:
+        """Keep these entries from being evicted while the block reads them (a merge build reading its
+        inputs); nothing is ever evicted here."""
+        return contextlib.nullcontext()
+
     def remove(self, sha256: str) -> None:
         shutil.rmtree(self.path_for(sha256), ignore_errors=True)
 
@@ -177,3 +200,131 @@ class AdapterStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the plain files directly in ``path``."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def has_files(path: Path, names: Iterable[str] = ADAPTER_FILES) -> bool:
+    return all((path / name).is_file() for name in names)
+
+
+def touch(path: Path, names: Iterable[str] = ADAPTER_FILES) -> bool:
+    """Mark a cached dir as used now (its mtime is the LRU clock across restarts); False if it is gone."""
+    if not has_files(path, names):
+        return False
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class LruDirs:
+    """Which directories under ``root`` a bounded cache holds, least recently used first, by bytes.
+
+    Shared by the merge cache and the object store's local copies. Thread-safe: the object store
+    updates it from the registry's threads (commit, remove) and from the event loop (materialize).
+    An evicted dir is renamed into ``trash`` (one metadata syscall, under the lock, so no lookup sees
+    a half-deleted dir) and returned for the caller to delete, off the event loop. Never evicted:
+    the entry being returned (``protect``) and entries with a lease (a hit between lookup and
+    return, a merge build reading its inputs).
+    """
+
+    def __init__(self, root: Path, trash: Path, max_bytes: int) -> None:
+        self.root = root
+        self.trash = trash
+        self.max_bytes = max_bytes
+        self.evictions = 0
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._leases: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def scan(self, keep: Callable[[Path], bool]) -> None:
+        """Index the dirs already under ``root`` that ``keep`` accepts, oldest mtime first (blocking)."""
+        found = []
+        for entry in self.root.iterdir():
+            if entry == self.trash or not entry.is_dir():
+                continue
+            try:
+                if keep(entry):
+                    found.append((entry.stat().st_mtime, entry.name, dir_size(entry)))
+            except FileNotFoundError:  # another process sharing the dir removed it meanwhile
+                continue
+        with self._lock:
+            for _, key, size in sorted(found):
+                self._sizes[key] = size
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes
+
+    @property
+    def entries(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def size(self, key: str) -> int:
+        return self._sizes.get(key, 0)
+
+    def add(self, key: str, size: int) -> None:
+        """Record ``key`` as present and most recently used."""
+        with self._lock:
+            self._sizes[key] = size
+            self._sizes.move_to_end(key)
+
+    def used(self, key: str) -> bool:
+        """Move ``key`` to the most recently used end; False when it is no longer indexed."""
+        with self._lock:
+            if key not in self._sizes:
+                return False
+            self._sizes.move_to_end(key)
+            return True
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._sizes.pop(key, None)
+
+    @contextlib.contextmanager
+    def leased(self, keys: Iterable[str]) -> Iterator[None]:
+        """No eviction of ``keys`` inside the block."""
+        keys = list(keys)
+        with self._lock:
+            self._leases.update(keys)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._leases.subtract(keys)
+                for key in keys:
+                    if self._leases[key] <= 0:
+                        del self._leases[key]
+
+    def evict(self, protect: str | None = None) -> list[Path]:
+        """Drop least recently used entries until under budget; returns their renamed dirs to delete."""
+        victims = []
+        with self._lock:
+            total = sum(self._sizes.values())
+            for key in list(self._sizes):
+                if total <= self.max_bytes:
+                    break
+                if key == protect or self._leases[key]:
+                    continue
+                total -= self._sizes.pop(key)
+                trash = self.trash / f"{current_owner().prefix()}evicted-{key[:16]}-{uuid.uuid4().hex[:8]}"
+                try:
+                    (self.root / key).rename(trash)
+                except FileNotFoundError:
+                    continue
+                victims.append(trash)
+                self.evictions += 1
+        return victims
+
+
+def remove_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
