@@ -11,7 +11,9 @@ Activation: vLLM runs every ``vllm.general_plugins`` entry point in every proces
 :func:`register` does nothing unless ``LORAGATE_RESOLVER_URL`` is set, so installing loragate into
 a worker's environment changes nothing by itself. Variables:
 
-- ``LORAGATE_RESOLVER_URL``: the gateway's base URL (required to activate);
+- ``LORAGATE_RESOLVER_URL``: the gateway's base URL (required to activate), or several replicas'
+  URLs separated by commas: tried in order, the next one when a replica cannot be reached, answers
+  5xx or does not know the adapter (yet), so a worker keeps resolving while a replica is down;
 - ``LORAGATE_RESOLVER_TOKEN``: bearer token of the file routes;
 - ``LORAGATE_RESOLVER_CACHE``: cache directory (default ``~/.cache/loragate/adapters``);
 - ``LORAGATE_RESOLVER_TIMEOUT``: seconds per HTTP call (default 60).
@@ -53,14 +55,22 @@ class AdapterRefused(Exception):
     """The gateway's files do not match their manifest (size or sha256): never served."""
 
 
+class _UnknownHere(Exception):
+    """One replica answered 404 for the adapter (another may have it already)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ResolverSettings:
     """Where to fetch adapters from and where to keep them."""
 
-    url: str
+    urls: tuple[str, ...]
     token: str | None
     cache_dir: Path
     timeout_s: float = 60.0
+
+    @property
+    def url(self) -> str:
+        return ", ".join(self.urls)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ResolverSettings | None:
@@ -69,7 +79,8 @@ class ResolverSettings:
         if not url:
             return None
         cache = env.get(ENV_CACHE) or str(Path.home() / ".cache" / "loragate" / "adapters")
-        return cls(url=url.rstrip("/"), token=env.get(ENV_TOKEN) or None, cache_dir=Path(cache),
+        urls = tuple(u.strip().rstrip("/") for u in url.split(",") if u.strip())
+        return cls(urls=urls, token=env.get(ENV_TOKEN) or None, cache_dir=Path(cache),
                    timeout_s=float(env.get(ENV_TIMEOUT, "60")))
 
 
@@ -88,39 +99,58 @@ class GatewayAdapterFetcher:
         """
         return await asyncio.to_thread(self._fetch_sync, name)
 
-    def _client(self) -> httpx.Client:
+    def _client(self, url: str) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
-        return httpx.Client(base_url=self.settings.url, headers=headers, timeout=self.settings.timeout_s,
+        return httpx.Client(base_url=url, headers=headers, timeout=self.settings.timeout_s,
                             transport=self._transport)
 
     def _fetch_sync(self, name: str) -> Path | None:
         if not NAME_PATTERN.fullmatch(name):
             return None  # vLLM asks for any unknown `model`: never put an arbitrary one into a URL path
-        with self._client() as client:
-            response = client.get(f"{FILES_PREFIX}/by-name/{name}")
-            if response.status_code == 404:
-                return None
-            response.raise_for_status()
-            sha256, sizes = _parse_manifest(response.json())
-            target = self.settings.cache_dir / sha256
-            if all((target / f).is_file() for f in ADAPTER_FILES):
-                return target  # only verified downloads are ever renamed into place
-            staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.settings.cache_dir))
+        failure: Exception | None = None
+        for url in self.settings.urls:
             try:
-                for filename in ADAPTER_FILES:
-                    self._download(client, f"{FILES_PREFIX}/{sha256}/{filename}", staging / filename,
-                                   sizes[filename])
-                actual, _ = AdapterStore.content_hash(staging)
-                if actual != sha256:
-                    raise AdapterRefused(f"adapter {name!r}: files hash to {actual}, manifest says {sha256}")
-                try:
-                    staging.rename(target)
-                except OSError:
-                    if not target.is_dir():  # not a concurrent fetch of the same content: a real error
-                        raise
-                return target
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                with self._client(url) as client:
+                    return self._fetch_from(client, name)
+            except httpx.TransportError as exc:
+                failure = exc
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code < 500:
+                    raise
+                failure = exc
+            except _UnknownHere:
+                continue
+            log.warning("loragate resolver: %s failed for %r (%s); trying the next replica", url, name, failure)
+        if failure is not None:
+            raise failure
+        return None
+
+    def _fetch_from(self, client: httpx.Client, name: str) -> Path:
+        """From one replica; :class:`_UnknownHere` when it does not know ``name``."""
+        response = client.get(f"{FILES_PREFIX}/by-name/{name}")
+        if response.status_code == 404:
+            raise _UnknownHere(name)
+        response.raise_for_status()
+        sha256, sizes = _parse_manifest(response.json())
+        target = self.settings.cache_dir / sha256
+        if all((target / f).is_file() for f in ADAPTER_FILES):
+            return target  # only verified downloads are ever renamed into place
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.settings.cache_dir))
+        try:
+            for filename in ADAPTER_FILES:
+                self._download(client, f"{FILES_PREFIX}/{sha256}/{filename}", staging / filename,
+                               sizes[filename])
+            actual, _ = AdapterStore.content_hash(staging)
+            if actual != sha256:
+                raise AdapterRefused(f"adapter {name!r}: files hash to {actual}, manifest says {sha256}")
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():  # not a concurrent fetch of the same content: a real error
+                    raise
+            return target
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @staticmethod
     def _download(client: httpx.Client, url: str, destination: Path, expected_size: int) -> None:

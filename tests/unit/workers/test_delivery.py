@@ -57,7 +57,7 @@ def transport(files: AdapterFiles, tamper: bool = False) -> httpx.MockTransport:
 
 def fetcher(tmp_path: Path, files: AdapterFiles, token: str | None = TOKEN, tamper: bool = False
             ) -> GatewayAdapterFetcher:
-    settings = ResolverSettings(url="http://gateway", token=token, cache_dir=tmp_path / "cache")
+    settings = ResolverSettings(urls=("http://gateway",), token=token, cache_dir=tmp_path / "cache")
     return GatewayAdapterFetcher(settings, transport=transport(files, tamper))
 
 
@@ -131,7 +131,34 @@ def test_settings_from_env_activate_only_with_a_url(tmp_path: Path) -> None:
     assert ResolverSettings.from_env({}) is None
     settings = ResolverSettings.from_env({"LORAGATE_RESOLVER_URL": "http://g:8000/", "LORAGATE_RESOLVER_TOKEN": "t",
                                           "LORAGATE_RESOLVER_CACHE": str(tmp_path)})
-    assert settings == ResolverSettings("http://g:8000", "t", tmp_path)
+    assert settings == ResolverSettings(("http://g:8000",), "t", tmp_path)
+    several = ResolverSettings.from_env({"LORAGATE_RESOLVER_URL": "http://a:8000/, http://b:8000"})
+    assert several is not None and several.urls == ("http://a:8000", "http://b:8000")
+
+
+async def test_a_replica_that_is_down_or_does_not_know_the_adapter_yet_is_skipped(
+        tmp_path: Path, adapters: dict[str, Path]) -> None:
+    """Several gateway URLs: the first refuses connections, the second has not seen the registration (404),
+    the third serves it. An adapter no reachable replica knows is None (vLLM answers 404 for the model); while
+    one could not be asked, the failure is raised (the resolver logs it and vLLM answers 404 too)."""
+    serving = transport(files_for(adapters))
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "behind":
+            return httpx.Response(404, json={"error": {"message": "not registered"}})
+        return serving.handle_request(request)
+
+    settings = ResolverSettings(urls=("http://down", "http://behind", "http://up"), token=TOKEN,
+                                cache_dir=tmp_path / "cache")
+    fetched = await GatewayAdapterFetcher(settings, transport=httpx.MockTransport(handle)).fetch("alpha")
+    assert fetched is not None and fetched.name == AdapterStore.content_hash(adapters["alpha"])[0]
+    reachable = ResolverSettings(urls=("http://behind", "http://up"), token=TOKEN, cache_dir=tmp_path / "cache")
+    assert await GatewayAdapterFetcher(reachable, transport=httpx.MockTransport(handle)).fetch("nope") is None
+    only_down = ResolverSettings(urls=("http://down",), token=TOKEN, cache_dir=tmp_path / "cache")
+    with pytest.raises(httpx.ConnectError):
+        await GatewayAdapterFetcher(only_down, transport=httpx.MockTransport(handle)).fetch("alpha")
 
 
 async def test_vllm_resolver_returns_a_lora_request_or_none(tmp_path: Path, adapters: dict[str, Path]) -> None:
