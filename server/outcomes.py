@@ -255,9 +255,20 @@ class OutcomeLog:
 
     # -- grading ---------------------------------------------------------------------------------
     async def feedback(self, fb: Feedback) -> dict[str, Any]:
-        """Grade a record from client feedback: 404 unknown id, 409 already graded unless overwrite."""
-        await self.flush()
+        """Grade a record from client feedback: 404 unknown id, 409 already graded unless overwrite.
 
+        The record may have been served by another gateway process or replica that has not written its
+        queue yet (it writes every ``outcomes_flush_interval_s``): an id not found is looked up once
+        more after two such intervals (at most 1 s) before the 404.
+        """
+        await self.flush()
+        try:
+            return await self._grade(fb)
+        except NotFound:
+            await asyncio.sleep(min(2 * self._interval, 1.0))
+            return await self._grade(fb)
+
+    async def _grade(self, fb: Feedback) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             row = self._graded_row(fb)
             # conditional on the grade read: two replicas grading one record at once cannot both win
@@ -271,8 +282,8 @@ class OutcomeLog:
                 raise Conflict(f"request {self._named(fb)} is already graded ({current}); "
                                "send overwrite=true to replace it", param="request_id", code="already_graded")
             return {"request_id": row["request_id"], "outcome_id": row["outcome_id"], "result": fb.result,
-                        "policy": row["policy_applied"], "compositional": _flag(row["compositional"]),
-                        "previous": row["result"]}
+                    "policy": row["policy_applied"], "compositional": _flag(row["compositional"]),
+                    "previous": row["result"]}
 
         return await asyncio.to_thread(run)
 
