@@ -16,20 +16,19 @@ in ``<root>/<key>/`` as ordinary PEFT dirs that workers load by path, and:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
-import os
 import re
 import shutil
 import time
-import uuid
-from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from loragate.adapters.merge import MergePlan, build_merge, plan_merge, safetensors_intact
-from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from loragate.adapters.staging import current_owner, remove_stale
+from loragate.adapters.peft_format import WEIGHTS_FILE
+from loragate.adapters.staging import remove_stale
+from loragate.adapters.store import ADAPTER_FILES, AdapterStore, LruDirs, dir_size, has_files, remove_all, touch
 from loragate.adapters.types import AdapterRecord
 
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -64,25 +63,6 @@ class MergeCacheStats:
     bytes: int
 
 
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-
-
-def _complete(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def _touch(path: Path) -> bool:
-    """Mark a merge dir as used now (its mtime is the LRU clock across restarts); False if it is gone."""
-    if not _complete(path):
-        return False
-    try:
-        os.utime(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 class MergeCache:
     """Merged adapters under ``root``, at most ``max_bytes`` of them (least recently used go first).
 
@@ -95,10 +75,9 @@ class MergeCache:
         self.max_bytes = max_bytes
         self.staging = root / "tmp"
         self.staging.mkdir(parents=True, exist_ok=True)
-        self._index: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
+        self._lru = LruDirs(root, self.staging, max_bytes)
         self._inflight: dict[str, asyncio.Task[MergedAdapter]] = {}
-        self._leases: Counter[str] = Counter()
-        self._hits = self._builds = self._joins = self._evictions = self._failures = 0
+        self._hits = self._builds = self._joins = self._failures = 0
         self._last_build_seconds = 0.0
         self._scan()
 
@@ -107,53 +86,37 @@ class MergeCache:
 
     def stats(self) -> MergeCacheStats:
         return MergeCacheStats(hits=self._hits, builds=self._builds, joins=self._joins,
-                               evictions=self._evictions, failures=self._failures,
-                               last_build_seconds=self._last_build_seconds, entries=len(self._index),
-                               bytes=sum(self._index.values()))
+                               evictions=self._lru.evictions, failures=self._failures,
+                               last_build_seconds=self._last_build_seconds, entries=self._lru.entries,
+                               bytes=self._lru.bytes)
 
     def _scan(self) -> None:
         remove_stale(self.staging)
-        found = []
-        for entry in self.root.iterdir():
-            if not (entry.is_dir() and _KEY.fullmatch(entry.name) and _complete(entry)):
-                continue
-            try:
-                if not safetensors_intact(entry / WEIGHTS_FILE):  # written without fsync, torn by a crash
-                    shutil.rmtree(entry, ignore_errors=True)
-                    continue
-                found.append((entry.stat().st_mtime, entry.name, _dir_size(entry)))
-            except FileNotFoundError:  # another gateway process sharing the dir evicted it meanwhile
-                continue
-        for _, key, size in sorted(found):
-            self._index[key] = size
-        for trash in self._select_victims(protect=None):
+        self._lru.scan(_intact)
+        for trash in self._lru.evict():
             shutil.rmtree(trash, ignore_errors=True)
 
     async def get_or_build(self, records: Sequence[AdapterRecord], weights: Sequence[float], method: str,
-                           max_rank: int, *, target_rank: int | None = None) -> MergedAdapter:
+                           max_rank: int, *, target_rank: int | None = None,
+                           inputs: AdapterStore | None = None) -> MergedAdapter:
         """The merged adapter for these inputs: reused if on disk, else built (once, off the event loop).
 
         Invalid requests fail before any lookup (see :func:`plan_merge`): the same 4xx whether or not
-        an equal merge happens to be cached.
+        an equal merge happens to be cached. ``inputs``: the store holding the records' files, which a
+        build materializes first (an object store downloads them) and keeps from eviction while it reads.
         """
         started = time.perf_counter()
         plan = plan_merge(records, weights, method, max_rank=max_rank, target_rank=target_rank)
-        if plan.key in self._index:
-            self._leases[plan.key] += 1
-            try:
-                present = await asyncio.to_thread(_touch, self.path_for(plan.key))
-            finally:
-                self._leases[plan.key] -= 1
-                if not self._leases[plan.key]:
-                    del self._leases[plan.key]
-            if present and plan.key in self._index:
-                self._index.move_to_end(plan.key)
+        if plan.key in self._lru:
+            with self._lru.leased([plan.key]):
+                present = await asyncio.to_thread(touch, self.path_for(plan.key), ADAPTER_FILES)
+            if present and self._lru.used(plan.key):
                 self._hits += 1
                 return self._result(plan, built=False, seconds=time.perf_counter() - started)
-            self._index.pop(plan.key, None)  # removed behind our back: build it again
+            self._lru.discard(plan.key)  # removed behind our back: build it again
         task = self._inflight.get(plan.key)
         if task is None:
-            task = asyncio.create_task(self._build(plan))
+            task = asyncio.create_task(self._build(plan, inputs))
             self._inflight[plan.key] = task
             task.add_done_callback(functools.partial(self._forget, plan.key))
         else:
@@ -169,61 +132,50 @@ class MergeCache:
     def _result(self, plan: MergePlan, *, built: bool, seconds: float) -> MergedAdapter:
         return MergedAdapter(name=plan.name, path=self.path_for(plan.key), key=plan.key, rank=plan.rank,
                              built=built, seconds=seconds, method=plan.method, base_model=plan.base_model,
-                             size_bytes=self._index.get(plan.key, 0))
+                             size_bytes=self._lru.size(plan.key))
 
     def _build_sync(self, plan: MergePlan) -> tuple[int, bool]:
         target = self.path_for(plan.key)
         created = False
-        if not _complete(target):  # another process may have built it since our scan
+        if not has_files(target):  # another process may have built it since our scan
             # No fsync: a merge is derived data, rebuilt on demand; _scan drops one a crash tore.
             _, created = build_merge(plan, target, staging_root=self.staging, durable=False)
-        return _dir_size(target), created
+        return dir_size(target), created
 
-    async def _build(self, plan: MergePlan) -> MergedAdapter:
+    async def _built_from(self, plan: MergePlan, inputs: AdapterStore | None) -> tuple[int, bool]:
+        """Build with the inputs' files on local disk (materialized, and held against eviction)."""
+        if inputs is None:
+            return await asyncio.to_thread(self._build_sync, plan)
+        with inputs.held(record.sha256 for record, _ in plan.inputs):
+            local = [(dataclasses.replace(record, path=await inputs.materialize(record.sha256)), weight)
+                     for record, weight in plan.inputs]
+            return await asyncio.to_thread(self._build_sync, dataclasses.replace(plan, inputs=tuple(local)))
+
+    async def _build(self, plan: MergePlan, inputs: AdapterStore | None) -> MergedAdapter:
         started = time.perf_counter()
         try:
-            size, created = await asyncio.to_thread(self._build_sync, plan)
+            size, created = await self._built_from(plan, inputs)
         except BaseException:
             self._failures += 1
             raise
         seconds = time.perf_counter() - started
-        self._index[plan.key] = size
-        self._index.move_to_end(plan.key)
+        self._lru.add(plan.key, size)
         if created:
             self._builds += 1
             self._last_build_seconds = seconds
         else:
             self._hits += 1
-        victims = self._select_victims(protect=plan.key)
+        victims = self._lru.evict(protect=plan.key)
         if victims:
-            await asyncio.to_thread(_remove_all, victims)
+            await asyncio.to_thread(remove_all, victims)
         return self._result(plan, built=created, seconds=seconds)
 
-    def _select_victims(self, protect: str | None) -> list[Path]:
-        """Drop least recently used entries until under budget; returns their (renamed) dirs to delete.
 
-        The rename out of ``root`` happens here, on the event loop, in the same step as the index
-        update: a single metadata syscall, and it guarantees that no build or hit for the same key
-        can interleave with a half-deleted directory.
-        """
-        total = sum(self._index.values())
-        victims = []
-        for key in list(self._index):
-            if total <= self.max_bytes:
-                break
-            if key == protect or self._leases[key]:
-                continue
-            total -= self._index.pop(key)
-            trash = self.staging / f"{current_owner().prefix()}evicted-{key[:16]}-{uuid.uuid4().hex[:8]}"
-            try:
-                self.path_for(key).rename(trash)
-            except FileNotFoundError:
-                continue
-            victims.append(trash)
-            self._evictions += 1
-        return victims
-
-
-def _remove_all(paths: Sequence[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
+def _intact(entry: Path) -> bool:
+    """A complete merge dir named by its key; one whose weights a crash tore (written without fsync) is deleted."""
+    if not (_KEY.fullmatch(entry.name) and has_files(entry)):
+        return False
+    if not safetensors_intact(entry / WEIGHTS_FILE):
+        shutil.rmtree(entry, ignore_errors=True)
+        return False
+    return True

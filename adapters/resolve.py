@@ -3,6 +3,9 @@
 This stage sits between the router and the workers. It reads the decision through a structural
 type (:class:`Choice`) so that adapters/ keeps not importing router/, and returns a frozen
 :class:`Servable` that says how it was obtained (a merge found or built, and how long that took).
+
+Files are materialized before a path is handed on: with an object store a replica may not have an
+adapter on its disk yet (it downloads and verifies it, once); the local store answers at once.
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ class Resolver:
         if not choice.adapters:
             return None
         records = [self.registry.get(a.name) for a in choice.adapters]
+        store = self.registry.store
         if len(records) == 1:
-            return Servable(records[0].name, str(records[0].path))
+            return Servable(records[0].name, str(await store.materialize(records[0].sha256)))
         started = time.perf_counter()
         merged = await self.merges.get_or_build(records, [a.weight for a in choice.adapters],
-                                                choice.method or self.default_method, self.max_rank)
+                                                choice.method or self.default_method, self.max_rank, inputs=store)
         return Servable(merged.name, str(merged.path), merged.method, merged.built, merged.seconds,
                         time.perf_counter() - started)

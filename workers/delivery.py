@@ -13,6 +13,10 @@ can never be served from a stale cache, and it verifies the hash
 (:meth:`loragate.adapters.store.AdapterStore.content_hash`) before handing files to vLLM, so a
 file corrupted or tampered with anywhere on the way is refused.
 
+With an object store (``store_url``) the replica answering may not hold the files on its disk:
+the manifest and file requests materialize them first (downloaded and verified once, then served
+from the replica's cache); with the local store that is the store dir itself, at once.
+
 This module holds the framework-free logic (token check, manifest, path resolution that cannot
 escape the adapter directory); the server's route is a thin wrapper around :class:`AdapterFiles`.
 """
@@ -25,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from loragate.adapters.objectstore import StoreError
 from loragate.adapters.store import ADAPTER_FILES, AdapterStore
 from loragate.adapters.types import AdapterRecord
 from loragate.auth import BearerAuth
@@ -68,13 +73,17 @@ def adapter_dir_lookup(snapshot: Callable[[], Mapping[str, AdapterRecord]],
 class AdapterFiles:
     """Serves adapter manifests and files read-only to workers holding the delivery token."""
 
-    def __init__(self, token: str | None, lookup: Callable[[str], Path | None], store_root: Path | None = None) -> None:
+    def __init__(self, token: str | None, lookup: Callable[[str], Path | None], store_root: Path | None = None,
+                 store: AdapterStore | None = None) -> None:
         """``store_root``: the content-addressed store, whose entries are found by hash alone (so a
-        file request served by another gateway process than the manifest still resolves)."""
+        file request served by another gateway process than the manifest still resolves). ``store``:
+        that store itself (its root is then ``store_root``), whose entries are materialized before
+        they are described or served (an object store's replica downloads what it lacks)."""
         self._auth = BearerAuth(token, what="delivery", disabled_code="delivery_disabled",
                                 disabled="adapter file delivery is disabled: set the delivery token on the gateway")
         self._lookup = lookup
-        self._store_root = store_root
+        self._store = store
+        self._store_root = store.root if store is not None and store_root is None else store_root
         self._dirs: dict[str, Path] = {}  # sha256 -> directory, learned from manifests
         self._hashes: dict[tuple[Path, int, int], str] = {}  # (dir, mtime_ns, size) -> sha256
 
@@ -85,6 +94,9 @@ class AdapterFiles:
     async def manifest(self, name: str) -> Manifest:
         """The manifest of ``name``; hashing runs in a thread and is cached per directory version."""
         directory = self._lookup(name)
+        if (directory is not None and self._store is not None and directory.parent == self._store.root
+                and SHA256.fullmatch(directory.name)):
+            directory = await self._materialize(directory.name)
         if directory is None or not directory.is_dir():
             raise NotFound(f"no adapter named {name!r}", code="adapter_not_found")
         sha256, files = await asyncio.to_thread(self._describe, directory)
@@ -100,10 +112,36 @@ class AdapterFiles:
             self._hashes[stamp] = sha256
         return sha256, sizes
 
-    def file(self, sha256: str, filename: str) -> Path:
-        """The path of one adapter file; only the known PEFT file names, only hashes seen in a manifest."""
+    async def _materialize(self, sha256: str) -> Path | None:
+        """The store's local dir of ``sha256``; None when the store does not hold it (a 404, not a 502)."""
+        assert self._store is not None
+        try:
+            return await self._store.materialize(sha256)
+        except StoreError as exc:
+            if exc.code == "object_missing":
+                return None
+            raise
+
+    async def fetch(self, sha256: str, filename: str) -> Path:
+        """:meth:`file`, after materializing the store's entry when this process does not hold it on
+        disk (another replica registered it, or the cache evicted it since the manifest)."""
+        self._check_name(sha256, filename)
+        directory = self._dirs.get(sha256)
+        if self._store is not None and (directory is None or not (directory / filename).is_file()):
+            materialized = await self._materialize(sha256)
+            if materialized is not None:
+                self._dirs[sha256] = materialized
+        return self.file(sha256, filename)
+
+    @staticmethod
+    def _check_name(sha256: str, filename: str) -> None:
         if not SHA256.fullmatch(sha256) or filename not in ADAPTER_FILES:
             raise NotFound(f"no adapter file {sha256}/{filename}", code="adapter_file_not_found")
+
+    def file(self, sha256: str, filename: str) -> Path:
+        """The path of one adapter file already on this disk; only the known PEFT file names, only hashes
+        seen in a manifest or in the store (use :meth:`fetch` where the store may have to download it)."""
+        self._check_name(sha256, filename)
         directory = self._dirs.get(sha256)
         if directory is None and self._store_root is not None and (self._store_root / sha256).is_dir():
             directory = self._store_root / sha256

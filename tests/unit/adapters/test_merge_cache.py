@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loragate.adapters import merge_cache, staging
+from loragate.adapters import merge_cache, staging, store
 from loragate.adapters.merge import MergePlan, build_merge, safetensors_intact
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.peft_format import WEIGHTS_FILE, inspect_dir
@@ -220,14 +220,14 @@ async def test_startup_scan_survives_entries_another_process_removes(tmp_path: P
     first = await MergeCache(root, max_bytes=10**9).get_or_build(adapters, [0.5, 0.3, 0.2], "linear", 16)
     second = await MergeCache(root, max_bytes=10**9).get_or_build(adapters[1:], [0.5, 0.5], "linear", 16)
     (root / "tmp" / "gone").symlink_to(tmp_path / "nowhere")  # stat() of it fails as if just removed
-    sizes = merge_cache._dir_size
+    sizes = store.dir_size
 
     def evicted_meanwhile(path: Path) -> int:
         if path == first.path:
             raise FileNotFoundError(path)
         return sizes(path)
 
-    monkeypatch.setattr(merge_cache, "_dir_size", evicted_meanwhile)
+    monkeypatch.setattr(store, "dir_size", evicted_meanwhile)
     restarted = MergeCache(root, max_bytes=10**9)
     assert restarted.stats().entries == 1 and restarted.stats().bytes == second.size_bytes
 
@@ -246,7 +246,7 @@ async def test_a_dead_builders_staging_and_trash_are_collected_at_the_next_start
     staged: list[Path] = []
     monkeypatch.setattr(merge, "new_dir", lambda root: staged.append(staging.new_dir(root)) or staged[-1])
     trash: list[Path] = []
-    monkeypatch.setattr(merge_cache, "_remove_all", trash.extend)  # keep evicted dirs, as a crash would
+    monkeypatch.setattr(merge_cache, "remove_all", trash.extend)  # keep evicted dirs, as a crash would
     cache = MergeCache(tmp_path / "merges", max_bytes=1)  # every new merge evicts the previous one
     await cache.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16)
     await cache.get_or_build(adapters[:2], [0.7, 0.3], "cat", 16)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from loragate.adapters.merge_cache import MergeCache
+from loragate.adapters.objectstore import S3Location, S3Store
+from loragate.adapters.peft_format import inspect_dir
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.adapters.resolve import Resolver
+from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import Descriptors
 from loragate.errors import NotFound
 from tests.lora_files import write_lora
+from tests.s3 import S3Server
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,31 @@ async def test_a_merge_is_built_once_then_found(resolver: Resolver) -> None:
     assert built is not None and again is not None
     assert (built.method, built.built, again.built) == ("cat", True, False) and built.name == again.name
     assert built.path.startswith(str(resolver.merges.root)) and built.merge_s > 0 and built.build_s > 0
+
+
+async def test_an_object_store_replica_serves_and_merges_from_its_own_downloads(tmp_path: Path,
+                                                                                s3_server: S3Server) -> None:
+    """Registered through one replica's store; another replica (its own disk, the same rows) resolves the
+    adapter to files it downloaded, and a merge reads its inputs from there: the writer's disk is gone."""
+    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=64, max_bytes=10**9,
+                            import_roots=(tmp_path,))
+    bucket = s3_server.new_bucket()
+
+    def store(replica: str) -> S3Store:
+        return S3Store(tmp_path / replica / "adapters", s3_server.client(), S3Location(bucket, "p"),
+                       cache_bytes=10**9)
+
+    writer = AdapterRegistry.open(tmp_path / "shared", limits, store=store("writer"))
+    for seed, name in enumerate(("alpha", "beta")):
+        await writer.add_from_path(name, write_lora(tmp_path / name, rank=8, seed=seed), Descriptors())
+    shutil.rmtree(tmp_path / "writer")
+    reader_store = store("reader")
+    reader = Resolver(AdapterRegistry.open(tmp_path / "shared", limits, store=reader_store),
+                      MergeCache(tmp_path / "reader" / "merges", max_bytes=10**9), default_method="cat", max_rank=64)
+    single = await reader.resolve(Choice((Weight("alpha"),)))
+    sha = writer.get("alpha").sha256
+    assert single is not None and single.path == str(reader_store.path_for(sha))
+    assert AdapterStore.content_hash(Path(single.path))[0] == sha
+    merged = await reader.resolve(Choice((Weight("alpha", 0.5), Weight("beta", 0.5))))
+    assert merged is not None and merged.built and inspect_dir(Path(merged.path)).rank == 16
+    assert reader_store.downloads == 2 and reader_store.path_for(writer.get("beta").sha256).is_dir()

@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loragate.adapters.store import AdapterStore
+from loragate.adapters.objectstore import S3Location, S3Store
+from loragate.adapters.store import ADAPTER_FILES, AdapterStore
 from loragate.errors import Forbidden, NotFound, Unauthorized
 from loragate.workers import resolver_plugin
 from loragate.workers.delivery import AdapterFiles
@@ -20,6 +21,7 @@ from loragate.workers.resolver_plugin import (
     make_resolver,
     register,
 )
+from tests import s3
 from tests.lora_files import write_lora
 
 TOKEN = "delivery-token"
@@ -183,3 +185,33 @@ def test_register_is_a_no_op_without_env_and_registers_with_it(monkeypatch: pyte
     register()
     assert list(registered) == ["loragate"]
     assert type(registered["loragate"]).__name__ == "LoragateResolver"
+
+
+s3_server = s3.s3_server  # the session's S3-protocol server (tests/s3.py) as a fixture of this module
+
+
+async def test_a_replica_without_the_files_materializes_them_from_the_object_store(
+        tmp_path: Path, adapters: dict[str, Path], s3_server: s3.S3Server) -> None:
+    """Another replica registered the adapter: this one downloads it (verified) for the manifest, and a
+    file request that reaches a replica which never served the manifest still finds the files."""
+    bucket = s3_server.new_bucket()
+
+    def replica(name: str) -> S3Store:
+        return S3Store(tmp_path / name / "adapters", s3_server.client(), S3Location(bucket), cache_bytes=10**9)
+
+    writer = replica("writer")
+    staged = writer.stage_copy([adapters["alpha"] / n for n in ADAPTER_FILES])
+    sha, _ = AdapterStore.content_hash(staged)
+    writer.commit(staged, sha)
+    reader = replica("reader")
+    files = AdapterFiles(TOKEN, {"alpha": reader.path_for(sha)}.get, store=reader)
+    manifest = await files.manifest("alpha")
+    assert manifest.sha256 == sha and reader.downloads == 1 and reader.path_for(sha).is_dir()
+    other = replica("other")
+    path = await AdapterFiles(TOKEN, {}.get, store=other).fetch(sha, "adapter_model.safetensors")
+    assert path == other.path_for(sha) / "adapter_model.safetensors"
+    assert path.read_bytes() == (adapters["alpha"] / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(NotFound):  # not in the bucket: a 404 for the worker, not the store's 502
+        await AdapterFiles(TOKEN, {}.get, store=other).fetch("f" * 64, "adapter_config.json")
+    with pytest.raises(NotFound):  # the local store: nothing to download, the same 404
+        await AdapterFiles(TOKEN, {}.get, store=AdapterStore(tmp_path / "local")).fetch(sha, "adapter_config.json")
