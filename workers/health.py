@@ -10,6 +10,14 @@
   worker is in rotation); a refused connection, from a probe or a request, ends that.
 - The ``/metrics`` scrape feeds vLLM's running/waiting counts and active adapters to scheduling;
   a failed scrape clears them rather than leaving stale numbers.
+- **Joining**: a worker discovery adds (not yet ``admitted``) starts out of rotation and enters on
+  its *first* good probe. ``healthy_after`` guards against a vLLM that flaps while it restarts; a
+  new address is one the DNS (a Kubernetes headless Service lists only ready pods) already vouches
+  for, and a gateway started with only discovered workers should serve after one probe round,
+  as one with static workers does. It is not panic-eligible before it was ever in rotation.
+
+The worker list is the pool's own (membership changes in place); each round works on a copy of
+it and skips workers removed while their probes were out.
 
 The monitor only changes health fields and engine stats; what a transition means for the rest of
 the pool (forget loaded adapters, reconcile, tell the observer) is the ``on_change`` callback's.
@@ -40,7 +48,7 @@ class HealthMonitor:
                  on_change: Callable[[WorkerState, bool], None], *, probe_interval_s: float,
                  probe_timeout_s: float, scrape_interval_s: float, unhealthy_after: int,
                  healthy_after: int) -> None:
-        self._workers = tuple(workers)
+        self._workers = workers  # the pool's list, not a copy: discovery adds and removes workers in it
         self._client = client
         self._on_change = on_change
         self.probe_interval_s, self.probe_timeout_s = probe_interval_s, probe_timeout_s
@@ -65,15 +73,18 @@ class HealthMonitor:
     # -- probes ---------------------------------------------------------------------------------------
     async def probe_once(self) -> None:
         """Probe every worker concurrently and apply health transitions."""
-        results = await asyncio.gather(*(self._client.probe(w.url, self.probe_timeout_s) for w in self._workers))
-        for worker, result in zip(self._workers, results, strict=True):
-            self.probed(worker, result)
+        workers = tuple(self._workers)
+        results = await asyncio.gather(*(self._client.probe(w.url, self.probe_timeout_s) for w in workers))
+        for worker, result in zip(workers, results, strict=True):
+            if not worker.removed:
+                self.probed(worker, result)
         self.rounds += 1
 
     def probed(self, worker: WorkerState, result: Probe) -> None:
         if result is Probe.OK:
             worker.good_probes, worker.bad_probes = worker.good_probes + 1, 0
-            if not worker.healthy and worker.good_probes >= self.healthy_after:
+            if not worker.healthy and worker.good_probes >= (self.healthy_after if worker.admitted else 1):
+                worker.admitted = True
                 self._set(worker, True)
         else:
             worker.bad_probes, worker.good_probes = worker.bad_probes + 1, 0

@@ -34,3 +34,7 @@ class PoolObserver:
 
     def panic_routed(self, worker: str) -> None:
         """A request went to ``worker`` although it is out of rotation (none was in rotation)."""
+
+    def worker_removed(self, worker: str) -> None:
+        """``worker`` left the pool (discovery stopped listing it) and its last request ended: nothing
+        more will be reported about it unless it joins again."""

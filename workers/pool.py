@@ -13,6 +13,18 @@ The pool is the composition of four parts, each in its own module:
   (a restarted vLLM has nothing loaded; a blip costs at most a no-op reload) and reconciled.
 - **Reconciling** (:mod:`~loragate.workers.reconcile`): adopting what a worker already holds with
   the files the gateway would load now, at start and whenever a worker returns.
+- **Membership**, here: the static ``workers`` list, plus what worker discovery
+  (:mod:`~loragate.workers.discovery`) reports through :meth:`WorkerPool.set_discovered`:
+
+  - An added worker is *not* in rotation until a probe passes (see the health module's joining
+    rule): a new address may not be serving yet, and scheduling must never guess.
+  - A removed worker is out at once: it leaves the list scheduling reads in the same synchronous
+    step, so no request is scheduled there after it. Requests in flight on it keep their lease and
+    end normally (or fail as they would have); its state is dropped when the last one ends, and
+    the observer is told (``worker_removed``) so per-worker metrics follow membership. A retry
+    before the first byte goes elsewhere, as for any failed worker.
+  - Static workers are never removed by discovery; a URL in both lists is one worker (static).
+
 - **Loading and capacity**, here:
 
   - *Loads are single-flight*: concurrent first requests for one adapter on one worker share one
@@ -34,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -50,10 +62,12 @@ from loragate.workers.scheduling import Profile, SchedulingRequest, make_profile
 from loragate.workers.state import WorkerState
 from loragate.workers.stats import LoadBackoff, WorkerStats
 
-__all__ = ["DELIVERIES", "Lease", "PoolConfig", "PoolObserver", "WorkerPool", "WorkerSpec", "WorkerStats"]
+__all__ = ["DELIVERIES", "Lease", "Membership", "PoolConfig", "PoolObserver", "WorkerPool", "WorkerSpec",
+           "WorkerStats"]
 
 log = logging.getLogger(__name__)
 _NONE: frozenset[str] = frozenset()
+_QUIET = PoolObserver()  # what hears the events of a removed worker: its metrics are gone and must stay gone
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -153,6 +167,15 @@ DELIVERIES: dict[str, Callable[[], Delivery]] = {PathDelivery.name: PathDelivery
 
 
 @dataclass(frozen=True, slots=True)
+class Membership:
+    """What one :meth:`WorkerPool.set_discovered` changed: URLs that joined the pool (not yet in
+    rotation) and URLs that left it."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """The worker a request runs on, for the duration of ``async with pool.lease(...)``."""
 
@@ -162,7 +185,7 @@ class Lease:
 
 
 class WorkerPool:
-    """Workers from configuration; picks one per request and keeps adapters loaded where needed."""
+    """Workers from configuration and discovery; picks one per request and keeps adapters loaded where needed."""
 
     def __init__(self, workers: Sequence[str | WorkerSpec | Mapping[str, object]], client: WorkerAdmin,
                  observer: PoolObserver, config: PoolConfig | None = None, *,
@@ -170,15 +193,20 @@ class WorkerPool:
                  ) -> None:
         """``adoptable`` maps an adapter name to the directory the gateway would load it from now
         (the registry's and merge cache's lookup): which adapters a worker already holds that a
-        reconcile may count as loaded."""
-        if not workers:
-            raise ValueError("at least one worker URL is required")
+        reconcile may count as loaded.
+
+        ``workers`` may be empty when discovery supplies them: until it does, requests get 503.
+        """
         self.config = config = config or PoolConfig()
         specs = [WorkerSpec.parse(w) for w in workers]
         if len({s.url for s in specs}) != len(specs):
             raise InvalidRequest(f"duplicate worker URLs in {[s.url for s in specs]}", param="workers")
         self._workers = [WorkerState(s, i, s.max_loras or config.max_loras) for i, s in enumerate(specs)]
         self._by_url = {w.url: w for w in self._workers}
+        self._static = frozenset(self._by_url)
+        self._discovered: set[str] = set()  # members that discovery added (and may remove)
+        self._leaving: dict[str, WorkerState] = {}  # removed, with requests still in flight
+        self._next_index = len(self._workers)  # join order is the tie-break order after the static list
         self._client = client
         self._observer = observer
         self.profile = profile or make_profile(config.strategy, config.scorer_weights)
@@ -201,7 +229,9 @@ class WorkerPool:
         return bool(self.health.tasks)
 
     def views(self) -> list[WorkerStats]:
-        """Immutable per-worker snapshots, in configuration order (admin API, metrics, tests)."""
+        """Immutable per-worker snapshots of the members, static ones in configuration order, then
+        discovered ones in join order (admin API, metrics, tests). A removed worker is not among
+        them, even while requests it had still finish."""
         return [w.stats() for w in self._workers]
 
     def pick(self, adapter: str | None, exclude: Collection[str] = ()) -> WorkerStats:
@@ -210,7 +240,7 @@ class WorkerPool:
 
     def _choose(self, adapter: str | None, exclude: Collection[str]) -> WorkerState:
         request = SchedulingRequest(adapter, frozenset(exclude) if exclude else _NONE, time.monotonic())
-        return self._workers[self.profile.schedule(request, self.views()).index]
+        return self._by_url[self.profile.schedule(request, self.views()).url]
 
     # -- request path ---------------------------------------------------------------------------------
     @asynccontextmanager
@@ -238,6 +268,8 @@ class WorkerPool:
                 worker.adapter_in_flight[adapter] -= 1
                 if not worker.adapter_in_flight[adapter]:
                     del worker.adapter_in_flight[adapter]
+            if worker.removed and not worker.in_flight:
+                self._drop(worker)
 
     def report_failure(self, url: str, reason: str = "request failed") -> None:
         """The request path could not reach ``url``: take it out of rotation until probes pass again."""
@@ -269,7 +301,7 @@ class WorkerPool:
             await self._make_room(worker, adapter)
             await self._delivery.load(self._client, worker.url, adapter, path)
         except LoragateError as exc:
-            self._observer.adapter_loaded(worker.url, adapter, time.perf_counter() - started, False)
+            self._events(worker).adapter_loaded(worker.url, adapter, time.perf_counter() - started, False)
             if isinstance(exc, UpstreamError) and not isinstance(exc, WorkerRejected):
                 self.report_failure(worker.url, exc.message)  # transport failure: the worker, not the adapter
             else:
@@ -277,7 +309,7 @@ class WorkerPool:
             raise
         finally:
             worker.loading.pop(adapter, None)
-        self._observer.adapter_loaded(worker.url, adapter, time.perf_counter() - started, True)
+        self._events(worker).adapter_loaded(worker.url, adapter, time.perf_counter() - started, True)
         worker.load_failures.pop(adapter, None)
         if worker.generation == generation:
             worker.loaded[adapter] = time.monotonic()
@@ -291,7 +323,7 @@ class WorkerPool:
         worker.load_failures[adapter] = LoadBackoff(adapter, count, time.monotonic() + wait, message)
         log.warning("loading %r on %s failed (%d in a row, next try in %.1fs): %s", adapter, worker.url, count,
                     wait, message)
-        self._observer.adapter_load_failed(worker.url, adapter, message)
+        self._events(worker).adapter_load_failed(worker.url, adapter, message)
 
     async def _make_room(self, worker: WorkerState, adapter: str) -> None:
         """Unload least recently used, idle adapters until the one being loaded fits under the cap."""
@@ -314,7 +346,7 @@ class WorkerPool:
             log.warning("unloading %r from %s failed: %s", adapter, worker.url, exc.message)
         finally:
             worker.unloading.pop(adapter, None)
-        self._observer.adapter_evicted(worker.url, adapter)
+        self._events(worker).adapter_evicted(worker.url, adapter)
         self._count_changed(worker)
 
     def lost(self, url: str, adapter: str) -> None:
@@ -332,7 +364,7 @@ class WorkerPool:
         second gateway process may have loaded it without this pool knowing. A worker that cannot
         be reached is skipped: its state is reset when it returns anyway.
         """
-        for worker in self._workers:
+        for worker in tuple(self._workers):  # a copy: membership may change while an unload is awaited
             worker.loaded.pop(adapter, None)
             worker.load_failures.pop(adapter, None)
             if worker.healthy:
@@ -343,7 +375,71 @@ class WorkerPool:
             self._count_changed(worker)
 
     def _count_changed(self, worker: WorkerState) -> None:
-        self._observer.adapters_on_worker(worker.url, len(worker.loaded))
+        self._events(worker).adapters_on_worker(worker.url, len(worker.loaded))
+
+    def _events(self, worker: WorkerState) -> PoolObserver:
+        """The observer, or nobody for a removed worker (a load that outlived its last request must
+        not bring back the metric series its removal deleted)."""
+        return _QUIET if worker.removed else self._observer
+
+    # -- membership -----------------------------------------------------------------------------------
+    def add_worker(self, spec: str | WorkerSpec) -> bool:
+        """Add a worker, out of rotation until a probe passes; False if it is already a member.
+
+        A URL that was removed while requests on it were still running comes back as that same
+        state (its in-flight counts stay right), but joins again like a new worker.
+        """
+        spec = WorkerSpec.parse(spec)
+        if spec.url in self._by_url:
+            return False
+        worker = self._leaving.pop(spec.url, None)
+        if worker is None:
+            worker = WorkerState(spec, self._next_index, spec.max_loras or self.config.max_loras)
+            self._next_index += 1
+        worker.removed, worker.admitted, worker.healthy = False, False, False
+        worker.good_probes = worker.bad_probes = 0
+        worker.reset()  # whatever it had loaded is unknown now; the join's reconcile adopts what it holds
+        self._workers.append(worker)
+        self._by_url[worker.url] = worker
+        log.info("worker %s joined the pool (in rotation after its first good probe)", worker.url)
+        return True
+
+    def remove_worker(self, url: str) -> bool:
+        """Take a worker out of the pool at once; False if it is not a member.
+
+        From here on nothing is scheduled there and nothing probes it; requests already on it keep
+        their lease, and its state is dropped (and ``worker_removed`` observed) when the last ends.
+        """
+        worker = self._by_url.pop(url.rstrip("/"), None)
+        if worker is None:
+            return False
+        self._workers.remove(worker)
+        self._discovered.discard(worker.url)
+        worker.removed = True
+        log.info("worker %s left the pool (%d requests in flight there finish)", worker.url, worker.in_flight)
+        if worker.in_flight:
+            self._leaving[worker.url] = worker
+        else:
+            self._drop(worker)
+        return True
+
+    def set_discovered(self, urls: Iterable[str]) -> Membership:
+        """Make the discovered members exactly ``urls``: add the new ones, remove those no longer listed.
+
+        Static workers are left alone either way: one listed by discovery too stays one (static)
+        worker, and one discovery stops listing is not removed.
+        """
+        wanted = dict.fromkeys(url.rstrip("/") for url in urls)  # in the order given: the join (tie-break) order
+        added = tuple(url for url in wanted
+                      if url not in self._discovered and url not in self._static and self.add_worker(url))
+        self._discovered.update(added)
+        removed = tuple(url for url in sorted(self._discovered - wanted.keys()) if self.remove_worker(url))
+        return Membership(added, removed)
+
+    def _drop(self, worker: WorkerState) -> None:
+        if self._leaving.get(worker.url) is worker:
+            del self._leaving[worker.url]
+        self._observer.worker_removed(worker.url)
 
     # -- health and reconciling -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -374,6 +470,8 @@ class WorkerPool:
         return await self._reconciler.reconcile(self._by_url[url.rstrip("/")])
 
     def _health_changed(self, worker: WorkerState, healthy: bool) -> None:
+        if worker.removed:
+            return
         if healthy:  # back: possibly a fresh vLLM process, so forget, then adopt what it still holds
             worker.reset()
             self._count_changed(worker)

@@ -40,6 +40,8 @@ class WorkerState:
     last_failure: Probe = Probe.OK  # what took it out of rotation last: SLOW keeps it eligible for panic routing
     generation: int = 0  # bumped on reset: a load or reconcile that finishes after a reset is not recorded
     load_failures: dict[str, LoadBackoff] = field(default_factory=dict)
+    admitted: bool = True  # False for a discovered worker until its first good probe: it joins on one
+    removed: bool = False  # discovery dropped it: out of the pool, kept only until its requests in flight end
 
     @property
     def url(self) -> str:
@@ -59,5 +61,5 @@ class WorkerState:
                            engine=self.engine,
                            adapter_in_flight=tuple(sorted((a, n) for a, n in self.adapter_in_flight.items() if n)),
                            victim_idle_s=None if victim is None else time.monotonic() - self.loaded[victim],
-                           panic_eligible=not self.healthy and self.last_failure is Probe.SLOW,
+                           panic_eligible=not self.healthy and self.admitted and self.last_failure is Probe.SLOW,
                            backoff=tuple(self.load_failures.values()) if self.load_failures else ())

@@ -92,5 +92,8 @@ class RecordingObserver(PoolObserver):
     def panic_routed(self, worker: str) -> None:
         self.events.append(("panic", worker))
 
+    def worker_removed(self, worker: str) -> None:
+        self.events.append(("removed", worker))
+
     def of(self, kind: str) -> list[tuple[object, ...]]:
         return [e for e in self.events if e[0] == kind]

@@ -33,7 +33,7 @@ async def test_a_partial_observer_receives_the_events_it_overrides() -> None:
 
 def test_the_base_observer_ignores_every_event() -> None:
     assert set(EVENTS) == {"adapter_loaded", "adapters_on_worker", "worker_health", "adapter_evicted",
-                           "adapter_load_failed", "panic_routed"}
+                           "adapter_load_failed", "panic_routed", "worker_removed"}
     observer = PoolObserver()
     for name in EVENTS:
         parameters = list(inspect.signature(getattr(PoolObserver, name)).parameters)[1:]
