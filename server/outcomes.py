@@ -9,7 +9,8 @@ Writes never touch the request path: records go into an in-memory queue that a b
 writes in batches, off the event loop, to the outcome database (``outcomes.sqlite3`` in the data dir,
 or PostgreSQL with ``database_url``, where every replica writes and every replica's summary reads the
 same records). ``close()`` drains the queue, so a graceful shutdown loses nothing; feedback flushes
-first so it can grade a record written a moment ago.
+first so it can grade a record written a moment ago. While the database is unreachable, records stay
+queued (at most ``max_pending``) and are written once it is back; a retried batch adds nothing twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -26,6 +28,8 @@ from typing import Any
 from loragate.database import Database, Executor, Migration, Row, SQLiteDatabase, migrate
 from loragate.errors import Conflict, InvalidRequest, NotFound
 from loragate.grading import wilson
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = """
     ts DOUBLE PRECISION NOT NULL,
@@ -188,13 +192,15 @@ class OutcomeLog:
     that SQLite file)."""
 
     def __init__(self, db: Database | Path, *, retention_days: float = 30.0, batch: int = 256,
-                 interval_s: float = 0.25) -> None:
+                 interval_s: float = 0.25, max_pending: int = 100_000) -> None:
         self._db = SQLiteDatabase(db) if isinstance(db, Path) else db
         migrate(self._db, "outcomes", MIGRATIONS)
         self.retention_s = retention_days * 86400
         self._batch = batch
         self._interval = interval_s
         self._pending: list[OutcomeRecord] = []
+        self.max_pending = max_pending
+        self.dropped = 0  # records given up while the database was unreachable and the queue full
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
@@ -215,7 +221,11 @@ class OutcomeLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as exc:  # the database is down: the batch waits in the queue for the next round
+                log.warning("writing %d outcome records failed (%s); retrying in %.2f s", len(self._pending),
+                            getattr(exc, "message", exc), self._interval)
 
     async def flush(self) -> None:
         """Write everything queued so far (in a thread); also applies retention once an hour."""
@@ -228,16 +238,25 @@ class OutcomeLog:
         return await self._write_pending(prune=True)
 
     async def _write_pending(self, *, prune: bool) -> int:
+        """Write the queue; if that fails, the batch goes back to the front of the queue (at most
+        ``max_pending`` records are kept while the database is unreachable; the oldest go first)."""
         batch, self._pending = self._pending, []
-        return await asyncio.to_thread(self._write, batch, prune)
+        try:
+            return await asyncio.to_thread(self._write, batch, prune)
+        except BaseException:
+            self._pending = batch + self._pending
+            if (excess := len(self._pending) - self.max_pending) > 0:
+                del self._pending[:excess]
+                self.dropped += excess
+            raise
 
     def _write(self, batch: list[OutcomeRecord], prune: bool) -> int:
         removed = 0
         if batch:
             placeholders = ",".join("?" * len(_INSERT_COLUMNS))
-            with self._db.transaction() as tx:
-                tx.executemany(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) VALUES ({placeholders})",
-                               [r.row() for r in batch])
+            with self._db.transaction() as tx:  # a batch retried after a lost commit acknowledgement adds nothing
+                tx.executemany(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) VALUES ({placeholders}) "
+                               "ON CONFLICT (outcome_id) DO NOTHING", [r.row() for r in batch])
             self.written += len(batch)
         if prune:
             self._last_prune = time.time()

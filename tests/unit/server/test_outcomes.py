@@ -3,6 +3,7 @@ summaries, retention, migrations."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
@@ -11,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from loragate.database import PostgresDatabase, SQLiteDatabase, schema_version
+from loragate.database import PostgresDatabase, PostgresOptions, SQLiteDatabase, schema_version
 from loragate.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from loragate.grading import wilson
 from loragate.server.outcomes import _INSERT_COLUMNS, Feedback, OutcomeLog, OutcomeRecord, format_summary
+from tests.postgres import running_postgres
 
 OpenLog = Callable[..., OutcomeLog]
 
@@ -197,3 +199,35 @@ async def test_a_schema_newer_than_this_release_is_refused(open_log: OpenLog) ->
     await bumped.close()
     with pytest.raises(StorageUnavailable, match="version 99, newer than this loragate knows"):
         open_log()
+
+
+async def test_records_wait_in_the_queue_while_postgres_is_down_and_are_written_once(tmp_path: Path) -> None:
+    """A server of its own, stopped and started: the writer keeps its batch, reads are a 503, nothing is lost
+    and nothing is written twice."""
+    with running_postgres() as server:
+        log = OutcomeLog(PostgresDatabase(server.url(), PostgresOptions(connect_timeout_s=2)), interval_s=0.05)
+        log.start()
+        log.add(record("before"))
+        await log.flush()
+        server.stop()
+        log.add(record("during-1"))
+        log.add(record("during-2"))
+        with pytest.raises(StorageUnavailable, match="unreachable"):
+            await log.flush()
+        with pytest.raises(StorageUnavailable):
+            await log.summary()
+        await asyncio.sleep(0.2)  # the writer's own rounds fail too and keep the batch
+        server.start()
+        rows = await _once_reachable(log)
+        assert sorted(r["outcome_id"] for r in rows) == ["before", "during-1", "during-2"]
+        await log.close()
+
+
+async def _once_reachable(log: OutcomeLog) -> list[dict[str, Any]]:
+    """The records, as soon as the pool has reconnected (it retries with backoff: seconds, not at once)."""
+    for _ in range(60):
+        try:
+            return await log.records()
+        except StorageUnavailable:
+            await asyncio.sleep(0.5)
+    raise AssertionError("the outcome log did not reconnect within 30 s")
