@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 from loragate.adapters.staging import new_dir
 from loragate.adapters.store import ADAPTER_FILES, AdapterStore, LruDirs, dir_size, has_files, remove_all, touch
-from loragate.errors import ConfigError, LoragateError
+from loragate.errors import ConfigError, UpstreamError
 
 SCHEME = "s3://"
 #: Objects no row references are deleted only once older than this: another replica may be between
@@ -57,11 +57,9 @@ _CHUNK = 1 << 20
 _META = "sha256"
 
 
-class StoreError(LoragateError):
-    """The object store failed or holds something wrong (502): the operator's problem, never the client's."""
+class StoreError(UpstreamError):
+    """The object store failed or holds something wrong (502): a dependency's failure, never the client's."""
 
-    default_status = 502
-    type = "server_error"
     default_code = "object_store_error"
 
 
@@ -126,7 +124,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None, access
     session = boto3.session.Session(aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
                                     region_name=region)
     return session.client("s3", endpoint_url=endpoint_url, config=Config(
-        retries={"mode": "standard", "max_attempts": 4}, max_pool_connections=32,
+        retries={"mode": "standard", "max_attempts": 4}, max_pool_connections=32, connect_timeout=10,
         request_checksum_calculation="when_required", response_checksum_validation="when_required"))
 
 

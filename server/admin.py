@@ -1,9 +1,10 @@
-"""Admin operations on adapters: register (server path or upload), list, show, patch, delete.
+"""Admin operations on adapters: register (server path, upload or source URL), list, show, patch, delete.
 
 Uploads are streamed into a staging dir of the store with the size limit enforced while writing
-(each chunk written in a thread, off the event loop), then registered exactly like a server-side
-path, so both ways share every validation rule. Errors name the client's path or uploaded file
-names, never the staging dir.
+(each chunk written in a thread, off the event loop), and a source URL (``s3://bucket/key/``) is
+copied into one (:mod:`loragate.adapters.sources`); both are then registered exactly like a
+server-side path, so every way shares every validation rule. Errors name the client's path, URL or
+uploaded file names, never the staging dir.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from loragate.adapters.objectstore import s3_client
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.adapters.registry import AdapterRegistry, Registration, validate_descriptors, validate_name
+from loragate.adapters.sources import AdapterSources
 from loragate.adapters.types import AdapterRecord
 from loragate.auth import BearerAuth
 from loragate.errors import InvalidRequest, PayloadTooLarge
@@ -45,11 +48,13 @@ class AdminService:
     """What the /admin routes and the `loragate adapters` CLI do."""
 
     def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_bytes: int,
-                 index: DescriptorIndex | None = None) -> None:
+                 index: DescriptorIndex | None = None, sources: AdapterSources | None = None) -> None:
+        """``sources``: where source URLs are read from (default: S3 through boto3's environment chain)."""
         self.registry = registry
         self.pool = pool
         self.max_bytes = max_bytes
         self.index = index
+        self.sources = sources or AdapterSources(s3_client)
 
     async def _changed(self, record: AdapterRecord) -> AdapterRecord:
         """Registry changes reach routing at once: the descriptor index re-syncs (only what changed)."""
@@ -67,13 +72,32 @@ class AdminService:
             await self._changed(registration.record)
         return registration
 
+    async def register_json(self, name: str, path: object, source: object, description: object = "",
+                            examples: Iterable[str] = ()) -> Registration:
+        """A JSON registration: exactly one of ``path`` (server-side directory) and ``source`` (URL)."""
+        if path is not None and source is not None:
+            raise InvalidRequest("give either path (a server-side directory) or source (an s3:// URL), not both",
+                                 param="source")
+        if source is not None:
+            return await self.register_source(name, source, description, examples)
+        return await self.register_path(name, "" if path is None else path, description, examples)
+
     async def register_path(self, name: str, path: object, description: object = "",
                             examples: Iterable[str] = ()) -> Registration:
         descriptors = validate_descriptors(description, list(examples))
         if not isinstance(path, str) or not path:
             raise InvalidRequest("path is required (a server-side directory, as a string) unless files are "
-                                 "uploaded", param="path")
+                                 "uploaded or a source URL is given", param="path")
         return await self._registered(await self.registry.add_from_path(name, Path(path), descriptors))
+
+    async def register_source(self, name: str, source: object, description: object = "",
+                              examples: Iterable[str] = ()) -> Registration:
+        """Copy the adapter under a source URL into the store, then register it like an upload."""
+        validate_name(name)  # before any download
+        descriptors = validate_descriptors(description, list(examples))
+        staged = await self.sources.stage(source, self.registry.store, self.max_bytes)
+        assert isinstance(source, str)  # stage() refused anything else
+        return await self._registered(await self.registry.add_staged(name, staged, descriptors, label=source))
 
     async def register_upload(self, name: str, files: dict[str, AsyncIterator[bytes]], description: str,
                               examples: list[str]) -> Registration:

@@ -64,12 +64,19 @@ class FeedbackBody(BaseModel):
 
 
 class AdapterRegistration(BaseModel):
-    """``POST /admin/adapters`` as JSON: a server-side directory inside the import roots."""
+    """``POST /admin/adapters`` as JSON: a server-side directory inside the import roots, or a source URL
+    whose files the gateway copies into its store (exactly one of ``path`` and ``source``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["path"], "not": {"required": ["source"]}},
+                  {"required": ["source"], "not": {"required": ["path"]}}]})
 
     name: str
-    path: str
+    path: str | None = Field(None, description="A server-side directory inside the import roots.")
+    source: str | None = Field(
+        None, description="s3://bucket/prefix/ holding adapter_config.json and adapter_model.safetensors (only s3:// "
+                          "for now), read with the gateway's object-store credentials, copied into its store and "
+                          "validated like an upload.")
     description: str = ""
     examples: list[str] = []
 

@@ -7,9 +7,10 @@ separate process (``python -m moto.server``), so its Flask threads never share t
 loop with the code under test, and it is stopped at the end of the session.
 
 What moto does not cover compared with real S3 (or MinIO): it keeps everything in memory (no
-durability, no crash behaviour); it accepts any credentials and enforces no bucket policies or IAM
-(so "access denied" tests use an ``s3:`` URL the store answers 403 for in another way, see the
-tests); it ignores a client-supplied ``ChecksumSHA256`` that does not match the body (real S3
+durability, no crash behaviour); by default it accepts any credentials and enforces no bucket policies or IAM
+(the ``locked_s3_server`` fixture turns its IAM check on, so that every request with the test
+credentials is refused with 403, which is all "access denied" tests need; policies themselves are
+not exercised); it ignores a client-supplied ``ChecksumSHA256`` that does not match the body (real S3
 answers BadDigest) but does compute and return the SHA-256 of what it received when asked with
 ``ChecksumAlgorithm`` (which is what :class:`loragate.adapters.objectstore.ObjectDirs` checks); it
 has no real consistency model or latency, no request-rate limits, and LastModified is its own
@@ -18,6 +19,8 @@ clock (the garbage-collection tests backdate it by moving the store's grace peri
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -67,11 +70,12 @@ def _wait_up(endpoint: str, proc: subprocess.Popen[bytes], timeout: float = 60.0
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+@contextlib.contextmanager
+def moto_server(**env: str) -> Iterator[S3Server]:
+    """moto's server in its own process on a free port, stopped when the block exits."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         _wait_up(endpoint, proc)
@@ -83,3 +87,17 @@ def s3_server() -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def locked_s3_server() -> Iterator[S3Server]:
+    """A moto server that checks credentials: the test credentials exist in no IAM user, so every request
+    is refused (403 AccessDenied / InvalidAccessKeyId), as a real store answers a gateway without rights."""
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as server:
+        yield server
