@@ -11,27 +11,56 @@ in ``<root>/<key>/`` as ordinary PEFT dirs that workers load by path, and:
 - disk use stays under a byte budget by evicting the least recently *used* merge (directory mtime
   records last use across restarts); the merge being returned is never evicted, nor one a
   concurrent hit is returning.
+
+Across replicas (an object store, ``<prefix>/merges/<key>/``): a local miss first looks in the
+``remote``; only if it is not there does it take the injected build lock for the key
+(:class:`BuildLocks`: a PostgreSQL advisory lock in a fleet, nothing by default), look again (the
+holder before us may just have uploaded it), build locally, upload, and release. So one replica
+builds a merge and the others download it. The merge info file is uploaded last and is what a
+reader looks for: a merge dir in the bucket is complete once it is there. Sharing is an
+optimisation: a failed upload or a corrupt remote copy is logged and the merge is built locally.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
+import logging
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from loragate.adapters.merge import MergePlan, build_merge, plan_merge, safetensors_intact
-from loragate.adapters.peft_format import WEIGHTS_FILE
-from loragate.adapters.staging import remove_stale
+from loragate.adapters.merge import INFO_FILE, MergePlan, build_merge, plan_merge, safetensors_intact
+from loragate.adapters.objectstore import ObjectDirs, StoreError
+from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from loragate.adapters.staging import new_dir, remove_stale
 from loragate.adapters.store import ADAPTER_FILES, AdapterStore, LruDirs, dir_size, has_files, remove_all, touch
 from loragate.adapters.types import AdapterRecord
 
 _KEY = re.compile(r"[0-9a-f]{64}")
+#: what a merge dir holds, in upload order: the info file last marks a complete upload
+MERGE_FILES = (CONFIG_FILE, WEIGHTS_FILE, INFO_FILE)
+logger = logging.getLogger("loragate.merges")
+
+
+class BuildLocks(Protocol):
+    """Mutual exclusion per merge key across replicas, so a merge wanted everywhere at once is built once."""
+
+    def hold(self, key: str) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
+class NoBuildLocks:
+    """One replica (or no shared database): the in-process sharing of one build is all there is."""
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +90,7 @@ class MergeCacheStats:
     last_build_seconds: float
     entries: int
     bytes: int
+    downloads: int = 0  # merges another replica built, downloaded from the object store
 
 
 class MergeCache:
@@ -70,9 +100,15 @@ class MergeCache:
     synchronously (before serving) so that merges built by an earlier process are hits.
     """
 
-    def __init__(self, root: Path, *, max_bytes: int) -> None:
+    def __init__(self, root: Path, *, max_bytes: int, remote: ObjectDirs | None = None,
+                 locks: BuildLocks | None = None) -> None:
+        """``remote``: where replicas share merges (the object store's merges/); ``locks``: the build lock
+        per key that replicas share (default: none)."""
         self.root = root
         self.max_bytes = max_bytes
+        self.remote = remote
+        self.locks: BuildLocks = locks or NoBuildLocks()
+        self._downloads = 0
         self.staging = root / "tmp"
         self.staging.mkdir(parents=True, exist_ok=True)
         self._lru = LruDirs(root, self.staging, max_bytes)
@@ -88,7 +124,7 @@ class MergeCache:
         return MergeCacheStats(hits=self._hits, builds=self._builds, joins=self._joins,
                                evictions=self._lru.evictions, failures=self._failures,
                                last_build_seconds=self._last_build_seconds, entries=self._lru.entries,
-                               bytes=self._lru.bytes)
+                               bytes=self._lru.bytes, downloads=self._downloads)
 
     def _scan(self) -> None:
         remove_stale(self.staging)
@@ -151,10 +187,59 @@ class MergeCache:
                      for record, weight in plan.inputs]
             return await asyncio.to_thread(self._build_sync, dataclasses.replace(plan, inputs=tuple(local)))
 
+    async def _shared(self, plan: MergePlan, inputs: AdapterStore | None) -> tuple[int, bool]:
+        """Downloaded if another replica built it, else built here under the key's lock and uploaded."""
+        if self.remote is None:
+            return await self._built_from(plan, inputs)
+        size = await asyncio.to_thread(self._download, self.remote, plan.key)
+        if size is not None:
+            return size, False
+        async with self.locks.hold(plan.key):
+            size = await asyncio.to_thread(self._download, self.remote, plan.key)
+            if size is not None:
+                return size, False
+            size, created = await self._built_from(plan, inputs)
+            await asyncio.to_thread(self._upload, self.remote, plan.key)
+        return size, created
+
+    def _download(self, remote: ObjectDirs, key: str) -> int | None:
+        """The merge's size once it is in ``root`` from the remote; None when the remote lacks it (or
+        holds a copy that fails verification, which the build that follows replaces)."""
+        target = self.path_for(key)
+        if has_files(target, MERGE_FILES):
+            return dir_size(target)
+        try:
+            if not remote.exists(key, INFO_FILE):
+                return None
+            staged = new_dir(self.staging)
+            try:
+                remote.download(key, MERGE_FILES, staged)
+                if not safetensors_intact(staged / WEIGHTS_FILE):
+                    raise StoreError(f"object store: {remote.url(key, WEIGHTS_FILE)} is not a complete safetensors "
+                                     "file")
+                try:
+                    staged.rename(target)
+                except OSError:
+                    if not has_files(target, MERGE_FILES):
+                        raise
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+        except StoreError as exc:
+            logger.warning("merge %s: the shared copy is unusable, building it here: %s", key[:16], exc.message)
+            return None
+        self._downloads += 1
+        return dir_size(target)
+
+    def _upload(self, remote: ObjectDirs, key: str) -> None:
+        try:
+            remote.upload(self.path_for(key), key, MERGE_FILES)
+        except StoreError as exc:
+            logger.warning("merge %s: not shared with other replicas: %s", key[:16], exc.message)
+
     async def _build(self, plan: MergePlan, inputs: AdapterStore | None) -> MergedAdapter:
         started = time.perf_counter()
         try:
-            size, created = await self._built_from(plan, inputs)
+            size, created = await self._shared(plan, inputs)
         except BaseException:
             self._failures += 1
             raise

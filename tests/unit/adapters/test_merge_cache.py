@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from loragate.adapters import merge_cache, staging, store
 from loragate.adapters.merge import MergePlan, build_merge, safetensors_intact
-from loragate.adapters.merge_cache import MergeCache
+from loragate.adapters.merge_cache import MERGE_FILES, MergeCache
+from loragate.adapters.objectstore import ObjectDirs, S3Location
 from loragate.adapters.peft_format import WEIGHTS_FILE, inspect_dir
 from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest, Unprocessable
 from tests.lora_files import write_lora
+from tests.s3 import S3Server
 
 
 def record(directory: Path, name: str) -> AdapterRecord:
@@ -260,3 +264,58 @@ async def test_a_dead_builders_staging_and_trash_are_collected_at_the_next_start
         path.rename(cache.staging / "~".join([owner[0], owner[1], dead, owner[3], path.name[len(mine):]]))
     MergeCache(tmp_path / "merges", max_bytes=1)  # the next start, however soon
     assert [p.name for p in cache.staging.iterdir()] == [live.name]
+
+
+class SharedLock:
+    """One asyncio lock per key shared by every cache: what the PostgreSQL advisory lock is across replicas."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.held: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            self.held.append(key)
+            yield
+
+
+async def test_replicas_share_merges_through_the_object_store_and_build_once(
+        tmp_path: Path, adapters: list[AdapterRecord], monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> None:
+    spy = BuildSpy(monkeypatch, delay=0.2)  # builds overlap the other replica's request
+    bucket = s3_server.new_bucket()
+    remote = ObjectDirs(s3_server.client(), S3Location(bucket, "fleet/merges"))
+    lock = SharedLock()
+    one, two = (MergeCache(tmp_path / name, max_bytes=10**9, remote=remote, locks=lock) for name in ("r1", "r2"))
+    first, second = await asyncio.gather(one.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16),
+                                         two.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16))
+    assert len(spy.calls) == 1 and [first.built, second.built].count(True) == 1 and first.key == second.key
+    assert first.path.parent != second.path.parent
+    assert {n: (first.path / n).read_bytes() for n in MERGE_FILES} == {n: (second.path / n).read_bytes()
+                                                                       for n in MERGE_FILES}
+    assert one.stats().downloads + two.stats().downloads == 1
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {f"fleet/merges/{first.key}/{n}" for n in MERGE_FILES}
+
+    third = MergeCache(tmp_path / "r3", max_bytes=10**9, remote=remote, locks=lock)  # a later replica
+    held = len(lock.held)
+    found = await third.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16)
+    assert not found.built and third.stats().downloads == 1 and len(lock.held) == held  # no lock for a remote hit
+    assert inspect_dir(found.path).rank == 8 and len(spy.calls) == 1
+
+
+async def test_a_corrupt_shared_merge_is_rebuilt_and_replaced(tmp_path: Path, adapters: list[AdapterRecord],
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              s3_server: S3Server) -> None:
+    spy = BuildSpy(monkeypatch)
+    bucket = s3_server.new_bucket()
+    remote = ObjectDirs(s3_server.client(), S3Location(bucket, "merges"))
+    built = await MergeCache(tmp_path / "r1", max_bytes=10**9, remote=remote).get_or_build(
+        adapters[1:], [0.5, 0.5], "linear", 16)
+    key = f"merges/{built.key}/{WEIGHTS_FILE}"
+    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"not the merge")
+    again = await MergeCache(tmp_path / "r2", max_bytes=10**9, remote=remote).get_or_build(
+        adapters[1:], [0.5, 0.5], "linear", 16)
+    assert again.built and len(spy.calls) == 2 and safetensors_intact(again.path / WEIGHTS_FILE)
+    stored = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert stored == (again.path / WEIGHTS_FILE).read_bytes()  # the shared copy is whole again
