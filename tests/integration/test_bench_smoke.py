@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import postgres_bin_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,3 +26,14 @@ def test_benchmark_quick_run(tmp_path: Path, module: str, section: str, headline
     assert result.stdout.strip().splitlines()[-1].startswith(headline)
     text = (tmp_path / section).read_text()
     assert "| " in text and "Run " in text
+
+
+def test_fleet_benchmark_quick_run(tmp_path: Path) -> None:
+    """bench_fleet starts its own PostgreSQL: the binaries are installed (or the test skipped) here first, as
+    for the other PostgreSQL tests, so the benchmark's subprocess never has to."""
+    postgres_bin_dir()
+    test_benchmark_quick_run(tmp_path, "bench_fleet", "bench_fleet.md", "fleet on PostgreSQL")
+    text = (tmp_path / "bench_fleet.md").read_text()
+    for row in ("| 201 -> listed by replica 2 |", "| 32 | PostgreSQL |", "| 3 replicas via LB |"):
+        assert row in text
+    assert (tmp_path / "fleet_propagation.png").stat().st_size > 0
