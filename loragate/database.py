@@ -250,6 +250,27 @@ class PostgresDatabase:
                 with contextlib.suppress(self._psycopg.Error):
                     conn.execute(f"SELECT pg_advisory_unlock{suffix}(%s)", (key,))
 
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """The advisory lock ``merge:<key>`` for an ``async with`` block (the merge cache's build lock: a merge
+        wanted on every replica at once is built by one). Acquired in a thread; a caller cancelled while
+        waiting releases the lock as soon as the thread gets it."""
+        held = self.lock(f"merge:{key}")
+        acquiring = asyncio.ensure_future(asyncio.to_thread(held.__enter__))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            def release_once_acquired(done: asyncio.Future[None]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    threading.Thread(target=held.__exit__, args=(None, None, None)).start()
+
+            acquiring.add_done_callback(release_once_acquired)
+            raise
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(held.__exit__, None, None, None)
+
     async def changes(self, channel: str, *, poll_s: float, resync_s: float) -> AsyncIterator[None]:
         """LISTEN on ``channel``: yields after each burst of notifications, after every (re)connection
         (notifications sent while disconnected are lost) and every ``resync_s`` regardless."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -19,9 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loragate import __version__
 from loragate.adapters.base_shapes import BaseModelShapes
 from loragate.adapters.merge_cache import MergeCache
+from loragate.adapters.objectstore import S3Store, client_from, open_store
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.adapters.resolve import Resolver
-from loragate.database import PostgresOptions, open_databases
+from loragate.adapters.sources import AdapterSources
+from loragate.database import PostgresDatabase, PostgresOptions, open_databases
 from loragate.errors import ConfigError, InvalidRequest, LoragateError
 from loragate.router.compositional import make_detector
 from loragate.router.embedder import Embedder, backend_class, make_backend
@@ -39,6 +42,7 @@ from loragate.server.settings import Settings, load_settings
 from loragate.server.shadows import ShadowConfig, ShadowScheduler
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.delivery import AdapterFiles, adapter_dir_lookup
+from loragate.workers.discovery import WorkerDiscovery
 from loragate.workers.dispatch import Dispatcher
 from loragate.workers.pool import PoolConfig, WorkerPool, WorkerSpec
 from loragate.workers.supervise import RestartCounts
@@ -62,6 +66,7 @@ class Services:
     index: DescriptorIndex | None
     adapter_files: AdapterFiles
     outcomes: OutcomeLog
+    discovery: WorkerDiscovery | None = None  # with workers_dns: keeps the pool's discovered members current
 
 
 @contextmanager
@@ -107,6 +112,13 @@ def check_config(settings: Settings) -> None:
         urls = [WorkerSpec.parse(worker).url for worker in settings.workers]
     if len(set(urls)) != len(urls):
         raise ConfigError(f"workers: duplicate worker URLs in {urls}", param="workers")
+    if settings.store_url and not settings.database_url:
+        raise ConfigError("store_url needs database_url: replicas that share a bucket must share the registry "
+                          "(PostgreSQL), or one replica's garbage collection deletes another's files",
+                          param="store_url")
+    if not urls and not settings.workers_dns:
+        raise ConfigError("workers: no workers to send requests to: set workers (a list of URLs) or workers_dns "
+                          "(name:port)", param="workers")
     routing = settings.embedder != "none"
     with config_errors("default_policy"):
         check_policy(parse_policy(settings.default_policy, source="default"), router_config(settings), routing=routing)
@@ -154,17 +166,25 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         base_models=settings.base_models, max_rank=settings.max_lora_rank,
         max_bytes=settings.max_adapter_bytes, import_roots=tuple(settings.import_roots),
         base_shapes=BaseModelShapes.read(settings.base_model_config) if settings.base_model_config else None),
-        database=registry_db)
+        # grace 0: the registry collects under its exclusive lock, which every registration in flight on any
+        # replica holds shared, so an unreferenced object is an orphan (check_config: a bucket needs PostgreSQL)
+        database=registry_db, store=open_store(settings.data_dir, settings, grace_s=0.0))
     metrics.registered_adapters.set_function(lambda: len(registry.snapshot()))
     adapter_dirs = adapter_dir_lookup(registry.snapshot, settings.data_dir / "merges")
     pool = WorkerPool(settings.workers, VLLMAdminClient(http, settings.load_timeout_s), metrics,
                       pool_config(settings), adoptable=adapter_dirs)
     metrics.watch_pool(pool.views)
+    discovery = None
+    if settings.workers_dns:
+        discovery = WorkerDiscovery(settings.workers_dns, pool, interval_s=settings.workers_dns_interval_s)
+        metrics.watch_discovery(lambda: discovery.snapshot)
     metrics.watch_worker_restarts(RestartCounts.in_data_dir(settings.data_dir).read)  # written by `loragate up`
     delivery_token = settings.delivery_token.get_secret_value() if settings.delivery_token else None
-    adapter_files = AdapterFiles(delivery_token, adapter_dirs, store_root=registry.store.root)
+    adapter_files = AdapterFiles(delivery_token, adapter_dirs, store=registry.store)
     router, embedder, index = build_router(settings)
-    merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes)
+    merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes,
+                        remote=registry.store.merges() if isinstance(registry.store, S3Store) else None,
+                        locks=registry_db if isinstance(registry_db, PostgresDatabase) else None)
     metrics.watch_components(embedder.stats if embedder is not None else None, merges.stats)
     outcomes = OutcomeLog(outcomes_db, retention_days=settings.outcomes_retention_days,
                           interval_s=settings.outcomes_flush_interval_s)
@@ -187,9 +207,11 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         outcomes=outcomes,
         completions=completions,
         shadows=shadows,
-        admin=AdminService(registry, pool, settings.max_adapter_bytes, index),
+        admin=AdminService(registry, pool, settings.max_adapter_bytes, index,
+                           sources=AdapterSources(functools.partial(client_from, settings))),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
         adapter_files=adapter_files,
+        discovery=discovery,
     )
 
 
@@ -252,6 +274,8 @@ def create_app(settings: Settings) -> FastAPI:
             if services.index is not None:
                 await services.index.sync(services.registry.snapshot())
             services.outcomes.start()
+            if services.discovery is not None:  # first: the first probe round then sees the discovered workers
+                await services.discovery.start()
             await services.pool.start()  # health probes and /metrics scrapes of the workers
             poller = asyncio.get_running_loop().create_task(follow_registry(services), name="registry-follower")
             freeze_startup_heap()
@@ -260,6 +284,8 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 gc.unfreeze()  # an app built again in this process (tests) starts from a collectable heap
                 poller.cancel()
+                if services.discovery is not None:
+                    await services.discovery.stop()
                 await services.pool.stop()
                 await services.shadows.close()  # running shadows finish and are recorded
                 await services.outcomes.close()  # drains the queue: nothing recorded is lost

@@ -7,15 +7,18 @@ several gateways in one process. Names follow Prometheus conventions: base units
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from loragate.adapters.merge_cache import MergeCacheStats
 from loragate.router.embedder import EmbedderStats
 from loragate.router.types import RoutingDecision
+from loragate.workers.discovery import DiscoverySnapshot
 from loragate.workers.observer import PoolObserver
 from loragate.workers.stats import WorkerStats
 
@@ -53,6 +56,20 @@ class _RestartsCollector(Collector):
         for worker, count in sorted(self._counts().items()):
             restarts.add_metric([worker], float(count))
         yield restarts
+
+
+class _DiscoveryCollector(Collector):
+    """``loragate_worker_discovery_errors_total`` and ``loragate_worker_discovered`` from discovery's snapshot."""
+
+    def __init__(self, snapshot: Callable[[], DiscoverySnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self._snapshot()
+        yield CounterMetricFamily("loragate_worker_discovery_errors", "Failed resolutions of workers_dns (the last "
+                                  "known workers were kept)", value=float(s.errors))
+        yield GaugeMetricFamily("loragate_worker_discovered", "Workers the last successful resolution of "
+                                "workers_dns listed", value=float(len(s.urls)))
 
 
 class _StatsCollector(Collector):
@@ -158,6 +175,7 @@ class GatewayMetrics(PoolObserver):
         metrics.watch_pool(list)
         metrics.watch_worker_restarts(dict)
         metrics.watch_components(lambda: EmbedderStats(0, 0, 0, 0), lambda: MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0))
+        metrics.watch_discovery(lambda: DiscoverySnapshot(""))
         return metrics
 
     def watch_pool(self, views: Callable[[], Sequence[WorkerStats]]) -> None:
@@ -168,6 +186,10 @@ class GatewayMetrics(PoolObserver):
                          merges: Callable[[], MergeCacheStats]) -> None:
         """The embedder's (when routing is on) and the merge cache's own counters, read at scrape time."""
         self.registry.register(_StatsCollector(embedder, merges))
+
+    def watch_discovery(self, snapshot: Callable[[], DiscoverySnapshot]) -> None:
+        """Worker discovery's resolution counts (with ``workers_dns`` only), read at scrape time."""
+        self.registry.register(_DiscoveryCollector(snapshot))
 
     def watch_worker_restarts(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Restart counts of supervised local workers, read at scrape time (they live in another process)."""
@@ -184,6 +206,20 @@ class GatewayMetrics(PoolObserver):
 
     def panic_routed(self, worker: str) -> None:
         self.panic_routes.labels(worker).inc()
+
+    def worker_removed(self, worker: str) -> None:
+        """Delete the series of a worker that left the pool, rather than leave them at their last value
+        or at 0: discovered workers are pod IPs, new with every restart, so kept series would grow
+        without bound, and Prometheus already holds their history (a counter that ends is fine for
+        ``rate``). The gauges read from pool snapshots drop it by themselves."""
+        by_worker = (self.adapter_load_latency, self.loaded_adapters, self.adapter_evictions,
+                     self.adapter_load_failures, self.panic_routes)
+        series: list[tuple[MetricWrapperBase, tuple[str, ...]]] = [(m, (worker,)) for m in by_worker]
+        series += [(self.adapter_loads, (worker, r)) for r in ("ok", "error")]
+        series += [(self.worker_transitions, (worker, to)) for to in ("up", "down")]
+        for metric, labels in series:
+            with contextlib.suppress(KeyError):  # a series that never had a sample
+                metric.remove(*labels)
 
     def request_retried(self, route: str) -> None:
         self.request_retries.labels(route).inc()

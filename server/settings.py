@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -59,7 +59,8 @@ class Settings(BaseSettings):
                                    "(LRU).")
     workers_dns: str | None = Field(
         None, description="name:port of a DNS name that resolves to every worker (a Kubernetes headless Service), "
-                          "re-resolved every workers_dns_interval_s; used besides the workers list.")
+                          "re-resolved every workers_dns_interval_s; used besides the workers list (which is then "
+                          "empty unless set).")
     workers_dns_interval_s: float = Field(5.0, gt=0, le=3600, description="How often workers_dns is re-resolved.")
     model: str = Field("tiny-llama", description="Base model name the workers serve (their --served-model-name).")
     model_aliases: list[str] = Field(
@@ -159,6 +160,17 @@ class Settings(BaseSettings):
         if value is not None and (not value.startswith("s3://") or not value[5:].split("/")[0]):
             raise ValueError("must look like s3://bucket or s3://bucket/prefix")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_workers_with_dns(cls, data: Any) -> Any:
+        """With workers_dns set and workers not, the static list is empty, not the local default: a fleet
+        found by DNS must not also send requests to a http://127.0.0.1:8100 nobody configured. Decided
+        here, on the raw input, so that child processes (which get every setting, workers included,
+        through the environment) see the same list."""
+        if isinstance(data, dict) and data.get("workers_dns") and "workers" not in data:
+            return {**data, "workers": []}
+        return data
 
     @field_validator("workers_dns")
     @classmethod

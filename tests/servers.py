@@ -12,12 +12,12 @@ import uvicorn
 
 
 @contextlib.contextmanager
-def serving(app: Any, port: int, startup_timeout: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` on ``127.0.0.1:port`` until the block exits; yields its base URL.
+def serving(app: Any, port: int, startup_timeout: float = 30.0, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``app`` on ``host:port`` until the block exits; yields its base URL.
 
     The app's lifespan runs (startup before the block, shutdown after), as under ``loragate serve``.
     """
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
@@ -25,7 +25,7 @@ def serving(app: Any, port: int, startup_timeout: float = 30.0) -> Iterator[str]
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

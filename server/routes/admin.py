@@ -45,12 +45,17 @@ async def register(request: Request, response: Response, svc: Services = Depends
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/x-www-form-urlencoded"):
         raise InvalidRequest("a form without files: send JSON {\"name\", \"path\"} for a server-side directory, "
-                             "or multipart/form-data with `files` parts", param="files")
+                             "JSON {\"name\", \"source\"} for an s3:// URL, or multipart/form-data with `files` parts",
+                             param="files")
     if content_type.startswith("multipart/form-data"):
         declared = int(request.headers.get("content-length") or 0)
         if declared > svc.admin.max_bytes + _FORM_OVERHEAD:
             raise PayloadTooLarge(f"upload of {declared} bytes exceeds the limit of {svc.admin.max_bytes} bytes")
         async with request.form(max_files=4, max_fields=8) as form:
+            for field in ("path", "source"):
+                if field in form:
+                    raise InvalidRequest(f"a multipart registration uploads files; {field} goes in a JSON body "
+                                         "instead (path XOR upload XOR source)", param=field)
             files = {f.filename or "": _chunks(f) for f in form.getlist("files") if isinstance(f, UploadFile)}
             if not files:
                 raise InvalidRequest("multipart registration needs `files` parts (adapter_config.json, "
@@ -60,7 +65,7 @@ async def register(request: Request, response: Response, svc: Services = Depends
                 _examples(form.get("examples", "")))
     else:
         body = parse_json_body(await request.body())
-        registration = await svc.admin.register_path(str(body.get("name", "")), body.get("path", ""),
+        registration = await svc.admin.register_json(str(body.get("name", "")), body.get("path"), body.get("source"),
                                                      body.get("description", ""), _examples(body.get("examples", [])))
     if not registration.created:
         response.status_code = 200

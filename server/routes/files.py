@@ -26,4 +26,4 @@ async def manifest(name: str, authorization: str | None = Header(None),
 async def adapter_file(sha256: str, filename: str, authorization: str | None = Header(None),
                        svc: Services = Depends(services)) -> FileResponse:
     svc.adapter_files.authorize(authorization)
-    return FileResponse(svc.adapter_files.file(sha256, filename), media_type="application/octet-stream")
+    return FileResponse(await svc.adapter_files.fetch(sha256, filename), media_type="application/octet-stream")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from loragate.adapters.objectstore import ObjectDirs, S3Location
 from loragate.adapters.peft_format import WEIGHTS_FILE, inspect_dir
 from loragate.adapters.store import AdapterStore
 from loragate.adapters.types import AdapterRecord
+from loragate.database import PostgresDatabase
 from loragate.errors import InvalidRequest, Unprocessable
 from tests.lora_files import write_lora
 from tests.s3 import S3Server
@@ -280,20 +281,35 @@ class SharedLock:
             yield
 
 
+@pytest.fixture(params=["asyncio", "postgresql"])
+def build_lock(request: pytest.FixtureRequest) -> Iterator[SharedLock | PostgresDatabase]:
+    """The stand-in lock, and the real one: PostgreSQL advisory locks (each holder on its own connection)."""
+    if request.param == "asyncio":
+        yield SharedLock()
+        return
+    database = PostgresDatabase(request.getfixturevalue("postgres_url"))
+    yield database
+    database.close()
+
+
 async def test_replicas_share_merges_through_the_object_store_and_build_once(
-        tmp_path: Path, adapters: list[AdapterRecord], monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> None:
-    spy = BuildSpy(monkeypatch, delay=0.2)  # builds overlap the other replica's request
+        tmp_path: Path, adapters: list[AdapterRecord], monkeypatch: pytest.MonkeyPatch, s3_server: S3Server,
+        build_lock: SharedLock | PostgresDatabase) -> None:
+    """The same merge asked of three replicas at once is built by one; the others download it."""
+    spy = BuildSpy(monkeypatch, delay=0.2)  # builds overlap the other replicas' requests
     bucket = s3_server.new_bucket()
     remote = ObjectDirs(s3_server.client(), S3Location(bucket, "fleet/merges"))
     lock = SharedLock()
-    one, two = (MergeCache(tmp_path / name, max_bytes=10**9, remote=remote, locks=lock) for name in ("r1", "r2"))
-    first, second = await asyncio.gather(one.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16),
-                                         two.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16))
-    assert len(spy.calls) == 1 and [first.built, second.built].count(True) == 1 and first.key == second.key
+    one, two, four = (MergeCache(tmp_path / name, max_bytes=10**9, remote=remote, locks=build_lock)
+                      for name in ("r1", "r2", "r4"))
+    first, second, fourth = await asyncio.gather(*(cache.get_or_build(adapters[:2], [0.5, 0.5], "cat", 16)
+                                                   for cache in (one, two, four)))
+    assert len(spy.calls) == 1 and [first.built, second.built, fourth.built].count(True) == 1
+    assert first.key == second.key == fourth.key
     assert first.path.parent != second.path.parent
     assert {n: (first.path / n).read_bytes() for n in MERGE_FILES} == {n: (second.path / n).read_bytes()
                                                                        for n in MERGE_FILES}
-    assert one.stats().downloads + two.stats().downloads == 1
+    assert one.stats().downloads + two.stats().downloads + four.stats().downloads == 2
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert keys == {f"fleet/merges/{first.key}/{n}" for n in MERGE_FILES}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -43,6 +44,13 @@ class FakeRegistry:
 
     def get(self, name: str) -> AdapterRecord:
         return self._snapshot[name]
+
+    @property
+    def store(self) -> FakeRegistry:
+        return self  # the files are where the records say (a local store)
+
+    async def materialize(self, sha256: str) -> Path:
+        return next(r.path for r in self.known.values() if r.sha256 == sha256)
 
 
 class FakeRelay:
