@@ -1,5 +1,6 @@
 """Fixtures every test directory may use: a real PostgreSQL server for the whole session (started
-only when a test asks for it) and a fresh database per test."""
+only when a test asks for it) and a fresh database per test; the session's S3-protocol servers
+(tests/s3.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.postgres import PostgresServer, running_postgres
+from tests.s3 import locked_s3_server, s3_server  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")
