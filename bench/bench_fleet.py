@@ -440,6 +440,8 @@ def replicas_section(rows: list[ReplicaRow], sizes: Sizes) -> str:
     table = [f"| {r.measured.label} | {r.measured.summary.throughput_rps:.0f} | "
              f"{r.measured.summary.throughput_rps / base:.2f}x | {ms(r.measured.summary.latency.p50)} | "
              f"{ms(r.measured.summary.latency.p99)} | {r.cpu_ms:.3f} |" for r in rows]
+    lb_cost = rows[1].cpu_ms - rows[0].cpu_ms
+    spread = rows[-1].cpu_ms - rows[1].cpu_ms
     return (
         "### Replicas behind a load balancer\n\n"
         "1, 2 and 3 PostgreSQL-backed replicas (`embedder=none`, own data dirs, one database) behind a minimal "
@@ -450,11 +452,14 @@ def replicas_section(rows: list[ReplicaRow], sizes: Sizes) -> str:
         "the path plus the proxy's, per request. The replicas' data dirs do not hold each other's adapter files; "
         "the stub never reads them (a real fleet shares them through `store_url`).\n\n"
         "**On this 2-core machine this measures contention, not scaling:** the replicas, the proxy, the load "
-        "generator, the stub and PostgreSQL all share two cores, so a second or third replica can only take CPU "
-        "time from the others. CPU per request does not depend on that, and is what sizes a fleet: req/s per core "
-        "is 1000 / (CPU ms/req).\n\n"
+        "generator, the stub and PostgreSQL all share two cores. One replica's event loop is one thread; what a "
+        "second replica adds is the share of the second core the others leave idle (as with the `processes` "
+        "setting), and beyond that replicas only take CPU time from each other. CPU per request does not depend "
+        "on that, and is what sizes a fleet: req/s per core is 1000 / (CPU ms/req).\n\n"
         "| target | req/s | vs 1 via LB | p50 ms | p99 ms | CPU ms/req (replicas + LB) |\n"
-        "|---|---:|---:|---:|---:|---:|\n" + "\n".join(table) + "\n"
+        "|---|---:|---:|---:|---:|---:|\n" + "\n".join(table)
+        + f"\n\nThe proxy's hop costs {lb_cost:+.3f} CPU ms per request (1 replica via LB vs without); from 1 to "
+        f"{len(rows) - 1} replicas the CPU per request changes {spread:+.3f} ms.\n"
     )
 
 
