@@ -158,8 +158,9 @@ def start_stub(logs: Path, tokens: int = 16, token_delay_ms: float = 0.0) -> Ser
 
 def start_gateway(logs: Path, data_dir: Path, workers: list[str], import_root: Path,
                   **settings: object) -> ServerProcess:
-    """``loragate serve`` (one uvicorn process) with the benchmark's admin token and import root."""
-    port = free_port()
+    """``loragate serve`` (one uvicorn process) with the benchmark's admin token and import root; ``port`` may
+    be given (when workers must know the gateways' URLs before they start), else a free one is taken."""
+    port = int(settings.pop("port", None) or free_port())  # type: ignore[call-overload]
     env = {"LORAGATE_PORT": str(port), "LORAGATE_DATA_DIR": str(data_dir), "LORAGATE_MODEL": MODEL,
            "LORAGATE_WORKERS": json.dumps(workers), "LORAGATE_ADMIN_TOKEN": ADMIN_TOKEN,
            "LORAGATE_IMPORT_ROOTS": json.dumps([str(import_root)]), "HF_HUB_OFFLINE": "1",

@@ -286,8 +286,8 @@ class PostgresDatabase:
                     while True:
                         async for _ in conn.notifies(timeout=resync_s, stop_after=1):
                             pass  # one notification, or the resync timeout
-                        async for _ in conn.notifies(timeout=0.02):
-                            pass  # the rest of a burst: one re-read for all of it
+                        async for _ in conn.notifies(timeout=0.002):
+                            pass  # the rest of a burst (what arrives within 2 ms): one re-read for all of it
                         await conn.execute("SELECT 1")  # a dead connection raises here, not silently
                         yield
             except psycopg.Error as exc:

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     processes: int = Field(1, ge=1, le=64, description="Gateway server processes sharing the port (and data dir).")
     registry_poll_s: float = Field(
-        1.0, gt=0, le=60, description="How often a gateway picks up adapters registered by another process.")
+        1.0, gt=0, le=60, description="SQLite: how often a gateway picks up adapters registered by another process "
+                                   "(PostgreSQL notifies instead).")
     # -- fleet state (unset: SQLite + the local store in data_dir, the embedded default) -----------------
     database_url: SecretStr | None = Field(
         None, description="postgresql://user:password@host:port/db: the registry and outcome log live in PostgreSQL, "
