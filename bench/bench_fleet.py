@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from loragate.loadtest.plots import latency_cdf
 from loragate.server.outcomes import OutcomeLog, OutcomeRecord
 from loragate.workers.launch import free_port
 from tests.postgres import PostgresServer, running_postgres  # benchmarks run from the repository root
+from tests.s3 import KEY_ID, REGION, SECRET, moto_server
 
 PIN = 'pin;adapter="cooking"'
 SETTLE_S = 0.5  # after each slice: longer than the outcome log's flush interval (0.25 s), so a slice's
@@ -74,12 +76,13 @@ class Sizes:
     micro_records: int
     lb_slice_s: float
     lb_rounds: int
+    merges: int
 
 
 FULL = Sizes(registrations=100, outcome_slice_s=5.0, outcome_rounds=4, micro_records=40_000, lb_slice_s=5.0,
-             lb_rounds=4)
+             lb_rounds=4, merges=10)
 QUICK = Sizes(registrations=8, outcome_slice_s=0.5, outcome_rounds=2, micro_records=1_000, lb_slice_s=0.4,
-              lb_rounds=2)
+              lb_rounds=2, merges=2)
 
 
 # -- PostgreSQL's CPU ------------------------------------------------------------------------------------
@@ -464,13 +467,72 @@ def replicas_section(rows: list[ReplicaRow], sizes: Sizes) -> str:
 
 
 # -- 4. one merge across replicas ------------------------------------------------------------------------
-def measure_merge_once_across_replicas() -> None:
-    """TODO(issue 17, "Measure" item 4): a merge requested on 3 replicas at once must be built exactly once.
+@dataclass(frozen=True, slots=True)
+class MergeOnce:
+    merges: int  # distinct merges asked, each of every replica at the same moment
+    replicas: int
+    builds: int  # summed over the replicas' loragate_merge_cache_total{result="build"}
+    downloads: int  # summed loragate_merge_cache_downloads_total
+    seconds: list[float]  # per merge: until every replica answered
 
-    Needs the S3 object store (``store_url``; another engineer is building it): the merge cache is then
-    shared, and the build is serialized by the database's advisory lock. Not implemented; not called.
-    """
-    raise NotImplementedError("needs the S3 store (store_url): issue 17, item 4")
+
+def _merge_counts(url: str) -> tuple[int, int]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    builds = downloads = 0.0
+    for line in text.splitlines():
+        if line.startswith('loragate_merge_cache_total{result="build"}'):
+            builds = float(line.split()[-1])
+        elif line.startswith("loragate_merge_cache_downloads_total "):
+            downloads = float(line.split()[-1])
+    return int(builds), int(downloads)
+
+
+def _until_listed(url: str, names: Sequence[str], wait_s: float = 60.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while not set(names) <= {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not list {names} within {wait_s:.0f} s")
+        time.sleep(0.01)
+
+
+def measure_merge_once(replicas: Sequence[ServerProcess], merges: int) -> MergeOnce:
+    """Each merge (weights differ, so keys differ) is requested of every replica at once, from one thread per
+    replica released together; the replicas share the bucket and the database's advisory lock per merge key."""
+    before = [_merge_counts(r.url) for r in replicas]
+    seconds = []
+    for i in range(merges):
+        w = round(0.2 + 0.6 * i / max(merges - 1, 1), 2)
+        policy = f'average;adapters="cooking math";weights="{w} {round(1 - w, 2)}";method=cat'
+        barrier = threading.Barrier(len(replicas))
+
+        def ask(url: str, policy: str = policy, barrier: threading.Barrier = barrier) -> int:
+            barrier.wait()
+            return httpx.post(f"{url}/v1/completions", headers={"x-adapter-policy": policy}, timeout=120,
+                              json={"model": "tiny-llama", "prompt": "merge me"}).status_code
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(replicas)) as pool:
+            statuses = list(pool.map(ask, [r.url for r in replicas]))
+        seconds.append(time.perf_counter() - started)
+        if statuses != [200] * len(replicas):
+            raise RuntimeError(f"merge {i}: statuses {statuses}")
+    after = [_merge_counts(r.url) for r in replicas]
+    return MergeOnce(merges, len(replicas), sum(a[0] - b[0] for a, b in zip(after, before, strict=True)),
+                     sum(a[1] - b[1] for a, b in zip(after, before, strict=True)), seconds)
+
+
+def merge_section(m: MergeOnce) -> str:
+    return (
+        "## A merge asked of every replica at once\n\n"
+        f"{m.merges} different `cat` merges of two adapters, each requested of all {m.replicas} replicas at the same "
+        "moment (one thread per replica, released together). The replicas share an S3-protocol store (moto's "
+        "server, as in the tests) for adapter files and merges and take PostgreSQL's advisory lock per merge key "
+        "before building.\n\n"
+        "| merges | replicas | builds | downloads from the store | p50 until all answered |\n"
+        "|---:|---:|---:|---:|---:|\n"
+        f"| {m.merges} | {m.replicas} | {m.builds} | {m.downloads} | {ms(_quantile(m.seconds, 0.5))} ms |\n\n"
+        f"Exactly one build per merge means {m.merges} builds and {m.merges * (m.replicas - 1)} downloads.\n"
+    )
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -479,6 +541,7 @@ def run(quick: bool, tiny_dir: Path, out: Path | None) -> str:
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     logs = work / "logs"
     _model, adapters = build_adapters(tiny_dir, ["cooking"])
+    _model, merge_inputs = build_adapters(tiny_dir, ["cooking", "math"])
     with running_postgres() as pg, start_stub(logs) as stub, contextlib.ExitStack() as stack:
         url = pg.create_database("fleet")
 
@@ -500,6 +563,19 @@ def run(quick: bool, tiny_dir: Path, out: Path | None) -> str:
 
         three = gateway("replica-3", database_url=url)
         replicas = measure_replicas([one, two, three], logs, sizes)
+        for replica in (one, two, three):
+            replica.stop()
+
+        s3 = stack.enter_context(moto_server())
+        bucket = s3.new_bucket()
+        store = {"database_url": pg.create_database("merges"), "store_url": f"s3://{bucket}/bench",
+                 "s3_endpoint_url": s3.endpoint, "s3_region": REGION, "s3_access_key_id": KEY_ID,
+                 "s3_secret_access_key": SECRET}
+        sharing = [gateway(f"sharing-{i}", **store) for i in range(3)]
+        register(sharing[0].url, merge_inputs)
+        for replica in sharing[1:]:
+            _until_listed(replica.url, sorted(merge_inputs))
+        merge_once = measure_merge_once(sharing, sizes.merges)
 
     plot = latency_cdf({"register on replica 1 (POST -> 201)": propagation.register_s,
                         "201 -> listed by replica 2": propagation.visible_s},
@@ -509,7 +585,8 @@ def run(quick: bool, tiny_dir: Path, out: Path | None) -> str:
             "throughput and CPU of 1-3 replicas behind a load balancer. PostgreSQL is a throwaway cluster of "
             "Debian's server (tests/postgres.py) on the same 2 cores.\n\n"
             + propagation_section(propagation).replace("fleet_propagation.png", plot.name) + "\n"
-            + outcome_section(costs, micro, sizes) + "\n" + replicas_section(replicas, sizes))
+            + outcome_section(costs, micro, sizes) + "\n" + replicas_section(replicas, sizes) + "\n"
+            + merge_section(merge_once))
     sq, pq = costs[32][SQLITE], costs[32][POSTGRES]
     by_label = {r.measured.label: r for r in replicas}
     lb1, lb3 = by_label["1 replica via LB"], by_label["3 replicas via LB"]
@@ -521,7 +598,9 @@ def run(quick: bool, tiny_dir: Path, out: Path | None) -> str:
                 f"{sq.gateway_cpu_ms:.2f}, {pq.measured.summary.throughput_rps:.0f} vs "
                 f"{sq.measured.summary.throughput_rps:.0f} req/s; 3 replicas behind the LB "
                 f"{lb3.measured.summary.throughput_rps:.0f} req/s vs 1's {lb1.measured.summary.throughput_rps:.0f} "
-                f"(2 cores: contention, not scaling), {lb3.cpu_ms:.2f} vs {lb1.cpu_ms:.2f} CPU ms/req")
+                f"(2 cores: contention, not scaling), {lb3.cpu_ms:.2f} vs {lb1.cpu_ms:.2f} CPU ms/req; "
+                f"{merge_once.merges} merges each asked of 3 replicas at once: {merge_once.builds} builds, "
+                f"{merge_once.downloads} downloads")
     report.write_section("bench_fleet", "Fleet: gateways sharing PostgreSQL",
                          body + f"\n**Headline:** {headline}.\n", out_dir=out)
     return headline

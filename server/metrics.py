@@ -96,6 +96,8 @@ class _StatsCollector(Collector):
         yield CounterMetricFamily("loragate_merge_cache_evictions", "Merged adapters evicted to stay within "
                                   "merge_cache_bytes", value=float(m.evictions))
         yield CounterMetricFamily("loragate_merge_cache_failures", "Merge builds that failed", value=float(m.failures))
+        yield CounterMetricFamily("loragate_merge_cache_downloads", "Merged adapters another replica built, "
+                                  "downloaded from the object store", value=float(m.downloads))
         yield GaugeMetricFamily("loragate_merge_cache_entries", "Merged adapters in the cache", value=float(m.entries))
         yield GaugeMetricFamily("loragate_merge_cache_bytes", "Disk used by the merged-adapter cache",
                                 value=float(m.bytes))
