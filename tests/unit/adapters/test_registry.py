@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from loragate.adapters.objectstore import S3Location, S3Store
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.adapters.types import Descriptors
 from loragate.database import PostgresDatabase, PostgresOptions, schema_version
@@ -31,6 +32,7 @@ from loragate.errors import (
 )
 from tests.lora_files import write_lora
 from tests.postgres import running_postgres
+from tests.s3 import KEY_ID, REGION, SECRET, S3Server
 from tests.waiting import until
 
 
@@ -502,3 +504,38 @@ async def test_registration_while_postgres_is_down_is_503_and_leaves_nothing(tmp
         assert (await registry.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))).created
         assert stored_state(registry)[0] == 1
         registry.close()
+
+
+def test_a_replica_killed_between_upload_and_row_leaves_no_object_after_the_next_start(
+        tmp_path: Path, roots: Path, postgres_url: str, s3_server: S3Server) -> None:
+    """PostgreSQL + the object store: the files are in the bucket, the row never commits; the next start of any
+    replica (another data dir, another host) collects the objects under the registry's exclusive lock."""
+    write_lora(roots / "a")
+    bucket = s3_server.new_bucket()
+    store = (f"S3Store(Path({str(tmp_path / 'one' / 'adapters')!r}), s3_client({s3_server.endpoint!r}, {REGION!r}, "
+             f"{KEY_ID!r}, {SECRET!r}), S3Location({bucket!r}, 'p'), cache_bytes=1 << 30, grace_s=0)")
+    script = textwrap.dedent(f"""
+        import asyncio, os
+        from pathlib import Path
+        from loragate.adapters.objectstore import S3Location, S3Store, s3_client
+        from loragate.adapters.registry import AdapterRegistry, RegistryLimits
+        from loragate.adapters.types import Descriptors
+        from loragate.database import PostgresDatabase
+        reg = AdapterRegistry.open(Path({str(tmp_path / "one")!r}), RegistryLimits(
+            base_models=frozenset({{"tiny-llama"}}), max_rank=16, max_bytes=1 << 30,
+            import_roots=(Path({str(roots)!r}),)), database=PostgresDatabase({postgres_url!r}), store={store})
+        reg._insert = lambda record: os._exit(9)   # die exactly between the upload and the row
+        asyncio.run(reg.add_from_path("crashy", Path({str(roots / "a")!r}), Descriptors()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == 9, result.stderr.decode()
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="p/adapters/").get("Contents", [])
+    assert listed, "the crash should have left objects in the bucket"
+    other = AdapterRegistry.open(
+        tmp_path / "two", RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=1 << 30,
+                                         import_roots=(roots,)), database=PostgresDatabase(postgres_url),
+        store=S3Store(tmp_path / "two" / "adapters", s3_server.client(), S3Location(bucket, "p"),
+                      cache_bytes=1 << 30, grace_s=0))
+    assert stored_state(other)[0] == 0
+    assert s3_server.client().list_objects_v2(Bucket=bucket, Prefix="p/adapters/").get("Contents", []) == []
+    other.close()
