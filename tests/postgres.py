@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from loragate.workers.launch import free_port
+from tests.debian import installed
 
 _USER = "postgres"
 _FALLBACK_USER = "loragate-test"
@@ -37,19 +37,9 @@ def _bin_dir() -> Path | None:
 
 def postgres_bin_dir() -> Path:
     """Where ``initdb``/``pg_ctl`` live, installing Debian's ``postgresql`` when they are missing."""
+    installed("postgresql", _bin_dir)
     found = _bin_dir()
-    if found is not None:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("PostgreSQL is not installed and apt-get is unavailable to install it (install Debian's "
-                    "`postgresql` package)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([apt, "update"], check=True, timeout=300, env=env, capture_output=True)
-    subprocess.run([apt, "install", "-y", "--no-install-recommends", "postgresql"], check=True, timeout=600,
-                   env=env, capture_output=True)
-    found = _bin_dir()
-    assert found is not None, "apt-get installed postgresql but initdb is not under /usr/lib/postgresql/*/bin"
+    assert found is not None
     return found
 
 

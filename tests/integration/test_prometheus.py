@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loragate.loadtest.stub import StubApp, answer_words
 from loragate.workers.launch import free_port, wait_healthy
+from tests.debian import debian_tools, docker_compose_config
 from tests.lora_files import write_lora
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,19 +83,7 @@ Message = MutableMapping[str, Any]
 # -- processes ----------------------------------------------------------------------------------------
 def _tools() -> tuple[str, str]:
     """Paths of ``prometheus`` and ``promtool``, installing Debian's package when they are missing."""
-    found = shutil.which("prometheus"), shutil.which("promtool")
-    if found[0] and found[1]:
-        return found[0], found[1]
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("prometheus/promtool are not installed and apt-get is unavailable to install them "
-                    "(install Debian's `prometheus` package, or put both binaries on PATH)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([apt, "update"], check=True, timeout=300, env=env, capture_output=True)
-    subprocess.run([apt, "install", "-y", "--no-install-recommends", "prometheus"], check=True, timeout=600,
-                   env=env, capture_output=True)
-    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
-    assert prometheus and promtool, "apt-get installed prometheus but the binaries are not on PATH"
+    prometheus, promtool = debian_tools("prometheus", "prometheus", "promtool")
     return prometheus, promtool
 
 
@@ -463,15 +451,7 @@ def test_worker_down_and_load_error_alerts_see_the_events(observed: Observed) ->
 
 
 def test_compose_file_validates(tmp_path: Path) -> None:
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker client here: cannot run `docker compose config`")
-    version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
-    if version.returncode != 0:
-        pytest.skip(f"the docker compose plugin is missing: {version.stderr.strip() or version.stdout.strip()}")
-    env = {**os.environ, "LORAGATE_ADMIN_TOKEN": "compose-check"}
-    done = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "--format", "json"], capture_output=True,
-                          text=True, timeout=60, env=env, cwd=tmp_path)
+    done = docker_compose_config(str(COMPOSE), {"LORAGATE_ADMIN_TOKEN": "compose-check"}, str(tmp_path))
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
     assert set(services) == {"gateway", "worker-1", "worker-2", "prometheus", "grafana"}

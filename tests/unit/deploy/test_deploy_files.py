@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.debian import docker_compose_config
 from tests.unit.deploy.test_dashboards import catalogued_series, metric_names
 from tests.unit.deploy.test_kubernetes import settings_from
 
@@ -185,17 +186,11 @@ def test_fleet_prometheus_uses_the_fleet_config_whose_names_are_the_aliases() ->
 
 def test_fleet_compose_file_validates(tmp_path: Path) -> None:
     """``docker compose config`` (client only) where the compose plugin exists, as for docker-compose.yml."""
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker client here: cannot run `docker compose config`")
-    version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
-    if version.returncode != 0:
-        pytest.skip(f"the docker compose plugin is missing: {version.stderr.strip() or version.stdout.strip()}")
-    done = subprocess.run([docker, "compose", "-f", str(DEPLOY / FLEET), "config", "--format", "json"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, **FLEET_ENV}, cwd=tmp_path)
+    done = docker_compose_config(str(DEPLOY / FLEET), FLEET_ENV, str(tmp_path))
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
     assert {"gateway-1", "gateway-2", "postgres", "minio", "minio-bucket"} <= set(services)
+    docker = str(shutil.which("docker"))  # there: docker_compose_config skips otherwise
     missing = subprocess.run([docker, "compose", "-f", str(DEPLOY / FLEET), "config"], capture_output=True, text=True,
                              timeout=60, env={k: v for k, v in os.environ.items() if k not in FLEET_ENV}, cwd=tmp_path)
     assert missing.returncode != 0 and "LORAGATE_ADMIN_TOKEN" in missing.stderr

@@ -33,6 +33,7 @@ import yaml
 
 from loragate.server.settings import Settings
 from loragate.workers.resolver_plugin import ENV_CACHE, ENV_TOKEN, ENV_URL
+from tests.debian import debian_tools
 
 ROOT = Path(__file__).resolve().parents[3]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -52,20 +53,7 @@ Obj = dict[str, Any]
 # -- rendering ----------------------------------------------------------------------------------------
 def kubectl() -> str:
     """Path of ``kubectl``, installing Debian's package when it is missing."""
-    found = shutil.which("kubectl")
-    if found:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("kubectl is not installed and apt-get is unavailable to install it (install the `kubectl` "
-                    "package, or put kubectl on PATH)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([apt, "update"], check=True, timeout=300, env=env, capture_output=True)
-    subprocess.run([apt, "install", "-y", "--no-install-recommends", "kubectl"], check=True, timeout=600, env=env,
-                   capture_output=True)
-    found = shutil.which("kubectl")
-    assert found, "apt-get installed kubectl but it is not on PATH"
-    return found
+    return debian_tools("kubectl", "kubectl")[0]
 
 
 def filled_in(example: Path) -> str:
