@@ -4,6 +4,7 @@ busy machine: a descheduled process resumes the test before the work it waits fo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 
@@ -14,3 +15,13 @@ async def until(condition: Callable[[], bool], wait_s: float = 30.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"condition still false after {wait_s:.0f} s")
+
+
+def eventually(condition: Callable[[], bool], wait_s: float = 30.0) -> float:
+    """Block (polling every 10 ms) until ``condition`` holds; returns the seconds it took, fails after ``wait_s``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > wait_s:
+            raise AssertionError(f"condition still false after {wait_s:.0f} s")
+        time.sleep(0.01)
+    return time.monotonic() - started

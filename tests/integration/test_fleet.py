@@ -13,7 +13,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from loragate.workers.launch import WorkerLaunch, WorkerProcess, free_port, reso
 from tests.integration.conftest import MODEL, Tiny
 from tests.postgres import PostgresServer, running_postgres
 from tests.s3 import KEY_ID, REGION, SECRET, S3Server
+from tests.waiting import eventually
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 DELIVERY_TOKEN = "fleet-delivery-token"
@@ -63,14 +64,6 @@ class Fleet:
         """The sha256 of every adapter dir in the bucket."""
         listed = self.s3.client().list_objects_v2(Bucket=self.bucket, Prefix=f"{PREFIX}/adapters/")
         return {item["Key"].split("/")[2] for item in listed.get("Contents", [])}
-
-
-def _eventually(check: Callable[[], bool], wait_s: float = 30.0) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < wait_s, "the fleet did not converge"
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 def _register(url: str, name: str, path: Path, **extra: object) -> httpx.Response:
@@ -116,7 +109,7 @@ def test_a_registration_is_served_by_another_replica_and_a_delete_is_a_404_every
     one, two, three = fleet.urls
     created = _register(one, "alpha", fleet.tiny.adapter("alpha", 1))
     assert created.status_code == 201, created.text
-    took = _eventually(lambda: httpx.get(f"{three}/admin/adapters/alpha", headers=AUTH).status_code == 200)
+    took = eventually(lambda: httpx.get(f"{three}/admin/adapters/alpha", headers=AUTH).status_code == 200)
     print(f"registration on replica 1 visible on replica 3 after {took * 1000:.0f} ms")
     # replica 3 never saw the files: the worker fetches them through a replica, which reads the bucket
     answer = httpx.post(f"{three}/v1/completions", timeout=120,
@@ -127,7 +120,7 @@ def test_a_registration_is_served_by_another_replica_and_a_delete_is_a_404_every
     deleted = httpx.delete(f"{two}/admin/adapters/alpha", headers=AUTH)
     assert deleted.status_code == 200, deleted.text
     for url in fleet.urls:
-        took = _eventually(lambda url=url: httpx.get(f"{url}/admin/adapters/alpha", headers=AUTH).status_code == 404)
+        took = eventually(lambda url=url: httpx.get(f"{url}/admin/adapters/alpha", headers=AUTH).status_code == 404)
         print(f"delete on replica 2 visible on {url} after {took * 1000:.0f} ms")
         refused = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2})
         assert refused.status_code == 404, refused.text
@@ -136,7 +129,7 @@ def test_a_registration_is_served_by_another_replica_and_a_delete_is_a_404_every
 
 def test_the_outcome_summary_is_the_same_from_every_replica(fleet: Fleet) -> None:
     assert _register(fleet.urls[0], "beta", fleet.tiny.adapter("beta", 2)).status_code in (200, 201)
-    _eventually(lambda: all(httpx.get(f"{u}/admin/adapters/beta", headers=AUTH).status_code == 200
+    eventually(lambda: all(httpx.get(f"{u}/admin/adapters/beta", headers=AUTH).status_code == 200
                             for u in fleet.urls))
     for i, url in enumerate(fleet.urls):
         response = httpx.post(f"{url}/v1/completions", timeout=120, headers={"x-expected-answer": "never-said"},
@@ -146,7 +139,7 @@ def test_the_outcome_summary_is_the_same_from_every_replica(fleet: Fleet) -> Non
     def summaries() -> list[object]:
         return [httpx.get(f"{u}/admin/outcomes/summary", headers=AUTH).json() for u in fleet.urls]
 
-    _eventually(lambda: sum(g["requests"] for g in summaries()[0]["groups"]) >= 3)  # type: ignore[index]
+    eventually(lambda: sum(g["requests"] for g in summaries()[0]["groups"]) >= 3)  # type: ignore[index]
     first, *others = summaries()
     assert all(other == first for other in others)
 
@@ -202,7 +195,7 @@ def test_a_replica_killed_under_load_loses_no_request_the_client_retried(fleet: 
     bodies = [{"model": MODEL, "prompt": f"load {i}", "max_tokens": 3} for i in range(48)]
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_send_with_retries, urls, body, i) for i, body in enumerate(bodies)]
-        _eventually(lambda: sum(f.done() for f in futures) >= 8, wait_s=300)
+        eventually(lambda: sum(f.done() for f in futures) >= 8, wait_s=300)
         assert victim.proc is not None
         victim.proc.kill()
         responses = [f.result(timeout=300) for f in futures]
@@ -226,15 +219,15 @@ def test_postgres_restarted_under_load_gateways_serve_throughout_and_registratio
         responses = [f.result(timeout=300) for f in futures]
     assert [r.status_code for r in responses] == [200] * len(bodies)  # serving never needed the database
     # reconnected: a registration goes through (after the pools' reconnect backoff) and reaches every replica
-    _eventually(lambda: _register(fleet.urls[1], "gamma", fleet.tiny.adapter("gamma", 3)).status_code in (200, 201),
+    eventually(lambda: _register(fleet.urls[1], "gamma", fleet.tiny.adapter("gamma", 3)).status_code in (200, 201),
                 wait_s=60)
-    _eventually(lambda: all(httpx.get(f"{u}/admin/adapters/gamma", headers=AUTH).status_code == 200
+    eventually(lambda: all(httpx.get(f"{u}/admin/adapters/gamma", headers=AUTH).status_code == 200
                             for u in fleet.urls), wait_s=60)
     assert "gamma" in fleet.rows()
     # the requests served while the database was down were queued, not lost
     outage = {f"during the outage {i}" for i in range(24)}
     assert outage  # the prompts are not stored; the count is
-    _eventually(lambda: _outcome_count(fleet) >= len(bodies), wait_s=60)
+    eventually(lambda: _outcome_count(fleet) >= len(bodies), wait_s=60)
 
 
 def _outcome_count(fleet: Fleet) -> int:

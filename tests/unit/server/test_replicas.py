@@ -8,8 +8,7 @@ summary whichever replica answers, and feedback sent to one replica grades a req
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,18 +21,10 @@ from loragate.server.settings import Settings
 from loragate.workers.launch import free_port
 from tests.lora_files import write_lora
 from tests.servers import serving
+from tests.waiting import eventually
 
 TOKEN = "replica-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-
-
-def _eventually(check: Callable[[], bool], wait_s: float = 10.0) -> float:
-    """Seconds until ``check()`` is true (polled every 5 ms); fails after ``wait_s``."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < wait_s, "the replicas did not converge"
-        time.sleep(0.005)
-    return time.monotonic() - started
 
 
 @pytest.fixture
@@ -56,7 +47,7 @@ def test_registration_delete_and_outcomes_are_shared_by_every_replica(replicas: 
     one, two, three = replicas
     body = {"name": "alpha", "path": str(tmp_path / "imports" / "alpha"), "description": "facts", "examples": ["q"]}
     assert httpx.post(f"{one}/admin/adapters", json=body, headers=AUTH).status_code == 201
-    seen_after = _eventually(lambda: httpx.get(f"{three}/admin/adapters/alpha", headers=AUTH).status_code == 200)
+    seen_after = eventually(lambda: httpx.get(f"{three}/admin/adapters/alpha", headers=AUTH).status_code == 200)
     print(f"registration reached replica 3 after {seen_after * 1000:.0f} ms")
     # the same registration sent to another replica is the idempotent retry, not a second adapter
     again = httpx.post(f"{two}/admin/adapters", json=body, headers=AUTH)
@@ -80,6 +71,6 @@ def test_registration_delete_and_outcomes_are_shared_by_every_replica(replicas: 
     # deleted on replica 2: gone on all, and no replica serves it any more
     assert httpx.delete(f"{two}/admin/adapters/alpha", headers=AUTH).status_code == 200
     for url in replicas:
-        _eventually(lambda url=url: httpx.get(f"{url}/admin/adapters/alpha", headers=AUTH).status_code == 404)
+        eventually(lambda url=url: httpx.get(f"{url}/admin/adapters/alpha", headers=AUTH).status_code == 404)
         refused = httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": "hi"})
         assert refused.status_code == 404, refused.text
