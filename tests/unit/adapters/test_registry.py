@@ -20,7 +20,7 @@ import pytest
 from loragate.adapters.objectstore import S3Location, S3Store
 from loragate.adapters.registry import AdapterRegistry, RegistryLimits
 from loragate.adapters.types import Descriptors
-from loragate.database import PostgresDatabase, PostgresOptions, schema_version
+from loragate.database import PostgresDatabase, PostgresOptions, migrate, schema_version
 from loragate.errors import (
     Conflict,
     Forbidden,
@@ -539,3 +539,30 @@ def test_a_replica_killed_between_upload_and_row_leaves_no_object_after_the_next
     assert stored_state(other)[0] == 0
     assert s3_server.client().list_objects_v2(Bucket=bucket, Prefix="p/adapters/").get("Contents", []) == []
     other.close()
+
+
+async def test_a_postgres_registry_at_version_1_is_migrated_and_notifies(
+        tmp_path: Path, roots: Path, postgres_url: str) -> None:
+    """Every earlier PostgreSQL version too: a database left at version 1 (no index, no trigger) gets version 2,
+    whose trigger is what tells other replicas."""
+    from loragate.adapters import registry as module
+
+    migrate(PostgresDatabase(postgres_url), "registry", module.MIGRATIONS[:1])
+    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
+                            import_roots=(roots,))
+    first = AdapterRegistry.open(tmp_path / "one", limits, database=PostgresDatabase(postgres_url))
+    assert schema_version(first.database, "registry") == 2
+    second = AdapterRegistry.open(tmp_path / "two", limits, database=PostgresDatabase(postgres_url))
+
+    async def nothing() -> None:
+        return None
+
+    follower = asyncio.create_task(second.follow(nothing, poll_s=0.05, resync_s=3600))
+    try:
+        await asyncio.sleep(0.3)
+        await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
+        await until(lambda: "a" in second.snapshot())
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
