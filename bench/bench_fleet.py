@@ -188,8 +188,8 @@ def propagation_section(p: Propagation) -> str:
         "after another; for each, the time from its 201 until replica 2 lists the name in `GET /v1/models`, "
         "which a second client polls back to back in a thread. Replica 2 hears of it through `LISTEN`/`NOTIFY` "
         "(a trigger on the table) and re-reads the registry; each registration is waited for before the next. The "
-        "listener collects a burst of notifications for 20 ms after the first (`Database.changes` in "
-        "loragate/database.py) and then re-reads once, so about 20 ms of each figure is that wait by design.\n\n"
+        "listener collects a burst of notifications for 2 ms after the first (`Database.changes` in "
+        "loragate/database.py) and then re-reads once, so up to 2 ms of each figure is that wait by design.\n\n"
         "| what | n | p50 ms | p99 ms | max ms | min ms |\n|---|---:|---:|---:|---:|---:|\n"
         + "\n".join([row("register on replica 1 (POST -> 201)", p.register_s),
                      row("201 -> listed by replica 2", p.visible_s),
