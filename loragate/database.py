@@ -34,6 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
 from loragate.errors import StorageUnavailable
 from loragate.shared_db import connect_shared, lock_for
 
@@ -176,11 +180,6 @@ class PostgresDatabase:
     dialect = "postgresql"
 
     def __init__(self, url: str, options: PostgresOptions = PostgresOptions()) -> None:
-        import psycopg
-        from psycopg.rows import dict_row
-        from psycopg_pool import ConnectionPool
-
-        self._psycopg = psycopg
         self.url = url
         self.options = options
         info = psycopg.conninfo.conninfo_to_dict(url)
@@ -206,13 +205,11 @@ class PostgresDatabase:
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """psycopg's connection failures and pool timeouts as StorageUnavailable; constraint hits as DuplicateRow."""
-        from psycopg_pool import PoolTimeout
-
         try:
             yield
-        except self._psycopg.errors.UniqueViolation as exc:
+        except psycopg.errors.UniqueViolation as exc:
             raise DuplicateRow(str(exc)) from exc
-        except (self._psycopg.OperationalError, PoolTimeout) as exc:
+        except (psycopg.OperationalError, PoolTimeout) as exc:
             raise StorageUnavailable(f"{self._where} is unreachable: {str(exc).strip() or type(exc).__name__}") \
                 from exc
 
@@ -247,7 +244,7 @@ class PostgresDatabase:
             try:
                 yield
             finally:
-                with contextlib.suppress(self._psycopg.Error):
+                with contextlib.suppress(psycopg.Error):
                     conn.execute(f"SELECT pg_advisory_unlock{suffix}(%s)", (key,))
 
     @contextlib.asynccontextmanager
@@ -274,7 +271,6 @@ class PostgresDatabase:
     async def changes(self, channel: str, *, poll_s: float, resync_s: float) -> AsyncIterator[None]:
         """LISTEN on ``channel``: yields after each burst of notifications, after every (re)connection
         (notifications sent while disconnected are lost) and every ``resync_s`` regardless."""
-        psycopg = self._psycopg
         backoff = 0.2
         while True:
             try:
