@@ -14,7 +14,7 @@ each step needs one adapter's knowledge. This executor is that decode loop aroun
 
 Score: the *mean* token log-probability of the step (length-normalised, so that a short step is not
 preferred merely for being short; a step of no tokens scores -inf and only wins when every candidate
-produced nothing, which ends the answer).
+produced nothing, which ends the answer without adding a step).
 
 This slice answers non-streamed ``/v1/completions`` with ``choose=likelihood``; streaming, chat and
 ``choose=route`` are refused with a 400 that says so. The answer is an ordinary OpenAI completion
@@ -248,16 +248,19 @@ class ChainExecutor:
                 raise ChainFailed(error, failed.attempt, tuple(steps)) from failed.error
             took = time.perf_counter() - started
             winner = best(outputs)
-            steps.append(StepChoice(winner.adapter, winner.score, winner.tokens, winner.text,
-                                    tuple((g.adapter, g.score) for g in outputs), took))
             if index == 1:
                 prompt_tokens = winner.prompt_tokens
-            answer += winner.text
-            chosen += winner.tokens
             generated += sum(g.tokens for g in outputs)
             generations += len(outputs)
             upstream_s += took
             load_s += sum(g.attempt.load_s for g in outputs)
+            if not winner.text and not winner.at_delimiter and winner.finish_reason == "stop":
+                finish = "stop"  # every candidate ended the answer at once (EOS): no step to add
+                break
+            steps.append(StepChoice(winner.adapter, winner.score, winner.tokens, winner.text,
+                                    tuple((g.adapter, g.score) for g in outputs), took))
+            answer += winner.text
+            chosen += winner.tokens
             worker = winner.attempt.worker
             if winner.finish_reason == "length":
                 break
