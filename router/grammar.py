@@ -1,6 +1,6 @@
 """The ``X-Adapter-Policy`` grammar: an RFC 8941 structured-field Item, parsed by ``http-sfv``.
 
-    base | pin;adapter="name" | select;min_score=0.35 | average;k=2;method=cat;... | auto
+    base | pin;adapter="name" | select;min_score=0.35 | average;k=2;method=cat;... | chain;k=2;... | auto
 
 Parsing is syntax only (policy names and parameters are checked by the policy registry), so a
 syntax error and an unsupported policy produce different, precise messages.
@@ -21,7 +21,8 @@ GRAMMAR = (
     'X-Adapter-Policy is an RFC 8941 item: a policy token with ;key=value parameters, e.g. '
     '`base`, `pin;adapter="spouses"`, `select;min_score=0.35`, '
     '`average;k=2;method=cat;weights=softmax;temperature=0.05`, '
-    '`average;adapters="a b";weights="0.5 0.5";method=linear`, `auto`'
+    '`average;adapters="a b";weights="0.5 0.5";method=linear`, `chain;k=2;choose=likelihood;max_steps=8`, '
+    '`chain;adapters="a b";base=?1`, `auto`'
 )
 
 

@@ -15,7 +15,15 @@ from typing import ClassVar
 
 from loragate.adapters.merge import get_method
 from loragate.errors import InvalidRequest, NotFound
-from loragate.router.types import AdapterWeight, PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
+from loragate.router.types import (
+    CHAIN_DELIMITERS,
+    AdapterWeight,
+    ChainPlan,
+    PolicySpec,
+    RouterConfig,
+    RoutingDecision,
+    RoutingQuery,
+)
 
 WEIGHTINGS = ("uniform", "score", "softmax")
 
@@ -52,6 +60,10 @@ class Policy(ABC):
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
+
+    def search_for(self, spec: PolicySpec) -> bool:
+        """Whether the router should embed and search for ``spec`` (when routing is configured at all)."""
+        return self.searches
 
     def check_params(self, spec: PolicySpec) -> None:
         unknown = sorted(set(spec.params) - self.params)
@@ -227,7 +239,71 @@ class AveragePolicy(Policy):
         return self.decision(query, kept, method=method if len(kept) > 1 else None)
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (BasePolicy, PinPolicy, SelectPolicy, AveragePolicy)}
+class ChainPolicy(Policy):
+    """Step-wise composition: the answer is generated one step at a time, choosing the adapter again at each.
+
+    The decision only names the candidates (``adapters=`` as given, else the ``k`` nearest by the
+    descriptor index, else the first ``k`` registered by name) and how to choose among them; the
+    server's chain executor runs the steps. Nothing is merged. It searches when routing is
+    configured and no list is given, but does not need routing (without it, registered names are used).
+    """
+
+    name = "chain"
+    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim"})
+    CHOOSERS = ("likelihood", "route")
+    MAX_K = 4
+    MAX_STEPS = 32
+
+    def search_for(self, spec: PolicySpec) -> bool:
+        return "adapters" not in spec.params
+
+    def check_params(self, spec: PolicySpec) -> None:
+        super().check_params(spec)
+        self._plan_params(spec)
+        self._explicit(spec)
+
+    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...]]:
+        k = int(number(spec, "k", min(self.config.k, self.MAX_K), 1, self.MAX_K, integer=True))
+        choose = text(spec, "choose", "likelihood")
+        if choose not in self.CHOOSERS:
+            raise _bad(f"chain: choose must be one of {', '.join(self.CHOOSERS)}, got {choose!r}")
+        max_steps = int(number(spec, "max_steps", 8, 1, self.MAX_STEPS, integer=True))
+        base = spec.params.get("base", False)
+        if not isinstance(base, bool):
+            raise _bad(f"chain: base must be a boolean (base=?1 or base=?0), got {base!r}")
+        delim = text(spec, "delim", "sentence")
+        if delim not in CHAIN_DELIMITERS:
+            raise _bad(f"chain: delim must be one of {', '.join(CHAIN_DELIMITERS)}, got {delim!r}")
+        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim]
+
+    def _explicit(self, spec: PolicySpec) -> list[str] | None:
+        raw = spec.params.get("adapters")
+        if raw is None:
+            return None
+        names = str(raw).split()
+        if not names or len(set(names)) != len(names) or len(names) > self.MAX_K:
+            raise _bad(f"chain: adapters must list 1 to {self.MAX_K} distinct names, got {raw!r}")
+        return names
+
+    async def decide(self, query: RoutingQuery) -> RoutingDecision:
+        k, choose, max_steps, base, delimiters = self._plan_params(query.policy)
+        names = self._explicit(query.policy)
+        if names is not None:
+            candidates = tuple(registered(query, n) for n in names)
+        elif query.candidates:
+            candidates = tuple(n for n, _ in query.candidates[:k])
+        else:
+            candidates = tuple(sorted(query.adapters)[:k])
+        if not candidates and not base:
+            raise InvalidRequest("chain: no adapter is registered to choose from (add base=?1 to chain the base "
+                                 "model alone)", param="X-Adapter-Policy", code="no_candidates")
+        plan = ChainPlan(candidates, base=base, choose=choose, max_steps=max_steps, delimiters=delimiters)
+        return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name,
+                               candidates=query.candidates, chain=plan)
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (BasePolicy, PinPolicy, SelectPolicy, AveragePolicy,
+                                                              ChainPolicy)}
 AUTO = "auto"
 
 

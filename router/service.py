@@ -72,7 +72,8 @@ class Router:
         candidates: tuple[tuple[str, float], ...] = ()
         compositional: bool | None = None
         embed_s = search_s = 0.0
-        if policy.searches and prompt.strip() and self.embedder and self.index and self.index.snapshot().size:
+        if (policy.search_for(effective) and prompt.strip() and self.embedder and self.index
+                and self.index.snapshot().size):
             extra = self.detector.texts(prompt) if self.detector else []
             started = time.perf_counter()
             vectors = await self.embedder.embed_many([prompt, *extra])  # one batch: prompt + detector clauses

@@ -45,9 +45,47 @@ class RoutingQuery:
     candidates: tuple[tuple[str, float], ...] = ()  # nearest adapters, best first (searching policies)
 
 
+CHAIN_DELIMITERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "sentence": (".", "\n"),  # a sentence end or a line end closes a step (the default)
+    "line": ("\n",),
+})
+"""Step delimiters a ``chain`` policy may name (``delim=``): each is a ``stop`` string of a step's generation."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainPlan:
+    """A decision to run as a chain: the answer is generated step by step, one adapter per step.
+
+    ``candidates`` are adapter names in tie-break order; ``base`` adds the base model after them.
+    Nothing is merged: each step runs under one candidate.
+    """
+
+    candidates: tuple[str, ...]
+    base: bool = False
+    choose: str = "likelihood"  # likelihood | route
+    max_steps: int = 8
+    delimiters: tuple[str, ...] = CHAIN_DELIMITERS["sentence"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepChoice:
+    """One chain step as decided: the winner (None: the base model), its score, tokens, and every candidate's score."""
+
+    adapter: str | None
+    score: float
+    tokens: int
+    text: str
+    scores: tuple[tuple[str | None, float], ...] = ()
+    decide_s: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
-    """What to run: no adapter (base), one adapter, or a weighted set to merge."""
+    """What to run: no adapter (base), one adapter, a weighted set to merge, or a chain (``chain``).
+
+    A chained decision names its candidates in ``chain`` and no ``adapters`` (so nothing resolves or
+    merges it as a whole); once the chain ran, ``adapters`` lists the adapter chosen at each step.
+    """
 
     policy_asked: str
     policy_applied: str
@@ -59,10 +97,16 @@ class RoutingDecision:
     embed_s: float = 0.0
     search_s: float = 0.0
     decide_s: float = 0.0  # the whole decision: resolving the policy, embedding, searching, deciding
+    chain: ChainPlan | None = None
 
     @property
     def is_base(self) -> bool:
         return not self.adapters
+
+    @property
+    def executor(self) -> str:
+        """How the request path runs it: ``single`` (resolve + one dispatch) or ``chain`` (a step loop)."""
+        return "single" if self.chain is None else "chain"
 
 
 @dataclass(frozen=True, slots=True)

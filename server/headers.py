@@ -11,16 +11,20 @@ from loragate.server.calls import CompletionCall
 
 
 def adapters_header(decision: RoutingDecision) -> str | None:
-    """``X-Adapters`` as an RFC 8941 list: ``"name";w=1.0``.
+    """``X-Adapters`` as an RFC 8941 list: ``"name";w=1.0``, or for a chain the adapter of each step in
+    order, ``"spouses";step=1, "birthplaces";step=2`` (the base model by its name).
 
     None for the base model: RFC 8941 says an empty list is sent as no header at all.
     """
     if decision.is_base:
         return None
     items = SfList()
-    for aw in decision.adapters:
+    for step, aw in enumerate(decision.adapters, start=1):
         item = Item(aw.name)
-        item.params["w"] = round(aw.weight, 3)
+        if decision.chain is not None:
+            item.params["step"] = step
+        else:
+            item.params["w"] = round(aw.weight, 3)
         items.append(item)
     return str(items)
 

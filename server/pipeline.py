@@ -1,7 +1,9 @@
 """The completion request path, one straight line of stages, each in the package that owns it:
 
-    parse (server/calls) -> decide (router) -> resolve (adapters) -> dispatch (workers)
-      -> stream back with X-* headers -> one frozen completion event (server/recorder)
+    parse (server/calls) -> decide (router) -> execute (server/executors, per decision):
+      single: resolve (adapters) -> dispatch (workers) -> stream back with X-* headers
+      chain:  per step, resolve + dispatch every candidate, keep the best (server/chain)
+    -> one frozen completion event (server/recorder)
 
 Each stage hands the next an immutable value and none reaches back. :meth:`CompletionService.run`
 is the one entry point for a parsed call (a client's, or a shadow the scheduler submits); its
@@ -12,42 +14,24 @@ and a :class:`ProxiedResponse` back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 from loragate.adapters.registry import AdapterRegistry
 from loragate.adapters.resolve import Resolver, Servable
 from loragate.router.service import Router
-from loragate.router.types import RoutingDecision
+from loragate.router.types import RoutingDecision, StepChoice
 from loragate.server.calls import CallParser, CompletionCall, CompletionRequest
-from loragate.server.headers import decision_headers
-from loragate.server.recorder import (
-    NO_ATTEMPT,
-    CompletionEvent,
-    OutcomeRecorder,
-    RecordedStream,
-    completion_text,
-    status_of,
-)
-from loragate.workers.dispatch import Attempt, Dispatcher, DispatchFailed, Job, StreamEnd
+from loragate.server.chain import ChainExecutor
+from loragate.server.executors import Dispatches, Executors, ProxiedResponse, SingleShot
+from loragate.server.recorder import NO_ATTEMPT, CompletionEvent, OutcomeRecorder, status_of
+from loragate.workers.dispatch import Attempt
 
-
-@dataclass(frozen=True, slots=True)
-class ProxiedResponse:
-    """What goes back to the client: a full body, or a stream its owner must close (it ends the request)."""
-
-    status: int
-    headers: Mapping[str, str]
-    media_type: str
-    content: bytes = b""
-    stream: RecordedStream | None = None
+__all__ = ["CompletionService", "ProxiedResponse"]
 
 
 class CompletionService:
     """The stages composed; built once at startup with each of them."""
 
     def __init__(self, *, model: str, registry: AdapterRegistry, calls: CallParser, router: Router,
-                 resolver: Resolver, dispatcher: Dispatcher, recorder: OutcomeRecorder) -> None:
+                 resolver: Resolver, dispatcher: Dispatches, recorder: OutcomeRecorder) -> None:
         self.model = model
         self.registry = registry
         self.calls = calls
@@ -55,6 +39,8 @@ class CompletionService:
         self.resolver = resolver
         self.dispatcher = dispatcher
         self.recorder = recorder
+        self.executors = Executors({"single": SingleShot(model, resolver, dispatcher),
+                                    "chain": ChainExecutor(model, resolver, dispatcher)})
 
     async def complete(self, request: CompletionRequest) -> ProxiedResponse:
         """A client's request: parsed into a call (a refusal is recorded too), then run."""
@@ -66,38 +52,23 @@ class CompletionService:
         return await self.run(call)
 
     async def run(self, call: CompletionCall) -> ProxiedResponse:
-        """One call end to end: decide, resolve, dispatch, and answer whole or as a stream."""
-        decision: RoutingDecision | None = None
-        servable: Servable | None = None
+        """One call end to end: decide, then the decision's executor answers (whole or as a stream)."""
         try:
             decision = await self.router.decide(call.prompt, call.policy, self.registry.snapshot())
-            servable = await self.resolver.resolve(decision)
-            reply = await self.dispatcher.dispatch(self._job(call, servable))
-        except DispatchFailed as failed:
-            self._ended(call, decision, servable, failed.attempt, failed.error.status)
-            raise failed.error from failed.error.__cause__
+            executor = self.executors(decision)
         except BaseException as exc:
-            self._ended(call, decision, servable, NO_ATTEMPT, status_of(exc))
+            self._ended(call, None, None, NO_ATTEMPT, status_of(exc))
             raise
-        headers = decision_headers(call, decision, servable)
-        if reply.stream is None:
-            output = completion_text(call.route, reply.content) if call.expected is not None else None
-            self._ended(call, decision, servable, reply.attempt, 200, reply.upstream_s, output)
-            return ProxiedResponse(200, headers, reply.media_type, content=reply.content)
 
-        def stream_ended(end: StreamEnd, output: str | None) -> None:
-            self._ended(call, decision, servable, reply.attempt, end.status, end.upstream_s, output)
+        def ended(decision: RoutingDecision | None, servable: Servable | None, attempt: Attempt, status: int,
+                  upstream_s: float | None = None, output: str | None = None,
+                  steps: tuple[StepChoice, ...] = ()) -> None:
+            self._ended(call, decision, servable, attempt, status, upstream_s, output, steps)
 
-        stream = RecordedStream(reply.stream, call.route, call.expected is not None, stream_ended)
-        return ProxiedResponse(200, headers, reply.media_type, stream=stream)
-
-    def _job(self, call: CompletionCall, servable: Servable | None) -> Job:
-        """The worker's body names what to run: the adapter (or merge) to apply, else the base model."""
-        body = {**call.body, "model": servable.name if servable else self.model}
-        return Job(call.route, body, call.request_id, servable.name if servable else None,
-                   servable.path if servable else None, stream=call.stream, counted=call.kind == "primary")
+        return await executor.execute(call, decision, ended)
 
     def _ended(self, call: CompletionCall, decision: RoutingDecision | None, servable: Servable | None,
-               attempt: Attempt, status: int, upstream_s: float | None = None, output: str | None = None) -> None:
+               attempt: Attempt, status: int, upstream_s: float | None = None, output: str | None = None,
+               steps: tuple[StepChoice, ...] = ()) -> None:
         self.recorder.record(CompletionEvent(call.route, call.received_at, status, call, decision, servable, attempt,
-                                             upstream_s, output))
+                                             upstream_s, output, steps=steps))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from loragate.adapters.resolve import Servable
 from loragate.errors import LoragateError
 from loragate.grading import contains_answer
-from loragate.router.types import RoutingDecision
+from loragate.router.types import RoutingDecision, StepChoice
 from loragate.server.calls import CompletionCall
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog, OutcomeRecord
@@ -43,6 +43,7 @@ class CompletionEvent:
 
     ``call`` is None for a request refused while parsing, ``decision`` for one refused before a
     decision; ``output`` is the generated text, kept only when an expected answer is to be graded.
+    A chain's ``decision`` is the one it ran (its ``adapters`` are the adapter chosen per step).
     """
 
     route: str
@@ -55,6 +56,7 @@ class CompletionEvent:
     upstream_s: float | None = None
     output: str | None = None
     ended_at: float = field(default_factory=time.perf_counter)
+    steps: tuple[StepChoice, ...] = ()  # a chain's steps as decided (decision.adapters: the winners in order)
 
     @property
     def kind(self) -> str:

@@ -48,7 +48,7 @@ async def test_pin_without_adapter_is_400() -> None:
 
 
 async def test_unknown_policies_list_what_is_supported() -> None:
-    with pytest.raises(InvalidRequest, match="supported: auto, average, base, pin, select"):
+    with pytest.raises(InvalidRequest, match="supported: auto, average, base, chain, pin, select"):
         await Router(PolicySpec("base")).decide("q", parse_policy("magic", source="h"), ADAPTERS)
 
 
