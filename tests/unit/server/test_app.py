@@ -109,7 +109,7 @@ def test_upload_over_the_limit_is_413(tmp_path: Path, imports: Path) -> None:
     (b'{"model": "nope", "prompt": "hi"}', {}, 404, "the model 'nope' does not exist"),
     (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "pin;adapter=\"x"}, 400, "RFC 8941"),
     (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "magic"}, 400,
-     "supported: auto, average, base, pin"),
+     "supported: auto, average, base, chain, pin"),
     (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": "select"}, 400, "needs semantic routing"),
     (b'{"model": "tiny-llama", "prompt": "hi", "adapter_policy": 3}', {}, 400, "adapter_policy must be a string"),
     (b'{"model": "tiny-llama", "prompt": "hi"}', {"x-adapter-policy": 'pin;adapter="ghost"'}, 404, "'ghost'"),
