@@ -200,6 +200,7 @@ class OutcomeLog:
         self._interval = interval_s
         self._pending: list[OutcomeRecord] = []
         self.max_pending = max_pending
+        self._writing = asyncio.Lock()  # so "flush, then read" sees every record queued before the flush
         self.dropped = 0  # records given up while the database was unreachable and the queue full
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -240,15 +241,16 @@ class OutcomeLog:
     async def _write_pending(self, *, prune: bool) -> int:
         """Write the queue; if that fails, the batch goes back to the front of the queue (at most
         ``max_pending`` records are kept while the database is unreachable; the oldest go first)."""
-        batch, self._pending = self._pending, []
-        try:
-            return await asyncio.to_thread(self._write, batch, prune)
-        except BaseException:
-            self._pending = batch + self._pending
-            if (excess := len(self._pending) - self.max_pending) > 0:
-                del self._pending[:excess]
-                self.dropped += excess
-            raise
+        async with self._writing:  # one write at a time: a flush waits for the batch already in flight
+            batch, self._pending = self._pending, []
+            try:
+                return await asyncio.to_thread(self._write, batch, prune)
+            except BaseException:
+                self._pending = batch + self._pending
+                if (excess := len(self._pending) - self.max_pending) > 0:
+                    del self._pending[:excess]
+                    self.dropped += excess
+                raise
 
     def _write(self, batch: list[OutcomeRecord], prune: bool) -> int:
         removed = 0
