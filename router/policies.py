@@ -17,6 +17,7 @@ from loragate.adapters.merge import get_method
 from loragate.errors import InvalidRequest, NotFound
 from loragate.router.types import (
     CHAIN_DELIMITERS,
+    CHAIN_SCORES,
     AdapterWeight,
     ChainPlan,
     PolicySpec,
@@ -249,7 +250,7 @@ class ChainPolicy(Policy):
     """
 
     name = "chain"
-    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim"})
+    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim", "score"})
     CHOOSERS = ("likelihood", "route")
     MAX_K = 4
     MAX_STEPS = 32
@@ -262,7 +263,7 @@ class ChainPolicy(Policy):
         self._plan_params(spec)
         self._explicit(spec)
 
-    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...]]:
+    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...], str]:
         k = int(number(spec, "k", min(self.config.k, self.MAX_K), 1, self.MAX_K, integer=True))
         choose = text(spec, "choose", "likelihood")
         if choose not in self.CHOOSERS:
@@ -274,7 +275,10 @@ class ChainPolicy(Policy):
         delim = text(spec, "delim", "sentence")
         if delim not in CHAIN_DELIMITERS:
             raise _bad(f"chain: delim must be one of {', '.join(CHAIN_DELIMITERS)}, got {delim!r}")
-        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim]
+        score = text(spec, "score", "mean")
+        if score not in CHAIN_SCORES:
+            raise _bad(f"chain: score must be one of {', '.join(CHAIN_SCORES)}, got {score!r}")
+        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim], score
 
     def _explicit(self, spec: PolicySpec) -> list[str] | None:
         raw = spec.params.get("adapters")
@@ -286,7 +290,7 @@ class ChainPolicy(Policy):
         return names
 
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
-        k, choose, max_steps, base, delimiters = self._plan_params(query.policy)
+        k, choose, max_steps, base, delimiters, score = self._plan_params(query.policy)
         names = self._explicit(query.policy)
         if names is not None:
             candidates = tuple(registered(query, n) for n in names)
@@ -297,7 +301,8 @@ class ChainPolicy(Policy):
         if not candidates and not base:
             raise InvalidRequest("chain: no adapter is registered to choose from (add base=?1 to chain the base "
                                  "model alone)", param="X-Adapter-Policy", code="no_candidates")
-        plan = ChainPlan(candidates, base=base, choose=choose, max_steps=max_steps, delimiters=delimiters)
+        plan = ChainPlan(candidates, base=base, choose=choose, max_steps=max_steps, delimiters=delimiters,
+                         score=score)
         return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name,
                                candidates=query.candidates, chain=plan)
 

@@ -65,6 +65,11 @@ class ChainPlan:
     choose: str = "likelihood"  # likelihood | route
     max_steps: int = 8
     delimiters: tuple[str, ...] = CHAIN_DELIMITERS["sentence"]
+    score: str = "mean"  # how a step's token log-probabilities become its score: a name in CHAIN_SCORES
+
+
+#: Step scores ``chain;score=...`` accepts (the step loop maps each name to its function).
+CHAIN_SCORES = ("mean", "min")
 
 
 @dataclass(frozen=True, slots=True)

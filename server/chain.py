@@ -12,9 +12,11 @@ each step needs one adapter's knowledge. This executor is that decode loop aroun
         keep the candidate with the best mean token log-likelihood (ties: candidate order); append it
     until a step ends without a delimiter (EOS), the token budget is spent, or ``max_steps`` is reached.
 
-Score: the *mean* token log-probability of the step (length-normalised, so that a short step is not
-preferred merely for being short; a step of no tokens scores -inf and only wins when every candidate
-produced nothing, which ends the answer without adding a step).
+Score (``score=``): the *mean* token log-probability of the step by default (length-normalised, so
+that a short step is not preferred merely for being short), or ``min``, its least likely token (a
+sentence of template words both adapters are sure of is decided by its one fact). A step of no tokens
+scores -inf and only wins when every candidate produced nothing, which ends the answer without adding
+a step.
 
 This slice answers non-streamed ``/v1/completions`` with ``choose=likelihood``; streaming, chat and
 ``choose=route`` are refused with a 400 that says so. The answer is an ordinary OpenAI completion
@@ -48,7 +50,6 @@ from loragate.server.recorder import NO_ATTEMPT, status_of
 from loragate.workers.dispatch import Attempt, DispatchFailed
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
-SCORE = "mean_token_logprob"
 REFUSED_FIELDS = {  # body fields a chain cannot honour yet, and why
     "stop": "client stop strings (the step delimiters are the chain's stop)",
     "echo": "echo",
@@ -101,6 +102,16 @@ class ChainFailed(Exception):
 def mean_logprob(values: Sequence[float]) -> float:
     """The step's score: mean token log-probability; -inf for a step of no tokens."""
     return sum(values) / len(values) if values else -math.inf
+
+
+def min_logprob(values: Sequence[float]) -> float:
+    """The step's least likely token: a step is only as sure as its weakest token (the one fact in a
+    sentence of template words decides); -inf for a step of no tokens."""
+    return min(values) if values else -math.inf
+
+
+#: ``chain;score=<name>``: how a step's token log-probabilities become the score candidates compete on.
+STEP_SCORES = {"mean": mean_logprob, "min": min_logprob}
 
 
 def best(generated: Sequence[Generated]) -> Generated:
@@ -157,7 +168,7 @@ def _ends_at_delimiter(choice: Mapping[str, Any], text: str, delimiters: Sequenc
 
 
 def read_step(adapter: str | None, content: bytes, delimiters: Sequence[str], attempt: Attempt,
-              upstream_s: float) -> Generated:
+              upstream_s: float, score: str = "mean") -> Generated:
     """A worker's completion of one step, scored; an unreadable body is the worker's failure (502)."""
     try:
         data = json.loads(content)
@@ -172,7 +183,7 @@ def read_step(adapter: str | None, content: bytes, delimiters: Sequence[str], at
         prompt_tokens = int(usage.get("prompt_tokens", 0))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise UpstreamError(f"the worker's completion could not be read: {exc!r}", code="bad_upstream_body") from exc
-    return Generated(adapter, text, tokens, mean_logprob(values), choice.get("finish_reason"),
+    return Generated(adapter, text, tokens, STEP_SCORES[score](values), choice.get("finish_reason"),
                      _ends_at_delimiter(choice, text, delimiters), prompt_tokens, attempt, upstream_s)
 
 
@@ -239,7 +250,7 @@ class ChainExecutor:
                     "include_stop_str_in_output": True, "logprobs": 1, "n": 1}
             started = time.perf_counter()
             try:
-                outputs = await self._step(call, body, candidates, plan.delimiters)
+                outputs = await self._step(call, body, candidates, plan)
             except _CandidateFailed as failed:
                 label = failed.adapter or f"{self.model} (base)"
                 error = type(failed.error)(f"chain step {index}: candidate {label!r} failed, so no answer is "
@@ -271,9 +282,9 @@ class ChainExecutor:
                         Attempt(worker, load_s), upstream_s)
 
     async def _step(self, call: CompletionCall, body: Mapping[str, Any], candidates: Sequence[Candidate],
-                    delimiters: Sequence[str]) -> list[Generated]:
+                    plan: ChainPlan) -> list[Generated]:
         """Every candidate's continuation, in parallel; the first failure cancels the rest."""
-        tasks = [asyncio.create_task(self._generate(call, body, c, delimiters)) for c in candidates]
+        tasks = [asyncio.create_task(self._generate(call, body, c, plan)) for c in candidates]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
@@ -283,11 +294,12 @@ class ChainExecutor:
             raise
 
     async def _generate(self, call: CompletionCall, body: Mapping[str, Any], candidate: Candidate,
-                        delimiters: Sequence[str]) -> Generated:
+                        plan: ChainPlan) -> Generated:
         job = worker_job(call, self.model, candidate.servable, body, stream=False)
         try:
             reply = await self.dispatcher.dispatch(job)
-            return read_step(candidate.adapter, reply.content, delimiters, reply.attempt, reply.upstream_s or 0.0)
+            return read_step(candidate.adapter, reply.content, plan.delimiters, reply.attempt,
+                             reply.upstream_s or 0.0, score=plan.score)
         except DispatchFailed as failed:
             raise _CandidateFailed(candidate.adapter, failed.error, failed.attempt) from failed.error
         except UpstreamError as error:
@@ -304,7 +316,7 @@ class ChainExecutor:
             "usage": {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.chosen_tokens,
                       "total_tokens": run.prompt_tokens + run.chosen_tokens},
             "chain": {
-                "score": SCORE,
+                "score": f"{plan.score}_token_logprob",
                 "delimiters": list(plan.delimiters),
                 "generated_tokens": run.generated_tokens,  # every candidate's tokens, the discarded ones included
                 "generations": run.generations,

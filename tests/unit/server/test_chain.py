@@ -172,6 +172,30 @@ async def test_the_score_is_the_mean_not_the_sum_of_token_logprobs() -> None:
     assert json.loads(response.content)["choices"][0]["text"] == " long one"
 
 
+async def test_score_min_ranks_a_step_by_its_least_likely_token() -> None:
+    """Template words both adapters are sure of, and one fact: the mean prefers the adapter that is surer of the
+    template; min prefers the one that is not guessing the fact."""
+    def template(model: str, answer: str) -> bytes:
+        if model == "spouses":  # knows the fact, slightly less sure of the template words
+            return completion(" the spouse of a is b.", [-0.1] * 6 + [-0.2])  # mean -0.114, min -0.2
+        return completion(" the spouse of a is a.", [-0.0001] * 6 + [-0.5])  # guesses: mean -0.071, min -0.5
+    stages, _ = build_chain(template)
+    by_mean = json.loads((await stages.service.complete(chain_request('chain;adapters="birthplaces spouses";'
+                                                                      "max_steps=1"))).content)
+    by_min = json.loads((await stages.service.complete(chain_request('chain;adapters="birthplaces spouses";'
+                                                                     "max_steps=1;score=min"))).content)
+    assert by_mean["choices"][0]["text"] == " the spouse of a is a."
+    assert by_mean["chain"]["score"] == "mean_token_logprob"
+    assert by_min["choices"][0]["text"] == " the spouse of a is b." and by_min["chain"]["score"] == "min_token_logprob"
+
+
+def test_every_score_the_grammar_accepts_has_a_function() -> None:
+    from loragate.router.types import CHAIN_SCORES
+    from loragate.server.chain import STEP_SCORES
+
+    assert set(STEP_SCORES) == set(CHAIN_SCORES)
+
+
 async def test_the_base_model_competes_with_base() -> None:
     stages, _ = build_chain(lambda model, answer: completion(" base", [-0.01]) if model == MODEL
                             else completion(" lora", [-1.0]))
@@ -214,7 +238,7 @@ async def test_an_unreadable_worker_body_is_a_502() -> None:
 @pytest.mark.parametrize("policy", [
     "chain;k=0", "chain;k=5", "chain;k=1.5", "chain;choose=vote", "chain;max_steps=0", "chain;max_steps=33",
     "chain;base=1", 'chain;adapters="spouses spouses"', 'chain;adapters="a b c d e"', 'chain;adapters=""',
-    "chain;delim=word", "chain;temperature=0.1",
+    "chain;delim=word", "chain;temperature=0.1", "chain;score=sum",
 ])
 async def test_bad_chain_parameters_are_400s_before_anything_runs(policy: str) -> None:
     stages, dispatcher = build_chain(two_hops)
