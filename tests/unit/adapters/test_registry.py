@@ -12,8 +12,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,15 +47,37 @@ def roots(tmp_path: Path) -> Path:
 OpenRegistry = Callable[..., AdapterRegistry]
 
 
+def limits_for(roots: Path, **overrides: Any) -> RegistryLimits:
+    """The tests' registration limits: the tiny base model, rank 16, 10 MiB, ``roots`` as the import root."""
+    return RegistryLimits(**{"base_models": frozenset({"tiny-llama"}), "max_rank": 16, "max_bytes": 10 << 20,
+                             "import_roots": (roots,), **overrides})
+
+
+@contextlib.asynccontextmanager
+async def following(registry: AdapterRegistry, on_change: Callable[[], Awaitable[None]] | None = None,
+                    settle_s: float = 0.3) -> AsyncIterator[None]:
+    """``registry`` follows other processes' changes for the block (notifications only: the resync is an hour
+    away); ``settle_s`` lets it start listening first."""
+    async def nothing() -> None:
+        return None
+
+    follower = asyncio.create_task(registry.follow(on_change or nothing, poll_s=0.05, resync_s=3600))
+    try:
+        await asyncio.sleep(settle_s)
+        yield
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+
+
 @pytest.fixture
 def open_registry(tmp_path: Path, roots: Path, database_url: str | None) -> OpenRegistry:
     """Opens the registry of ``tmp_path/data`` on the test's backend (each test runs on SQLite and on
     PostgreSQL); every call is another gateway process's view of the same state."""
-    def opened(**overrides: object) -> AdapterRegistry:
-        limits = dict(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20, import_roots=(roots,))
-        limits.update(overrides)
+    def opened(**overrides: Any) -> AdapterRegistry:
         database = PostgresDatabase(database_url) if database_url else None
-        return AdapterRegistry.open(tmp_path / "data", RegistryLimits(**limits), database=database)  # type: ignore[arg-type]
+        return AdapterRegistry.open(tmp_path / "data", limits_for(roots, **overrides), database=database)
 
     return opened
 
@@ -218,9 +241,7 @@ async def test_a_second_process_follows_registrations_patches_and_deletes(
     async def changed() -> None:
         seen.append(frozenset(second.snapshot()))
 
-    follower = asyncio.create_task(second.follow(changed, poll_s=0.05, resync_s=3600))
-    try:
-        await asyncio.sleep(0.2)  # listening
+    async with following(second, changed, settle_s=0.2):
         await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
         await until(lambda: "a" in second.snapshot())
         assert seen and "a" in seen[-1]  # the callback (the descriptor index's re-sync) ran after the re-read
@@ -228,36 +249,20 @@ async def test_a_second_process_follows_registrations_patches_and_deletes(
         await until(lambda: second.get("a").descriptors.description == "patched")
         await first.remove("a")
         await until(lambda: "a" not in second.snapshot())
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
 
 
 async def test_postgres_follower_catches_up_after_losing_its_connection(
         roots: Path, postgres_url: str, tmp_path: Path) -> None:
     """Notifications sent while the LISTEN connection is down are lost; the reconnect re-reads everything."""
-    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
-                            import_roots=(roots,))
-    first = AdapterRegistry.open(tmp_path / "one", limits, database=PostgresDatabase(postgres_url))
-    second = AdapterRegistry.open(tmp_path / "two", limits, database=PostgresDatabase(postgres_url))
-
-    async def nothing() -> None:
-        return None
-
-    follower = asyncio.create_task(second.follow(nothing, poll_s=0.05, resync_s=3600))
-    try:
-        await asyncio.sleep(0.3)
+    first = AdapterRegistry.open(tmp_path / "one", limits_for(roots), database=PostgresDatabase(postgres_url))
+    second = AdapterRegistry.open(tmp_path / "two", limits_for(roots), database=PostgresDatabase(postgres_url))
+    async with following(second):
         # kill every LISTEN connection, register while none is back (a listener reconnects within 0.2 s, so
         # the registration races it; either way the reconnect's re-read must bring the row)
         first.database.query("SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
                              "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
         await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
         await until(lambda: "a" in second.snapshot())
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
 
 
 async def test_a_second_process_starting_keeps_an_in_flight_registration(
@@ -462,8 +467,7 @@ async def test_a_missing_dir_is_422_saying_it_does_not_exist(
 
 async def test_a_registry_file_from_before_versioned_migrations_is_migrated(tmp_path: Path, roots: Path) -> None:
     """Version 1 rows carried the registering host's absolute path; version 2 derives it from the store."""
-    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
-                            import_roots=(roots,))
+    limits = limits_for(roots)
     first = AdapterRegistry.open(tmp_path / "data", limits)
     record = (await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ("q",)))).record
     first.close()
@@ -489,9 +493,7 @@ async def test_registration_while_postgres_is_down_is_503_and_leaves_nothing(tmp
     """A server of its own (stopping the session's would fail other tests): down -> a 503 naming it, nothing
     stored; back -> the pool reconnects and the same registration succeeds."""
     with running_postgres() as server:
-        limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
-                                import_roots=(roots,))
-        registry = AdapterRegistry.open(tmp_path / "data", limits,
+        registry = AdapterRegistry.open(tmp_path / "data", limits_for(roots),
                                         database=PostgresDatabase(server.url(), PostgresOptions(connect_timeout_s=2)))
         server.stop()
         with pytest.raises(StorageUnavailable) as caught:
@@ -532,8 +534,7 @@ def test_a_replica_killed_between_upload_and_row_leaves_no_object_after_the_next
     listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="p/adapters/").get("Contents", [])
     assert listed, "the crash should have left objects in the bucket"
     other = AdapterRegistry.open(
-        tmp_path / "two", RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=1 << 30,
-                                         import_roots=(roots,)), database=PostgresDatabase(postgres_url),
+        tmp_path / "two", limits_for(roots, max_bytes=1 << 30), database=PostgresDatabase(postgres_url),
         store=S3Store(tmp_path / "two" / "adapters", s3_server.client(), S3Location(bucket, "p"),
                       cache_bytes=1 << 30, grace_s=0))
     assert stored_state(other)[0] == 0
@@ -548,21 +549,9 @@ async def test_a_postgres_registry_at_version_1_is_migrated_and_notifies(
     from loragate.adapters import registry as module
 
     migrate(PostgresDatabase(postgres_url), "registry", module.MIGRATIONS[:1])
-    limits = RegistryLimits(base_models=frozenset({"tiny-llama"}), max_rank=16, max_bytes=10 << 20,
-                            import_roots=(roots,))
-    first = AdapterRegistry.open(tmp_path / "one", limits, database=PostgresDatabase(postgres_url))
+    first = AdapterRegistry.open(tmp_path / "one", limits_for(roots), database=PostgresDatabase(postgres_url))
     assert schema_version(first.database, "registry") == 2
-    second = AdapterRegistry.open(tmp_path / "two", limits, database=PostgresDatabase(postgres_url))
-
-    async def nothing() -> None:
-        return None
-
-    follower = asyncio.create_task(second.follow(nothing, poll_s=0.05, resync_s=3600))
-    try:
-        await asyncio.sleep(0.3)
+    second = AdapterRegistry.open(tmp_path / "two", limits_for(roots), database=PostgresDatabase(postgres_url))
+    async with following(second):
         await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))
         await until(lambda: "a" in second.snapshot())
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
