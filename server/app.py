@@ -188,8 +188,6 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     metrics.watch_components(embedder.stats if embedder is not None else None, merges.stats)
     outcomes = OutcomeLog(outcomes_db, retention_days=settings.outcomes_retention_days,
                           interval_s=settings.outcomes_flush_interval_s)
-    if settings.shadow_policy:
-        router.resolve(parse_policy(settings.shadow_policy, source="shadow"))  # fail at startup
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     recorder = OutcomeRecorder(metrics, outcomes)
     dispatcher = Dispatcher(pool, upstream, attempts=settings.upstream_attempts, retried=metrics.request_retried)
