@@ -95,23 +95,26 @@ class SQLiteDatabase:
         self._mutex = threading.RLock()
         self._files = lock_for(path)
 
-    def query(self, sql: str, params: Params = ()) -> list[Row]:
+    @contextlib.contextmanager
+    def _statement(self) -> Iterator[sqlite3.Connection]:
+        """The connection for one statement, under the mutex; a constraint hit as DuplicateRow."""
         with self._mutex:
-            return self._db.execute(sql, params).fetchall()
+            try:
+                yield self._db
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateRow(str(exc)) from exc
+
+    def query(self, sql: str, params: Params = ()) -> list[Row]:
+        with self._statement() as db:
+            return db.execute(sql, params).fetchall()
 
     def execute(self, sql: str, params: Params = ()) -> int:
-        with self._mutex:
-            try:
-                return self._db.execute(sql, params).rowcount
-            except sqlite3.IntegrityError as exc:
-                raise DuplicateRow(str(exc)) from exc
+        with self._statement() as db:
+            return db.execute(sql, params).rowcount
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> None:
-        with self._mutex:
-            try:
-                self._db.executemany(sql, rows)
-            except sqlite3.IntegrityError as exc:
-                raise DuplicateRow(str(exc)) from exc
+        with self._statement() as db:
+            db.executemany(sql, rows)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Executor]:
@@ -214,26 +217,31 @@ class PostgresDatabase:
                 from exc
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[Any]:
+    def _checked_out(self, *, transaction: bool = False) -> Iterator[_OnConnection]:
+        """Statements on a pooled connection (autocommit, or one transaction committed at the end)."""
         with self._errors(), self._pool.connection() as conn:
-            yield conn
+            if not transaction:
+                yield _OnConnection(conn, self._errors)
+                return
+            with conn.transaction():
+                yield _OnConnection(conn, self._errors)
 
     def query(self, sql: str, params: Params = ()) -> list[Row]:
-        with self._connection() as conn:
-            return list(conn.execute(_pg(sql), params).fetchall())
+        with self._checked_out() as statements:
+            return statements.query(sql, params)
 
     def execute(self, sql: str, params: Params = ()) -> int:
-        with self._connection() as conn:
-            return int(conn.execute(_pg(sql), params).rowcount)
+        with self._checked_out() as statements:
+            return statements.execute(sql, params)
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> None:
-        with self._connection() as conn, conn.cursor() as cursor:
-            cursor.executemany(_pg(sql), rows)
+        with self._checked_out() as statements:
+            statements.executemany(sql, rows)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Executor]:
-        with self._connection() as conn, conn.transaction():
-            yield _PostgresTransaction(conn, self._errors)
+        with self._checked_out(transaction=True) as statements:
+            yield statements
 
     @contextlib.contextmanager
     def lock(self, name: str, *, shared: bool = False) -> Iterator[None]:
@@ -301,7 +309,9 @@ class PostgresDatabase:
         self._locks.close()
 
 
-class _PostgresTransaction:
+class _OnConnection:
+    """Statements on one psycopg connection, its errors mapped (``?`` placeholders translated)."""
+
     def __init__(self, conn: Any, errors: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
         self._conn = conn
         self._errors = errors
