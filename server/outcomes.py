@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -28,9 +29,12 @@ from typing import Any
 from loragate.database import Database, Executor, Migration, Row, SQLiteDatabase, migrate
 from loragate.errors import Conflict, InvalidRequest, NotFound
 from loragate.grading import wilson
+from loragate.router.types import StepChoice
 
 log = logging.getLogger(__name__)
 
+# The table as versions 1 and 2 create it (frozen: a later column is a later migration, so that
+# every earlier layout migrates through the same steps as a fresh database).
 _COLUMNS = """
     ts DOUBLE PRECISION NOT NULL,
     kind TEXT NOT NULL,               -- primary | shadow
@@ -92,6 +96,10 @@ MIGRATIONS = (
         "postgresql": [_TABLE, *_CREATE_INDEXES],
     }),
     Migration(2, "outcome ids: a reused request id no longer replaces a record", {"sqlite": _add_outcome_id}),
+    Migration(3, "a chain's steps (JSON; NULL for other policies)", {
+        "sqlite": ["ALTER TABLE outcomes ADD COLUMN steps TEXT"],
+        "postgresql": ["ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS steps TEXT"],
+    }),
 )
 
 
@@ -124,11 +132,13 @@ class OutcomeRecord:
     result: str = "unknown"
     score: float | None = None
     graded_by: str | None = None
+    steps: tuple[StepChoice, ...] | None = None  # a chain's steps as decided (None: not a chain)
 
     def row(self) -> tuple[Any, ...]:
         d = asdict(self)
         d["candidates"] = json.dumps([list(c) for c in self.candidates])
         d["adapters"] = json.dumps([list(a) for a in self.adapters])
+        d["steps"] = None if self.steps is None else json.dumps(steps_json(self.steps))
         d["compositional"] = None if self.compositional is None else int(self.compositional)
         d["fallback"] = int(self.fallback)
         d["graded_at"] = self.ts if self.graded_by else None
@@ -138,7 +148,22 @@ class OutcomeRecord:
 _INSERT_COLUMNS = ("outcome_id", "request_id", "ts", "kind", "shadow_of", "route", "policy_asked", "policy_applied",
                    "candidates", "adapters", "method", "compositional", "fallback", "worker", "embed_ms", "search_ms",
                    "merge_ms", "load_ms", "upstream_ms", "total_ms", "status", "expected", "result", "score",
-                   "graded_by", "graded_at")
+                   "graded_by", "graded_at", "steps")
+
+
+def steps_json(steps: Iterable[StepChoice]) -> list[dict[str, Any]]:
+    """A chain's steps as the ``steps`` column stores them: per step the winner (None: the base model),
+    its score, tokens and decision time, and every candidate's score — what a chain's outcomes are
+    analysed by (which adapter answered which hop, how close the runner-up was). Not the step text:
+    the log keeps no generated text. A score of a step of no tokens (-inf) is null (JSON has no -inf)."""
+    return [{"step": i, "adapter": s.adapter, "score": _finite(s.score), "tokens": s.tokens,
+             "seconds": round(s.decide_s, 6),
+             "candidates": [{"adapter": a, "score": _finite(v)} for a, v in s.scores]}
+            for i, s in enumerate(steps, start=1)]
+
+
+def _finite(score: float) -> float | None:
+    return round(score, 6) if math.isfinite(score) else None
 
 
 @dataclass(frozen=True, slots=True)

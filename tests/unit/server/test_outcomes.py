@@ -4,6 +4,8 @@ summaries, retention, migrations."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -12,10 +14,18 @@ from typing import Any
 
 import pytest
 
-from loragate.database import PostgresDatabase, PostgresOptions, SQLiteDatabase, schema_version
+from loragate.database import PostgresDatabase, PostgresOptions, SQLiteDatabase, migrate, schema_version
 from loragate.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from loragate.grading import wilson
-from loragate.server.outcomes import _INSERT_COLUMNS, Feedback, OutcomeLog, OutcomeRecord, format_summary
+from loragate.router.types import StepChoice
+from loragate.server.outcomes import (
+    _INSERT_COLUMNS,
+    MIGRATIONS,
+    Feedback,
+    OutcomeLog,
+    OutcomeRecord,
+    format_summary,
+)
 from tests.postgres import running_postgres
 
 OpenLog = Callable[..., OutcomeLog]
@@ -150,6 +160,16 @@ _V2_UNVERSIONED = _V1_TABLE.replace("request_id TEXT PRIMARY KEY,",
                                     "outcome_id TEXT PRIMARY KEY, request_id TEXT NOT NULL,")
 
 
+NEWEST = MIGRATIONS[-1].version
+V2_COLUMNS = [c for c in _INSERT_COLUMNS if c != "steps"]  # the columns of schema versions 1 and 2
+
+
+def row_of(outcome: OutcomeRecord, columns: list[str]) -> tuple[Any, ...]:
+    """The record's values for ``columns`` only (an older layout's insert)."""
+    values = dict(zip(_INSERT_COLUMNS, outcome.row(), strict=True))
+    return tuple(values[c] for c in columns)
+
+
 async def test_a_log_from_before_outcome_ids_is_migrated(tmp_path: Path) -> None:
     """The old table (request_id as primary key) gets outcome_id = request_id; shadows still pair up."""
     from loragate.server import outcomes as module
@@ -158,9 +178,9 @@ async def test_a_log_from_before_outcome_ids_is_migrated(tmp_path: Path) -> None
     db = sqlite3.connect(path)
     db.executescript(_V1_TABLE)
     for rid, kind, shadow_of, result in (("p1", "primary", None, "success"), ("p1-shadow", "shadow", "p1", "failure")):
-        row = record(rid, kind=kind, shadow_of=shadow_of, result=result).row()[1:]  # without outcome_id
-        db.execute(f"INSERT INTO outcomes ({module._COLUMNS_BEFORE_OUTCOME_ID.replace(', note', '')}) "
-                   f"VALUES ({','.join('?' * len(row))})", row)
+        columns = module._COLUMNS_BEFORE_OUTCOME_ID.replace(", note", "")
+        row = row_of(record(rid, kind=kind, shadow_of=shadow_of, result=result), columns.split(", "))
+        db.execute(f"INSERT INTO outcomes ({columns}) VALUES ({','.join('?' * len(row))})", row)
     db.commit()
     db.close()
     log = OutcomeLog(path)
@@ -173,21 +193,41 @@ async def test_a_log_from_before_outcome_ids_is_migrated(tmp_path: Path) -> None
     await log.close()
     indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"outcomes_ts", "outcomes_shadow_of", "outcomes_request_id"} <= indexes
-    assert schema_version(SQLiteDatabase(path), "outcomes") == 2
+    assert schema_version(SQLiteDatabase(path), "outcomes") == NEWEST
 
 
-async def test_a_log_from_the_release_before_versioned_migrations_opens_as_version_2(tmp_path: Path) -> None:
+async def test_a_log_from_the_release_before_versioned_migrations_opens_at_the_newest_version(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(_V2_UNVERSIONED)
-    row = record("r1").row()
-    db.execute(f"INSERT INTO outcomes ({','.join(_INSERT_COLUMNS)}) VALUES ({','.join('?' * len(row))})", row)
+    row = row_of(record("r1"), V2_COLUMNS)
+    db.execute(f"INSERT INTO outcomes ({','.join(V2_COLUMNS)}) VALUES ({','.join('?' * len(row))})", row)
     db.commit()
     db.close()
     log = OutcomeLog(path)
-    assert [r["outcome_id"] for r in await log.records()] == ["r1"]
+    assert [(r["outcome_id"], r["steps"]) for r in await log.records()] == [("r1", None)]
     await log.close()
-    assert schema_version(SQLiteDatabase(path), "outcomes") == 2
+    assert schema_version(SQLiteDatabase(path), "outcomes") == NEWEST
+
+
+async def test_a_version_2_log_gets_the_steps_column_and_keeps_its_records(tmp_path: Path,
+                                                                            database_url: str | None) -> None:
+    """Both backends: a log a release with versioned migrations wrote before chain steps (version 2) gains a
+    NULL ``steps`` for every old record; new records store theirs."""
+    def opened() -> SQLiteDatabase | PostgresDatabase:
+        return PostgresDatabase(database_url) if database_url else SQLiteDatabase(tmp_path / "o.sqlite3")
+
+    old = opened()
+    assert migrate(old, "outcomes", MIGRATIONS[:2]) == 2
+    row = row_of(record("before"), V2_COLUMNS)
+    old.execute(f"INSERT INTO outcomes ({','.join(V2_COLUMNS)}) VALUES ({','.join('?' * len(row))})", row)
+    old.close()
+    log = OutcomeLog(opened())
+    log.add(dataclasses.replace(record("after", "chain"), steps=(StepChoice("a", -0.5, 3, " x."),)))
+    steps = {r["outcome_id"]: r["steps"] for r in await log.records()}
+    assert steps["before"] is None and [s["adapter"] for s in json.loads(steps["after"])] == ["a"]
+    await log.close()
+    assert schema_version(opened(), "outcomes") == NEWEST
 
 
 async def test_a_schema_newer_than_this_release_is_refused(open_log: OpenLog) -> None:
