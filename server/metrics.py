@@ -17,13 +17,15 @@ from prometheus_client.registry import Collector
 
 from loragate.adapters.merge_cache import MergeCacheStats
 from loragate.router.embedder import EmbedderStats
-from loragate.router.types import RoutingDecision
+from loragate.router.types import ChainPlan, RoutingDecision, StepChoice
 from loragate.workers.discovery import DiscoverySnapshot
 from loragate.workers.observer import PoolObserver
 from loragate.workers.stats import WorkerStats
 
 MAX_ADAPTER_LABELS = 200
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_CHAIN_STEP_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)  # max_steps is at most 32
+_CANDIDATE_BUCKETS = (1, 2, 3, 4, 5, 6, 8)  # at most 4 adapters, plus the base
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5)
 
 
@@ -160,6 +162,15 @@ class GatewayMetrics(PoolObserver):
         self.panic_routes = Counter("loragate_panic_routes_total",
                                     "Requests sent to a worker out of rotation because none was in rotation and "
                                     "its probes had only timed out", ["worker"], registry=r)
+        # chain (labelled by choose only: likelihood runs every candidate per step, route one)
+        self.chain_steps = Histogram("loragate_chain_steps", "Steps per chain request answered whole",
+                                     ["choose"], buckets=_CHAIN_STEP_BUCKETS, registry=r)
+        self.chain_step_candidates = Histogram("loragate_chain_step_candidates",
+                                               "Candidate generations per chain step", ["choose"],
+                                               buckets=_CANDIDATE_BUCKETS, registry=r)
+        self.chain_step_latency = Histogram("loragate_chain_step_seconds",
+                                            "Time to decide one chain step (all its candidates' generations)",
+                                            ["choose"], buckets=_LATENCY_BUCKETS, registry=r)
         self._selection_labels: set[str] = set()
 
     # -- PoolObserver ----------------------------------------------------------------------------
@@ -245,6 +256,16 @@ class GatewayMetrics(PoolObserver):
                 self.route_score.labels(policy).observe(decision.candidates[0][1])
         if decision.compositional is not None:
             self.compositional.labels(policy, str(decision.compositional).lower()).inc()
+
+    def chain_ran(self, plan: ChainPlan, steps: Sequence[StepChoice], *, completed: bool) -> None:
+        """A chain request's steps (shadows included, as in ``decided``). Steps per request only for an
+        answer completed (a failed chain stopped early, so its count says nothing about answers); each
+        step decided counts for the per-step histograms however the request ended."""
+        if completed:
+            self.chain_steps.labels(plan.choose).observe(len(steps))
+        for step in steps:
+            self.chain_step_candidates.labels(plan.choose).observe(len(step.scores))
+            self.chain_step_latency.labels(plan.choose).observe(step.decide_s)
 
     def _adapter_label(self, name: str) -> str:
         """Adapter names as labels, capped so that label cardinality stays bounded."""

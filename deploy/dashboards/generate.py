@@ -249,6 +249,24 @@ def routing_dashboard() -> dashboard.Dashboard:
          .with_panel(graph(
              "Shadow runs by result", "Shadow runs done, failed, or dropped because too many were in flight.",
              "reqps", [Query(summed_rate("loragate_shadow_runs_total", "result"), "{{result}}")], stacked=True)))
+    d = (d.with_row(dashboard.Row("Chain (an adapter per step)"))
+         .with_panel(graph(
+             "Chain steps per request p50 / p90",
+             "Steps of the chain answers completed (shadows included), by how steps are chosen: how far the "
+             "answers go before EOS, max_tokens or max_steps.", "none",
+             [Query(quantile(0.5, "loragate_chain_steps", "choose"), "p50 {{choose}}"),
+              Query(quantile(0.9, "loragate_chain_steps", "choose"), "p90 {{choose}}")], width=8))
+         .with_panel(graph(
+             "Chain candidate generations per step",
+             "Mean generations per step (the candidates, plus the base with base=?1): the work one step costs "
+             "the workers.", "none",
+             [Query(f"{summed_rate('loragate_chain_step_candidates_sum', 'choose')} / "
+                    f"{summed_rate('loragate_chain_step_candidates_count', 'choose')}", "{{choose}}")], width=8))
+         .with_panel(graph(
+             "Chain step decision time p50 / p99",
+             "Time to decide one step: every candidate's generation, in parallel, until the last finishes.", "s",
+             [Query(quantile(0.5, "loragate_chain_step_seconds", "choose"), "p50 {{choose}}"),
+              Query(quantile(0.99, "loragate_chain_step_seconds", "choose"), "p99 {{choose}}")], width=8)))
     d = (d.with_row(dashboard.Row("Merges (average)"))
          .with_panel(graph(
              "Merge build time p50 / p99 by method", "Time to build one merged adapter (cache misses only).", "s",
