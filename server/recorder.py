@@ -87,6 +87,8 @@ class OutcomeRecorder:
                                       event.upstream_s, overhead)
         if decision is not None:
             self.metrics.decided(decision, decision.decide_s)
+            if decision.chain is not None:
+                self.metrics.chain_ran(decision.chain, event.steps, completed=event.status == 200)
         if servable is not None and servable.method is not None:
             self.metrics.merged(servable.method, servable.built, servable.build_s)
         if event.call is not None and decision is not None:
@@ -112,7 +114,8 @@ class OutcomeRecorder:
             upstream_ms=None if event.upstream_s is None else event.upstream_s * 1e3,
             total_ms=(event.ended_at - event.received_at) * 1e3, status=event.status, expected=call.expected,
             result=("success" if success else "failure") if graded else "unknown",
-            score=float(success) if graded else None, graded_by="expected" if graded else None))
+            score=float(success) if graded else None, graded_by="expected" if graded else None,
+            steps=event.steps if decision.chain is not None else None))
         if graded:
             self.metrics.outcome(decision.policy_applied, decision.compositional, "success" if success else "failure",
                                  call.kind)

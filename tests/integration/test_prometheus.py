@@ -194,6 +194,7 @@ def _traffic(client: httpx.Client, phase: int) -> tuple[int, dict[str, str]]:
         ("average;k=2;min_score=0.05", TWO_DOMAINS, {"expected": WRONG, "shadow": 'pin;adapter="beta"'}, 200),
         *[(f'average;adapters="alpha beta";weights="{weights}";method={method}', TWO_DOMAINS, kwargs, 200)
           for method in ("cat", "linear") for kwargs in ({"expected": RIGHT}, {})],  # built, then a cache hit
+        ('chain;adapters="alpha beta"', TWO_DOMAINS, {"expected": RIGHT}, 200),  # the chain step histograms
         ("base", UNRELATED, {"route": "chat/completions"}, 200),
         (f'pin;adapter="{BROKEN}"', COOKING, {}, 502),  # the worker refuses the load
         ('pin;adapter="no-such-adapter"', COOKING, {}, 404),
