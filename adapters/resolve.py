@@ -58,14 +58,19 @@ class Resolver:
         self.default_method = default_method
         self.max_rank = max_rank
 
+    async def resolve_adapter(self, name: str) -> Servable:
+        """One registered adapter as it is (its files materialised where the store is remote)."""
+        record = self.registry.get(name)
+        return Servable(record.name, str(await self.registry.store.materialize(record.sha256)))
+
     async def resolve(self, choice: Choice) -> Servable | None:
         """None for the base model; one adapter as registered; several merged (reused, or built once)."""
         if not choice.adapters:
             return None
+        if len(choice.adapters) == 1:
+            return await self.resolve_adapter(choice.adapters[0].name)
         records = [self.registry.get(a.name) for a in choice.adapters]
         store = self.registry.store
-        if len(records) == 1:
-            return Servable(records[0].name, str(await store.materialize(records[0].sha256)))
         started = time.perf_counter()
         merged = await self.merges.get_or_build(records, [a.weight for a in choice.adapters],
                                                 choice.method or self.default_method, self.max_rank, inputs=store)

@@ -172,7 +172,9 @@ def plot(cells: dict[tuple[str, str], Cell], path: Path) -> None:
     width = 0.2
     labels = [label for label, _ in POLICIES]
     for offset, kind in enumerate(KINDS):
-        xs, ys, errs = [], [], [[], []]
+        xs: list[float] = []
+        ys: list[float] = []
+        errs: list[list[float]] = [[], []]
         for x, label in enumerate(labels):
             cell = cells.get((label, kind))
             if cell is None:

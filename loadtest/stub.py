@@ -49,6 +49,19 @@ def completion_body(route: str, model: str, words: list[str]) -> dict[str, Any]:
             "usage": _usage(words)}
 
 
+def with_prompt_logprobs(body: dict[str, Any], route: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``prompt_logprobs``: one ``{token_id: {"logprob", ...}}`` per prompt word (None for the first),
+    at the top level for chat and in the choice for completions; ``usage.prompt_tokens`` counts them."""
+    text = " ".join(str(m.get("content", "")) for m in payload.get("messages") or []) if route == "chat" \
+        else str(payload.get("prompt", ""))
+    rows: list[Any] = [None] + [{"0": {"logprob": -1.0, "rank": 1, "decoded_token": w}} for w in text.split()]
+    target = body if route == "chat" else body["choices"][0]
+    target["prompt_logprobs"] = rows
+    body["usage"] = {**body["usage"], "prompt_tokens": len(rows),
+                     "total_tokens": len(rows) + body["usage"]["completion_tokens"]}
+    return body
+
+
 def _usage(words: list[str]) -> dict[str, int]:
     return {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": 1 + len(words)}
 
@@ -132,7 +145,10 @@ class StubApp:
         words = answer_words(int(max_tokens), self.tokens)
         model = str(payload.get("model") or self.model)
         if not payload.get("stream"):
-            await _json(send, 200, completion_body(route, model, words))
+            body = completion_body(route, model, words)
+            if payload.get("prompt_logprobs") is not None:  # a prefill-only scoring pass (chain's reference)
+                body = with_prompt_logprobs(body, route, payload)
+            await _json(send, 200, body)
             return
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         usage = bool((payload.get("stream_options") or {}).get("include_usage"))

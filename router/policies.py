@@ -16,6 +16,7 @@ from typing import ClassVar
 from loragate.adapters.merge import get_method
 from loragate.errors import InvalidRequest, NotFound
 from loragate.router.types import (
+    CHAIN_CONTRAST,
     CHAIN_DELIMITERS,
     CHAIN_SCORES,
     AdapterWeight,
@@ -250,7 +251,7 @@ class ChainPolicy(Policy):
     """
 
     name = "chain"
-    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim", "score"})
+    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim", "score", "contrast"})
     CHOOSERS = ("likelihood", "route")
     MAX_K = 4
     MAX_STEPS = 32
@@ -263,7 +264,7 @@ class ChainPolicy(Policy):
         self._plan_params(spec)
         self._explicit(spec)
 
-    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...], str]:
+    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...], str, float]:
         k = int(number(spec, "k", min(self.config.k, self.MAX_K), 1, self.MAX_K, integer=True))
         choose = text(spec, "choose", "likelihood")
         if choose not in self.CHOOSERS:
@@ -275,10 +276,11 @@ class ChainPolicy(Policy):
         delim = text(spec, "delim", "sentence")
         if delim not in CHAIN_DELIMITERS:
             raise _bad(f"chain: delim must be one of {', '.join(CHAIN_DELIMITERS)}, got {delim!r}")
-        score = text(spec, "score", "mean")
+        score = text(spec, "score", CHAIN_SCORES[0])
         if score not in CHAIN_SCORES:
             raise _bad(f"chain: score must be one of {', '.join(CHAIN_SCORES)}, got {score!r}")
-        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim], score
+        contrast = number(spec, "contrast", CHAIN_CONTRAST, 0.0, 1.0)
+        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim], score, contrast
 
     def _explicit(self, spec: PolicySpec) -> list[str] | None:
         raw = spec.params.get("adapters")
@@ -290,7 +292,7 @@ class ChainPolicy(Policy):
         return names
 
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
-        k, choose, max_steps, base, delimiters, score = self._plan_params(query.policy)
+        k, choose, max_steps, base, delimiters, score, contrast = self._plan_params(query.policy)
         names = self._explicit(query.policy)
         if names is not None:
             candidates = tuple(registered(query, n) for n in names)
@@ -302,7 +304,7 @@ class ChainPolicy(Policy):
             raise InvalidRequest("chain: no adapter is registered to choose from (add base=?1 to chain the base "
                                  "model alone)", param="X-Adapter-Policy", code="no_candidates")
         plan = ChainPlan(candidates, base=base, choose=choose, max_steps=max_steps, delimiters=delimiters,
-                         score=score)
+                         score=score, contrast=contrast)
         return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name,
                                candidates=query.candidates, chain=plan)
 

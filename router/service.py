@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from loragate.adapters.types import AdapterRecord
@@ -64,6 +64,20 @@ class Router:
         if spec.name == AUTO:
             spec = self.default_policy
         return resolve_policy(self._policies, spec, routing=self.embedder is not None and self.index is not None), spec
+
+    async def nearest(self, text: str, among: Sequence[str]) -> tuple[tuple[str, float], ...]:
+        """``among`` ranked by their descriptors' similarity to ``text``, best first (``chain;choose=route``
+        asks this at every step); empty without routing or descriptors, so the caller's order decides."""
+        index = self.index
+        if self.embedder is None or index is None or not text.strip() or not index.snapshot().size:
+            return ()
+        [vector] = await self.embedder.embed_many([text])
+        wanted = set(among)
+
+        def search() -> tuple[tuple[str, float], ...]:
+            return tuple((n, s) for n, s in index.search(vector, index.snapshot().size) if n in wanted)
+
+        return await asyncio.to_thread(search) if index.blocks_loop else search()
 
     async def decide(self, prompt: str, spec: PolicySpec,
                      adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:

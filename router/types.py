@@ -52,6 +52,10 @@ CHAIN_DELIMITERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 """Step delimiters a ``chain`` policy may name (``delim=``): each is a ``stop`` string of a step's generation."""
 
 
+CHAIN_CONTRAST = 0.005
+"""``chain;contrast=``'s default: chosen on half of the kit's people, reported on the other (docs/bench/chain.md)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ChainPlan:
     """A decision to run as a chain: the answer is generated step by step, one adapter per step.
@@ -65,11 +69,12 @@ class ChainPlan:
     choose: str = "likelihood"  # likelihood | route
     max_steps: int = 8
     delimiters: tuple[str, ...] = CHAIN_DELIMITERS["sentence"]
-    score: str = "mean"  # how a step's token log-probabilities become its score: a name in CHAIN_SCORES
+    score: str = "contrastive"  # how a step's token log-probabilities become its score: a name in CHAIN_SCORES
+    contrast: float = CHAIN_CONTRAST  # score=contrastive: the weight of "less likely under the base model"
 
 
-#: Step scores ``chain;score=...`` accepts (the step loop maps each name to its function).
-CHAIN_SCORES = ("mean", "min")
+#: Step scores ``chain;score=...`` accepts, the default first (the step loop maps each name to its function).
+CHAIN_SCORES = ("contrastive", "mean", "min")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ class CompletionService:
         self.dispatcher = dispatcher
         self.recorder = recorder
         self.executors = Executors({"single": SingleShot(model, resolver, dispatcher),
-                                    "chain": ChainExecutor(model, resolver, dispatcher)})
+                                    "chain": ChainExecutor(model, resolver, dispatcher, router)})
 
     async def complete(self, request: CompletionRequest) -> ProxiedResponse:
         """A client's request: parsed into a call (a refusal is recorded too), then run."""

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from loragate.adapters.resolve import Servable
 from loragate.errors import LoragateError
@@ -24,7 +25,7 @@ from loragate.server.calls import CompletionCall
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog, OutcomeRecord
 from loragate.wire import choice_text
-from loragate.workers.dispatch import CLIENT_CLOSED, Attempt, Relay, StreamEnd
+from loragate.workers.dispatch import CLIENT_CLOSED, Attempt, StreamEnd
 
 log = logging.getLogger("loragate")
 NO_ATTEMPT = Attempt()  # no worker leased
@@ -153,12 +154,21 @@ class SSEText:
         return "".join(self.parts)
 
 
+class Streamed(Protocol):
+    """A stream of SSE bytes to pass on, iterated once; ``aclose`` (at any point) says how it ended: a
+    worker's :class:`~loragate.workers.dispatch.Relay`, or a chain's stream of decided steps."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> StreamEnd: ...
+
+
 class RecordedStream:
     """A relay as the client gets it: chunks pass on (their text collected to grade), and closing it —
     at its end, or by the response's owner at any point, never iterated included — ends the request
     once: ``ended`` gets how the relay ended and the collected text."""
 
-    def __init__(self, relay: Relay, route: str, grade: bool,
+    def __init__(self, relay: Streamed, route: str, grade: bool,
                  ended: Callable[[StreamEnd, str | None], None]) -> None:
         self._relay = relay
         self._collector = SSEText(route) if grade else None

@@ -30,6 +30,15 @@ def completion(text: str, logprobs: list[float], *, finish: str = "stop", stop_r
 
 
 Script = Callable[[str, str], bytes | BaseException]  # (model the job runs, answer so far) -> reply
+REFERENCE = -2.0  # every token's log-probability in the base model's reference passes (unless scripted)
+
+
+def reference(logprob: float = REFERENCE, *, prompt_tokens: int = 1000) -> bytes:
+    """A vLLM prefill-only body (``prompt_logprobs=0``): one ``{token_id: {"logprob"}}`` per prompt token."""
+    rows = [None] + [{"7": {"logprob": logprob, "rank": 1, "decoded_token": "t"}}] * (prompt_tokens - 1)
+    return json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "length", "prompt_logprobs": rows}],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1,
+                                 "total_tokens": prompt_tokens + 1}}).encode()
 
 
 @dataclass
@@ -37,22 +46,46 @@ class ScriptedDispatcher:
     """Answers each job from ``script`` by the job's model and the answer so far; records jobs and concurrency."""
 
     script: Script
-    jobs: list[Job] = field(default_factory=list)
+    references: Callable[[str], bytes | BaseException] = lambda text: reference()  # (prompt + answer + step) ->
+    jobs: list[Job] = field(default_factory=list)  # the step generations
+    reference_jobs: list[Job] = field(default_factory=list)  # the base model's reference passes
     running: int = 0
     most_running: int = 0
 
     async def dispatch(self, job: Job) -> Dispatched:
+        if "prompt_logprobs" in job.body:
+            self.reference_jobs.append(job)
+            await asyncio.sleep(0)
+            answer = self.references(str(job.body["prompt"]) if "prompt" in job.body
+                                     else PROMPT + job.body["messages"][-1]["content"])
+            if isinstance(answer, BaseException):
+                raise answer
+            return Dispatched(Attempt(WORKER, 0.0), "application/json", content=answer, upstream_s=0.001)
         self.jobs.append(job)
         self.running += 1
         self.most_running = max(self.most_running, self.running)
+        chat = "messages" in job.body
         try:
             await asyncio.sleep(0)  # let the step's other candidates start
-            reply = self.script(str(job.body["model"]), str(job.body["prompt"])[len(PROMPT):])
+            answer = job.body["messages"][-1]["content"] if chat else str(job.body["prompt"])[len(PROMPT):]
+            reply = self.script(str(job.body["model"]), answer)
         finally:
             self.running -= 1
         if isinstance(reply, BaseException):
             raise reply
-        return Dispatched(Attempt(WORKER, 0.001), "application/json", content=reply, upstream_s=0.01)
+        return Dispatched(Attempt(WORKER, 0.001), "application/json", content=as_chat(reply) if chat else reply,
+                          upstream_s=0.01)
+
+
+def as_chat(content: bytes) -> bytes:
+    """The same step as vLLM's /v1/chat/completions answers it (message content, logprobs.content)."""
+    data = json.loads(content)
+    choice = data["choices"][0]
+    logprobs = [{"token": "t", "logprob": v} for v in choice["logprobs"]["token_logprobs"]]
+    data["choices"] = [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
+                        "logprobs": {"content": logprobs}, "finish_reason": choice["finish_reason"],
+                        "stop_reason": choice["stop_reason"]}]
+    return json.dumps(data).encode()
 
 
 def two_hops(model: str, answer: str) -> bytes | BaseException:
@@ -85,11 +118,14 @@ async def test_each_step_is_generated_under_every_candidate_and_the_likelier_one
     assert body["object"] == "text_completion"
     (choice,) = body["choices"]
     assert choice["text"] == " Ann is married to Bob. Bob was born in Rome." and choice["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 12, "total_tokens": 24}  # chosen tokens
-    assert body["chain"]["generated_tokens"] == 24 and body["chain"]["generations"] == 6  # 2 steps + the EOS round
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 24, "total_tokens": 36}  # every generated token
+    assert body["chain"]["answer_tokens"] == 12 and body["chain"]["generated_tokens"] == 24
+    assert body["chain"]["generations"] == 6  # 2 steps + the EOS round
+    assert body["chain"]["reference_passes"] == 4 == len(dispatcher.reference_jobs)  # the EOS round has no text
     assert [s["adapter"] for s in body["chain"]["steps"]] == ["spouses", "birthplaces"]
-    assert body["chain"]["steps"][0]["candidates"] == [{"adapter": "spouses", "score": -0.1},
-                                                       {"adapter": "birthplaces", "score": -1.5}]
+    # contrastive: 1.005 * mean(own) - 0.005 * mean(base) with the base's -2.0 per token
+    assert body["chain"]["steps"][0]["candidates"] == [{"adapter": "spouses", "score": -0.0905},
+                                                       {"adapter": "birthplaces", "score": -1.4975}]
     assert response.headers["x-adapter-policy-applied"] == "chain"
     assert response.headers["x-adapters"] == '"spouses";step=1, "birthplaces";step=2'
     assert dispatcher.most_running == 2  # a step's candidates run in parallel
@@ -145,7 +181,8 @@ async def test_max_tokens_bounds_the_whole_answer() -> None:
     response = await stages.service.complete(chain_request(max_tokens=10))
     body = json.loads(response.content)
     assert [j.body["max_tokens"] for j in dispatcher.jobs] == [10, 10, 4, 4]
-    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 10
+    assert body["choices"][0]["finish_reason"] == "length" and body["chain"]["answer_tokens"] == 10
+    assert body["usage"]["completion_tokens"] == 6 + 6 + 4 + 4  # every candidate's tokens
 
 
 async def test_max_steps_ends_the_chain_at_a_delimiter_as_length() -> None:
@@ -185,8 +222,8 @@ async def test_score_min_ranks_a_step_by_its_least_likely_token() -> None:
     by_min = json.loads((await stages.service.complete(chain_request('chain;adapters="birthplaces spouses";'
                                                                      "max_steps=1;score=min"))).content)
     assert by_mean["choices"][0]["text"] == " the spouse of a is a."
-    assert by_mean["chain"]["score"] == "mean_token_logprob"
-    assert by_min["choices"][0]["text"] == " the spouse of a is b." and by_min["chain"]["score"] == "min_token_logprob"
+    assert by_mean["chain"]["score"] == "contrastive" and by_mean["chain"]["contrast"] == 0.005
+    assert by_min["choices"][0]["text"] == " the spouse of a is b." and by_min["chain"]["score"] == "min"
 
 
 def test_every_score_the_grammar_accepts_has_a_function() -> None:
@@ -238,7 +275,7 @@ async def test_an_unreadable_worker_body_is_a_502() -> None:
 @pytest.mark.parametrize("policy", [
     "chain;k=0", "chain;k=5", "chain;k=1.5", "chain;choose=vote", "chain;max_steps=0", "chain;max_steps=33",
     "chain;base=1", 'chain;adapters="spouses spouses"', 'chain;adapters="a b c d e"', 'chain;adapters=""',
-    "chain;delim=word", "chain;temperature=0.1", "chain;score=sum",
+    "chain;delim=word", "chain;temperature=0.1", "chain;score=sum", "chain;contrast=2", "chain;contrast=-0.1",
 ])
 async def test_bad_chain_parameters_are_400s_before_anything_runs(policy: str) -> None:
     stages, dispatcher = build_chain(two_hops)
@@ -256,12 +293,14 @@ async def test_an_unregistered_candidate_is_a_404() -> None:
 
 
 @pytest.mark.parametrize(("route", "body", "what"), [
-    ("completions", {"stream": True}, "streaming"),
-    ("chat.completions", {"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions"),
     ("completions", {"stop": ["!"]}, "stop strings"),
     ("completions", {"n": 2}, "n > 1"),
+    ("completions", {"logprobs": 2}, "logprobs"),
+    ("completions", {"prompt": ["a", "b"]}, "not one string"),
+    ("chat.completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I"}]},
+     "ends with an assistant message"),
 ])
-async def test_what_this_slice_cannot_chain_is_a_400_naming_the_limitation(
+async def test_what_a_chain_cannot_honour_is_a_400_naming_the_limitation(
         route: str, body: dict[str, Any], what: str) -> None:
     stages, dispatcher = build_chain(two_hops)
     call = request({"model": MODEL, "prompt": PROMPT, **body}, policy="chain", route=route)
@@ -269,14 +308,6 @@ async def test_what_this_slice_cannot_chain_is_a_400_naming_the_limitation(
         await stages.service.complete(call)
     assert caught.value.status == 400 and caught.value.code == "chain_unsupported" and what in caught.value.message
     assert dispatcher.jobs == [] and [e.status for e in stages.events] == [400]
-
-
-async def test_choose_route_parses_but_is_refused_until_it_is_built() -> None:
-    stages, _ = build_chain(two_hops)
-    with pytest.raises(InvalidRequest) as caught:
-        await stages.service.complete(chain_request("chain;choose=route"))
-    assert caught.value.code == "chain_unsupported" and "choose=route" in caught.value.message
-    assert stages.dispatcher.jobs == []
 
 
 async def test_a_chain_shadow_runs_through_the_same_executor() -> None:
@@ -287,3 +318,195 @@ async def test_a_chain_shadow_runs_through_the_same_executor() -> None:
     assert json.loads(response.content)["choices"][0]["text"].endswith("Rome.")
     (row,) = stages.outcomes.records
     assert row.kind == "shadow" and row.policy_applied == "chain" and row.result == "success"
+
+
+def sure_of_both(model: str, answer: str) -> bytes:
+    """Both adapters near-certain of different steps (one copies the question's name, one knows the fact)."""
+    if answer:
+        return completion("", [])
+    text = " the spouse of Ann is Ann." if model == "spouses" else " the spouse of Ann is Bob."
+    return completion(text, [-0.001] * 7, stop_reason=".")
+
+
+def base_knows_copies(prompt: str) -> bytes:
+    """The base model finds the copy likely and the fact unlikely."""
+    return reference(-0.01 if prompt.endswith("is Ann.") else -3.0)
+
+
+async def test_contrastive_prefers_the_sure_step_the_base_model_would_not_have_written() -> None:
+    stages, dispatcher = build_chain(sure_of_both)
+    dispatcher.references = base_knows_copies
+    by_contrast = json.loads((await stages.service.complete(chain_request())).content)
+    by_mean = json.loads((await stages.service.complete(chain_request(
+        f'chain;adapters="{" ".join(HOPS)}";score=mean'))).content)
+    assert by_contrast["choices"][0]["text"] == " the spouse of Ann is Bob."  # the fact, from birthplaces
+    assert by_mean["choices"][0]["text"] == " the spouse of Ann is Ann."  # a tie on the mean: the first candidate
+    first = dispatcher.reference_jobs[0]
+    assert first.adapter is None and first.body["model"] == MODEL  # scored under the base model
+    assert first.body["prompt"] in {PROMPT + " the spouse of Ann is Ann.", PROMPT + " the spouse of Ann is Bob."}
+    assert first.body["max_tokens"] == 1 and first.body["prompt_logprobs"] == 0 and "stop" not in first.body
+
+
+async def test_contrastive_keeps_the_candidates_own_confidence_first() -> None:
+    """A step the candidate is unsure of does not win merely because the base model finds it unlikely."""
+    def unsure(model: str, answer: str) -> bytes:
+        if answer:
+            return completion("", [])
+        return completion(" nulolas.", [-0.6, -0.0]) if model == "spouses" else completion(" oslo.", [-0.0, -0.0])
+
+    stages, dispatcher = build_chain(unsure)
+    dispatcher.references = lambda prompt: reference(-20.0 if prompt.endswith("nulolas.") else -0.1)
+    body = json.loads((await stages.service.complete(chain_request())).content)
+    assert body["choices"][0]["text"] == " oslo."
+
+
+async def test_contrast_zero_is_the_mean_and_the_base_candidate_needs_no_reference_pass() -> None:
+    stages, dispatcher = build_chain(sure_of_both)
+    dispatcher.references = base_knows_copies
+    body = json.loads((await stages.service.complete(chain_request(
+        f'chain;adapters="{" ".join(HOPS)}";contrast=0.0'))).content)
+    assert body["choices"][0]["text"] == " the spouse of Ann is Ann."
+    stages, dispatcher = build_chain(lambda model, answer: completion("" if answer else " x.", [] if answer else
+                                                                      [-0.1, -0.1], stop_reason="."))
+    await stages.service.complete(chain_request('chain;adapters="spouses";base=?1'))
+    assert len(dispatcher.reference_jobs) == 1  # the adapter's step only: the base's own logprobs are its reference
+
+
+async def test_a_failing_reference_pass_fails_the_request_naming_it() -> None:
+    stages, dispatcher = build_chain(two_hops)
+    dispatcher.references = lambda prompt: failed(UpstreamError("worker stream broke: reset"))
+    with pytest.raises(UpstreamError) as caught:
+        await stages.service.complete(chain_request())
+    assert caught.value.status == 502 and "chain step 1" in caught.value.message
+    assert "reference pass under the base model" in caught.value.message
+    dispatcher.references = lambda prompt: b'{"choices": [{"text": ""}], "usage": {"prompt_tokens": 3}}'
+    with pytest.raises(UpstreamError) as caught:
+        await stages.service.complete(chain_request())
+    assert caught.value.code == "bad_upstream_body" and "prompt_logprobs" in caught.value.message
+
+
+async def sse(response: Any) -> list[Any]:
+    """The data events of a streamed response, in order (``[DONE]`` as the string)."""
+    raw = b"".join([chunk async for chunk in response.stream])
+    events = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+async def test_a_streamed_chain_sends_each_step_as_it_is_decided() -> None:
+    stages, _ = build_chain(two_hops)
+    response = await stages.service.complete(chain_request(expected="Rome", stream=True,
+                                                           stream_options={"include_usage": True}))
+    assert response.status == 200 and response.media_type == "text/event-stream"
+    assert response.headers["x-adapter-policy-applied"] == "chain"
+    events = await sse(response)
+    steps, finish, usage, done = events[:2], events[2], events[3], events[4]
+    assert [e["choices"][0]["text"] for e in steps] == [" Ann is married to Bob.", " Bob was born in Rome."]
+    assert [e["chain"] for e in steps] == [{"step": 1, "adapter": "spouses"}, {"step": 2, "adapter": "birthplaces"}]
+    assert all(e["object"] == "text_completion" and e["choices"][0]["finish_reason"] is None for e in steps)
+    assert finish["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 24 and done == "[DONE]"
+    (event,) = stages.events
+    assert event.status == 200 and [s.adapter for s in event.steps] == ["spouses", "birthplaces"]
+    (row,) = stages.outcomes.records
+    assert row.result == "success" and row.adapters == (("spouses", 1.0), ("birthplaces", 1.0))
+
+
+async def test_a_step_failing_mid_stream_ends_it_with_an_error_event() -> None:
+    def breaks(model: str, answer: str) -> bytes | BaseException:
+        return failed(UpstreamError("worker down")) if answer else two_hops(model, answer)
+
+    stages, _ = build_chain(breaks)
+    events = await sse(await stages.service.complete(chain_request(stream=True)))
+    assert events[0]["chain"]["step"] == 1 and "chain step 2" in events[1]["error"]["message"]
+    assert events[-1] == "[DONE]"
+    (event,) = stages.events
+    assert event.status == 502 and [s.adapter for s in event.steps] == ["spouses"]
+
+
+async def test_a_client_gone_mid_step_stops_the_chain_and_cancels_its_generations() -> None:
+    started, cancelled = asyncio.Event(), []
+
+    class Hangs(ScriptedDispatcher):
+        async def dispatch(self, job: Job) -> Dispatched:
+            if job.body.get("prompt", "").endswith("Bob.") and "prompt_logprobs" not in job.body:
+                started.set()
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    cancelled.append(job.body["model"])
+                    raise
+            return await super().dispatch(job)
+
+    dispatcher = Hangs(two_hops)
+    stages = build(dispatcher, adapters=HOPS)  # type: ignore[arg-type]
+    response = await stages.service.complete(chain_request(stream=True))
+    chunks = response.stream.__aiter__()
+
+    async def read() -> None:
+        async for _ in chunks:
+            pass
+
+    reader = asyncio.ensure_future(read())
+    await asyncio.wait_for(started.wait(), 5)
+    reader.cancel()  # what the server does when the client disconnects
+    await asyncio.gather(reader, return_exceptions=True)
+    await response.stream.aclose()
+    assert sorted(cancelled) == sorted(HOPS)  # both of step 2's generations, not left running
+    (event,) = stages.events
+    assert event.status == 499 and [s.adapter for s in event.steps] == ["spouses"]
+
+
+async def test_a_chat_chain_continues_the_assistant_message_step_by_step() -> None:
+    stages, dispatcher = build_chain(two_hops)
+    messages = [{"role": "user", "content": "Where was Ann's spouse born?"}]
+    response = await stages.service.complete(request({"model": MODEL, "messages": messages, "max_tokens": 64},
+                                                     policy=f'chain;adapters="{" ".join(HOPS)}"',
+                                                     route="chat.completions", expected="Rome"))
+    body = json.loads(response.content)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant",
+                                             "content": " Ann is married to Bob. Bob was born in Rome."}
+    second = dispatcher.jobs[2].body
+    assert second["messages"] == [*messages, {"role": "assistant", "content": " Ann is married to Bob."}]
+    assert second["continue_final_message"] is True and second["add_generation_prompt"] is False
+    assert second["logprobs"] is True and "prompt" not in second
+    assert dispatcher.reference_jobs[0].body["messages"][-1]["role"] == "assistant"
+    (row,) = stages.outcomes.records
+    assert row.result == "success"
+
+
+async def test_a_streamed_chat_chain_sends_deltas() -> None:
+    stages, _ = build_chain(two_hops)
+    response = await stages.service.complete(request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 64, "stream": True},
+        policy=f'chain;adapters="{" ".join(HOPS)}"', route="chat.completions"))
+    events = await sse(response)
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": " Ann is married to Bob."}
+    assert events[1]["choices"][0]["delta"] == {"content": " Bob was born in Rome."}
+    assert events[2]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+
+
+@dataclass
+class KeywordRouter:
+    """Ranks the candidates by whether the text so far ends with a keyword of theirs (a stand-in for the index)."""
+
+    seen: list[str] = field(default_factory=list)
+
+    async def nearest(self, text: str, among: Any) -> tuple[tuple[str, float], ...]:
+        self.seen.append(text)
+        wanted = "birthplaces" if text.endswith("Bob.") else "spouses"
+        return tuple(sorted(((n, 0.9 if n == wanted else 0.1) for n in among), key=lambda p: -p[1]))
+
+
+async def test_choose_route_generates_only_the_routed_candidate_at_each_step() -> None:
+    stages, dispatcher = build_chain(two_hops)
+    router = KeywordRouter()
+    stages.service.executors._executors["chain"].router = router
+    response = await stages.service.complete(chain_request(f'chain;adapters="{" ".join(HOPS)}";choose=route'))
+    body = json.loads(response.content)
+    assert body["choices"][0]["text"] == " Ann is married to Bob. Bob was born in Rome."
+    assert [j.body["model"] for j in dispatcher.jobs] == ["spouses", "birthplaces", "spouses"]  # one per step
+    assert router.seen[:2] == [PROMPT, PROMPT + " Ann is married to Bob."]  # the text so far
+    assert dispatcher.reference_jobs == [] and body["chain"]["generations"] == 3
+    assert body["chain"]["steps"][0]["candidates"] == [{"adapter": "spouses", "score": 0.9}]

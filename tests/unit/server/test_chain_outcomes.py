@@ -34,7 +34,15 @@ from loragate.workers.launch import free_port
 from tests.lora_files import write_lora
 from tests.servers import serving
 from tests.unit.server.fakes import MODEL, Stages, failed, request
-from tests.unit.server.test_chain import HOPS, PROMPT, ScriptedDispatcher, build_chain, chain_request, two_hops
+from tests.unit.server.test_chain import (
+    HOPS,
+    PROMPT,
+    REFERENCE,
+    ScriptedDispatcher,
+    build_chain,
+    chain_request,
+    two_hops,
+)
 from tests.waiting import eventually
 
 Logged = tuple[Stages, ScriptedDispatcher, OutcomeLog]
@@ -65,9 +73,12 @@ async def test_a_chain_stores_its_steps_and_the_summary_groups_it_as_chain(logge
     rows = {r["policy_asked"]: r for r in await log.records()}
     two_step = json.loads(rows[f'chain;adapters="{" ".join(HOPS)}"']["steps"])
     assert [(s["step"], s["adapter"], s["tokens"]) for s in two_step] == [(1, "spouses", 6), (2, "birthplaces", 6)]
-    assert two_step[0]["score"] == pytest.approx(-0.1) and two_step[1]["score"] == pytest.approx(-0.2)
-    assert two_step[1]["candidates"] == [{"adapter": "spouses", "score": pytest.approx(-1.2)},
-                                         {"adapter": "birthplaces", "score": pytest.approx(-0.2)}]
+    def contrastive(mean: float) -> Any:  # the default score against the fake base model's -2.0 per token
+        return pytest.approx(1.005 * mean - 0.005 * REFERENCE)
+
+    assert two_step[0]["score"] == contrastive(-0.1) and two_step[1]["score"] == contrastive(-0.2)
+    assert two_step[1]["candidates"] == [{"adapter": "spouses", "score": contrastive(-1.2)},
+                                         {"adapter": "birthplaces", "score": contrastive(-0.2)}]
     assert all(s["seconds"] >= 0 for s in two_step) and "text" not in two_step[0]  # no generated text is kept
     assert rows["base"]["steps"] is None  # not a chain
     summary = await log.summary()
@@ -121,8 +132,8 @@ async def test_chain_histograms_count_steps_candidates_and_step_time() -> None:
         await stages.service.complete(chain_request())
     assert sample(metrics, "loragate_chain_steps_count", **likelihood) == 2  # a failed chain's count is no answer's
     assert sample(metrics, "loragate_chain_step_seconds_count", **likelihood) == 4  # its decided step counts
-    with pytest.raises(Exception, match="streaming"):
-        await stages.service.complete(chain_request(stream=True))  # refused after the decision: no steps
+    with pytest.raises(Exception, match="stop strings"):
+        await stages.service.complete(chain_request(stop=["!"]))  # refused after the decision: no steps
     assert sample(metrics, "loragate_chain_step_seconds_count", **likelihood) == 4
 
 
