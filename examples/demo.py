@@ -46,8 +46,10 @@ POLICIES = (
     ("average linear", "average;k=2;method=linear;weights=uniform"),
     ("average cat", "average;k=2;method=cat;weights=uniform"),
     ("average svd", "average;k=2;method=svd;weights=uniform"),
+    ("chain", "chain;k=2"),  # the adapter chosen again at every step (score=contrastive)
+    ("chain route", "chain;k=2;choose=route"),  # ... by the router from the text so far, one generation a step
 )
-ROUTED = frozenset({"select", "average linear", "average cat", "average svd"})
+ROUTED = frozenset({"select", "average linear", "average cat", "average svd", "chain", "chain route"})
 MAX_TOKENS = 14  # a step-by-step answer is 12 words and </s>
 
 

@@ -85,7 +85,8 @@ def test_an_exited_worker_is_restarted_counted_logged_and_stopped_at_the_end(
         assert steady.starts == 0 and counts.read()[steady.launch.url] == 0
         assert worker.stops == 1  # what was left of its process group was reaped before the restart
         assert f"worker {worker.launch.url} killed by SIGKILL" in caplog.text
-        assert "restarting it in" in caplog.text and "restarted (pid 1000, restart 1)" in caplog.text
+        eventually(lambda: "restarted (pid 1000, restart 1)" in caplog.text)  # logged after the count is written
+        assert "restarting it in" in caplog.text
     finally:
         supervisor.stop()
     assert worker.start_threads[0].name == "loragate-supervisor"  # it also ends (and stops) the workers it started
