@@ -91,12 +91,15 @@ def stream_chunks(route: str, model: str, words: list[str], usage: bool = False)
 
 
 class StubApp:
-    """The ASGI application; ``tokens`` caps answer length, ``token_delay_s`` paces streamed words."""
+    """The ASGI application; ``tokens`` caps answer length, ``token_delay_s`` paces streamed words,
+    ``whole_delay_s`` delays a non-streamed answer."""
 
-    def __init__(self, model: str = "tiny-llama", tokens: int = 16, token_delay_s: float = 0.0) -> None:
+    def __init__(self, model: str = "tiny-llama", tokens: int = 16, token_delay_s: float = 0.0,
+                 whole_delay_s: float = 0.0) -> None:
         self.model = model
         self.tokens = tokens
         self.token_delay_s = token_delay_s
+        self.whole_delay_s = whole_delay_s  # how long a non-streamed answer takes (a slow worker, for tests)
         self.adapters: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,6 +148,8 @@ class StubApp:
         words = answer_words(int(max_tokens), self.tokens)
         model = str(payload.get("model") or self.model)
         if not payload.get("stream"):
+            if self.whole_delay_s:
+                await asyncio.sleep(self.whole_delay_s)
             body = completion_body(route, model, words)
             if payload.get("prompt_logprobs") is not None:  # a prefill-only scoring pass (chain's reference)
                 body = with_prompt_logprobs(body, route, payload)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -11,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from loragate.errors import InvalidRequest
 from loragate.server.app import Services
 from loragate.server.calls import EXPECTED_HEADER, POLICY_HEADER, SHADOW_HEADER, CompletionRequest, parse_json_body
+from loragate.server.executors import ProxiedResponse
 from loragate.server.outcomes import Feedback
 from loragate.server.recorder import RecordedStream
 from loragate.server.routes.deps import request_ids, services, single_header
@@ -21,6 +25,7 @@ from loragate.server.schemas import (
     completion_operation,
     request_body,
 )
+from loragate.workers.dispatch import CLIENT_CLOSED
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -49,6 +54,31 @@ class RelayResponse(StreamingResponse):
             await self.stream.aclose()
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[ProxiedResponse]) -> ProxiedResponse:
+    """``work``, cancelled if the client disconnects first: a whole answer nobody waits for (a chain's
+    steps, a worker's generation) stops instead of running on; the request is recorded as 499."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()  # the handler itself cancelled (shutdown): no orphan
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return ProxiedResponse(CLIENT_CLOSED, {}, "application/json")
+    return task.result()
+
+
 async def _complete(route: str, request: Request, svc: Services) -> Response:
     received = time.perf_counter()
     rid, outcome_id = request_ids(request)
@@ -57,7 +87,7 @@ async def _complete(route: str, request: Request, svc: Services) -> Response:
                              policy_header=single_header(request, POLICY_HEADER), received_at=received,
                              expected=expected_answer(request), shadow_header=single_header(request, SHADOW_HEADER),
                              outcome_id=outcome_id)
-    result = await svc.completions.complete(call)
+    result = await unless_disconnected(request, svc.completions.complete(call))
     if result.stream is not None:
         return RelayResponse(result.stream, status_code=result.status, headers=dict(result.headers),
                              media_type=result.media_type)
