@@ -42,9 +42,11 @@ for the answer (discarded candidates and reference passes included); the extensi
 half-written non-streamed answer; a stream ends with an error event), with the step and candidate
 named; a client that goes away stops the chain (the step's generations are cancelled).
 
-Candidates of one step are separate dispatches: they share a worker (vLLM's batching and prefix
-cache) when the scheduling profile puts them there (one worker, or affinity on workers holding every
-candidate).
+Candidates of one step are separate dispatches, all of one request's jobs grouped (one affinity key):
+the scheduling profile's ``session-affinity`` scorer sends them, their reference passes and the later
+steps to the worker the first went to (vLLM's batching and prefix cache), while that worker is fit: it
+is a score, so a worker out of rotation is never forced, and one more than 4 requests busier than
+another loses the group's next jobs (workers/scheduling.py).
 """
 
 from __future__ import annotations
@@ -450,7 +452,8 @@ class ChainExecutor:
 
     async def _generate(self, call: CompletionCall, surface: Surface, template: Mapping[str, Any], answer: str,
                         candidate: Candidate, plan: ChainPlan) -> Generated:
-        job = worker_job(call, self.model, candidate.servable, surface.step_body(template, answer), stream=False)
+        job = worker_job(call, self.model, candidate.servable, surface.step_body(template, answer), stream=False,
+                         grouped=True)
         try:
             reply = await self.dispatcher.dispatch(job)
             data, choice, text, values = _read(reply.content, surface.read)
@@ -472,7 +475,8 @@ class ChainExecutor:
         body = {**surface.reference_body(template, answer + generated.text), "max_tokens": 1, "prompt_logprobs": 0}
         body.pop("stop", None)
         try:
-            reply = await self.dispatcher.dispatch(worker_job(call, self.model, None, body, stream=False))
+            reply = await self.dispatcher.dispatch(worker_job(call, self.model, None, body, stream=False,
+                                                              grouped=True))
             data = json.loads(reply.content)
             prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
             return _prompt_logprobs(data, prompt_tokens - generated.prompt_tokens)

@@ -52,12 +52,16 @@ class Executor(Protocol):
 
 
 def worker_job(call: CompletionCall, model: str, servable: Servable | None, body: Mapping[str, Any] | None = None,
-               *, stream: bool | None = None) -> Job:
-    """The worker's body names what to run: the adapter (or merge) to apply, else the base model."""
+               *, stream: bool | None = None, grouped: bool = False) -> Job:
+    """The worker's body names what to run: the adapter (or merge) to apply, else the base model.
+
+    ``grouped``: the call's jobs prefer one worker (their affinity key is the call's outcome id,
+    unique per request, shadows included), as a chain's generations do.
+    """
     body = {**(call.body if body is None else body), "model": servable.name if servable else model}
     return Job(call.route, body, call.request_id, servable.name if servable else None,
                servable.path if servable else None, stream=call.stream if stream is None else stream,
-               counted=call.kind == "primary")
+               counted=call.kind == "primary", affinity=call.outcome_id if grouped else None)
 
 
 class SingleShot:

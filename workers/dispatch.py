@@ -36,8 +36,8 @@ class Leased(Protocol):
 class Leases(Protocol):
     """What dispatch needs from the worker pool."""
 
-    def lease(self, adapter: str | None, adapter_path: str | None, *,
-              exclude: Collection[str] = ()) -> AbstractAsyncContextManager[Leased]: ...
+    def lease(self, adapter: str | None, adapter_path: str | None, *, exclude: Collection[str] = (),
+              affinity: str | None = None) -> AbstractAsyncContextManager[Leased]: ...
 
     def report_failure(self, url: str, reason: str = "request failed") -> None: ...
 
@@ -46,7 +46,11 @@ class Leases(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One completion to run: the worker route, the upstream body, and the adapter to have loaded."""
+    """One completion to run: the worker route, the upstream body, and the adapter to have loaded.
+
+    ``affinity`` groups jobs that should share a worker (a chain's generations of one request): the
+    scheduler prefers the worker the first of them went to, while it is fit (a score, never forced).
+    """
 
     route: str
     body: Mapping[str, Any]
@@ -55,6 +59,7 @@ class Job:
     adapter_path: str | None = None
     stream: bool = False
     counted: bool = True  # a client's request: counted in the in-flight gauge (shadows are not)
+    affinity: str | None = None  # a group key (None: no group)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +225,7 @@ class Dispatcher:
             started = time.perf_counter()
             try:
                 worker = await release.enter_async_context(self.pool.lease(job.adapter, job.adapter_path,
-                                                                           exclude=excluded))
+                                                                           exclude=excluded, affinity=job.affinity))
             except UpstreamError as exc:
                 if isinstance(exc, NoWorkerAvailable):
                     raise

@@ -4,7 +4,7 @@ The pool is the composition of four parts, each in its own module:
 
 - **Scheduling** (:mod:`~loragate.workers.scheduling`): a named profile of filters (health and
   panic routing, retries' exclusions, load-failure backoff), weighted scorers (LoRA affinity,
-  eviction cost, load) and a picker, reading immutable
+  eviction cost, load, session affinity) and a picker, reading immutable
   :class:`~loragate.workers.stats.WorkerStats`. Picking and reserving a worker happen in one
   synchronous step on the event loop, so two concurrent requests never both see a free slot
   that only one can take.
@@ -238,21 +238,22 @@ class WorkerPool:
         """The worker the scheduling profile would choose now, without reserving it."""
         return self._choose(adapter, exclude).stats()
 
-    def _choose(self, adapter: str | None, exclude: Collection[str]) -> WorkerState:
-        request = SchedulingRequest(adapter, frozenset(exclude) if exclude else _NONE, time.monotonic())
+    def _choose(self, adapter: str | None, exclude: Collection[str], affinity: str | None = None) -> WorkerState:
+        request = SchedulingRequest(adapter, frozenset(exclude) if exclude else _NONE, time.monotonic(), affinity)
         return self._by_url[self.profile.schedule(request, self.views()).url]
 
     # -- request path ---------------------------------------------------------------------------------
     @asynccontextmanager
     async def lease(self, adapter: str | None, adapter_path: str | None, *,
-                    exclude: Collection[str] = ()) -> AsyncIterator[Lease]:
+                    exclude: Collection[str] = (), affinity: str | None = None) -> AsyncIterator[Lease]:
         """A worker with ``adapter`` loaded, counted as busy until the block exits.
 
         ``exclude`` lists worker URLs not to use: the request path passes the workers a request
         already failed on (before any response byte), after :meth:`report_failure`, to retry it
-        elsewhere.
+        elsewhere. Leases with one ``affinity`` key prefer one worker (the profile's
+        ``session-affinity`` scorer remembers it in this same synchronous step).
         """
-        worker = self._choose(adapter, exclude)
+        worker = self._choose(adapter, exclude, affinity)
         if not worker.healthy:
             self._observer.panic_routed(worker.url)
         worker.in_flight += 1

@@ -3,15 +3,17 @@
 The shape is the Kubernetes Gateway API Inference Extension's endpoint picker (its scheduling
 framework: Filter, Scorer and Picker plugins run by a named profile, LoRA affinity being one
 scorer among others). Every plugin reads immutable :class:`~loragate.workers.stats.WorkerStats`
-and one frozen :class:`SchedulingRequest`; none changes anything but its own cursor, so each is
-testable alone and a profile is only a list of names and weights.
+and one frozen :class:`SchedulingRequest`; none changes anything but its own state (a cursor, a
+memory of groups), so each is testable alone and a profile is only a list of names and weights.
 
 - **Filters** run in order and keep the workers fit for the request. One that leaves nothing
   raises the error the client should see (503 when no worker is in rotation, 502 when the
   adapter failed to load everywhere), so the reason is never lost in a generic "no worker".
 - **Scorers** give every remaining worker a score, higher is better. Affinity and eviction cost
   are 0 or 1; load is ``1 - load / 16``, which keeps falling past 16 so that it still ranks
-  workers that are all that busy. A profile sums ``weight * score``.
+  workers that are all that busy. A profile sums ``weight * score``. A scorer that learns from
+  what was picked (:class:`PickListener`, as the inference extension's prefix-cache scorer records
+  where each prompt went) is told every cycle's outcome.
 - **Pickers** choose among the scored workers. Ties go by configuration order
   (``WorkerStats.index``), never by dict or set order: the same inputs always pick the same worker.
 
@@ -20,15 +22,27 @@ overrides its weights. With the affinity profile's defaults, a worker holding th
 it until it has 8 more requests than an idle worker with a free slot (the affinity gap of 0.5
 against 1/16 per request): a load costs far less than that many queued requests on a GPU worker,
 yet stickiness is what keeps loads per request low.
+
+Requests that belong together (a chain's step generations and reference passes, see
+server/chain.py) carry one ``affinity`` key, and ``session-affinity`` (weight 0.25 in both
+scoring profiles) prefers the worker the first of them went to: vLLM then batches them, and its
+prefix cache (kept per adapter) serves what they share: the base model's reference passes share
+the step's prompt, and each candidate's next step extends its last one. The preference is only a
+score, after the filters: a worker out of rotation, excluded or backing off is never forced, and
+the group's worker keeps the group until it has 4 more requests than another (0.25 against 1/16
+each). It is half the affinity gap, so at equal load a worker holding a request's adapter still
+beats the group's worker that lacks it: the preference alone never costs a load. ``round-robin``
+ignores it, as every score.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 from loragate.errors import InvalidRequest, NoWorkerAvailable, WorkerRejected
 from loragate.workers.stats import WorkerStats
@@ -39,6 +53,7 @@ __all__ = [
     "PROFILES",
     "SCORERS",
     "Filter",
+    "PickListener",
     "Picker",
     "Profile",
     "ProfileSpec",
@@ -51,11 +66,13 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class SchedulingRequest:
     """What scheduling knows of one request: its adapter (None: the base model), the workers it
-    must not use (those a retry already failed on) and the moment it is scheduled (monotonic)."""
+    must not use (those a retry already failed on), the moment it is scheduled (monotonic) and its
+    ``affinity`` key (requests with one key prefer one worker; None: it belongs to no group)."""
 
     adapter: str | None
     exclude: frozenset[str] = frozenset()
     now: float = 0.0
+    affinity: str | None = None
 
 
 Scored = tuple[float, WorkerStats]
@@ -83,6 +100,13 @@ class Picker(Protocol):
     name: ClassVar[str]
 
     def pick(self, scored: Sequence[Scored]) -> WorkerStats: ...
+
+
+@runtime_checkable
+class PickListener(Protocol):
+    """A plugin told each cycle's outcome: ``kept`` (the workers the filters left) and the one picked."""
+
+    def picked(self, request: SchedulingRequest, kept: Sequence[WorkerStats], chosen: WorkerStats) -> None: ...
 
 
 # -- filters ------------------------------------------------------------------------------------------
@@ -178,6 +202,50 @@ class LoadScorer:
         return 1.0 - worker.load / self.saturation
 
 
+class SessionAffinityScorer:
+    """1 on the worker that earlier requests with the same ``affinity`` key went to, 0 elsewhere.
+
+    The key's worker is remembered from its first request, synchronously in the cycle that leases
+    it, so requests started together (a step's candidates) already see it. It stays while it
+    survives the filters for the group's requests; when it does not (out of rotation, excluded by
+    a retry, removed), the group moves to where that request went. Nothing says when a group
+    ends, so memory is bounded instead: a key idle for :attr:`idle_s` is forgotten, and beyond
+    :attr:`capacity` keys the least recently used one is. A forgotten key only costs the
+    preference: its next request is scheduled as any other and starts the group again.
+    """
+
+    name: ClassVar[str] = "session-affinity"
+    idle_s: ClassVar[float] = 60.0  # a chain's steps follow one another within seconds
+    capacity: ClassVar[int] = 4096  # groups remembered at once (a few hundred bytes each)
+
+    def __init__(self) -> None:
+        self._groups: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (worker URL, last use); LRU first
+
+    def worker_for(self, key: str, now: float) -> str | None:
+        """The worker ``key``'s group prefers at ``now``, if it is remembered."""
+        entry = self._groups.get(key)
+        return entry[0] if entry is not None and now - entry[1] <= self.idle_s else None
+
+    def score(self, request: SchedulingRequest, worker: WorkerStats) -> float:
+        key = request.affinity
+        return 1.0 if key is not None and self.worker_for(key, request.now) == worker.url else 0.0
+
+    def picked(self, request: SchedulingRequest, kept: Sequence[WorkerStats], chosen: WorkerStats) -> None:
+        key = request.affinity
+        if key is None:
+            return
+        url = self.worker_for(key, request.now)
+        if url is None or all(w.url != url for w in kept):
+            url = chosen.url
+        self._groups[key] = (url, request.now)
+        self._groups.move_to_end(key)
+        while self._groups:  # oldest first: drop the idle and those over capacity
+            oldest, (_, used) = next(iter(self._groups.items()))
+            if len(self._groups) <= self.capacity and request.now - used <= self.idle_s:
+                break
+            del self._groups[oldest]
+
+
 # -- pickers ------------------------------------------------------------------------------------------
 class MaxScorePicker:
     """The highest total score; ties go to the earlier-configured worker."""
@@ -213,7 +281,8 @@ class RoundRobinPicker:
 
 
 FILTERS: dict[str, Callable[[], Filter]] = {f.name: f for f in (HealthFilter, ExcludeFilter, LoadBackoffFilter)}
-SCORERS: dict[str, Callable[[], Scorer]] = {s.name: s for s in (LoraAffinityScorer, EvictionCostScorer, LoadScorer)}
+SCORERS: dict[str, Callable[[], Scorer]] = {s.name: s for s in (LoraAffinityScorer, EvictionCostScorer, LoadScorer,
+                                                                  SessionAffinityScorer)}
 PICKERS: dict[str, Callable[[], Picker]] = {p.name: p for p in (MaxScorePicker, MaxScoreLruPicker, RoundRobinPicker)}
 
 _Plugin = TypeVar("_Plugin")
@@ -241,12 +310,14 @@ class ProfileSpec:
 _FILTERS = ("health", "exclude", "load-backoff")
 
 PROFILES: dict[str, ProfileSpec] = {
-    # LoRA affinity tiers (has it 1, free slot 0.5, would evict 0) minus load/16.
-    "affinity": ProfileSpec(_FILTERS, (("lora-affinity", 0.5), ("eviction-cost", 0.5), ("load", 1.0)),
-                            "max-score-lru"),
-    # Fewest queued + running requests; affinity only breaks ties (0.01 < the 1/16 of one request).
-    "least-loaded": ProfileSpec(_FILTERS, (("load", 1.0), ("lora-affinity", 0.01)), "max-score"),
-    # Next worker in turn, ignoring adapters and load.
+    # LoRA affinity tiers (has it 1, free slot 0.5, would evict 0) minus load/16; a group's worker +0.25.
+    "affinity": ProfileSpec(_FILTERS, (("lora-affinity", 0.5), ("eviction-cost", 0.5), ("load", 1.0),
+                                       ("session-affinity", 0.25)), "max-score-lru"),
+    # Fewest queued + running requests (a group's worker counts 4 fewer); affinity only breaks ties
+    # (0.01 < the 1/16 of one request).
+    "least-loaded": ProfileSpec(_FILTERS, (("load", 1.0), ("lora-affinity", 0.01), ("session-affinity", 0.25)),
+                                "max-score"),
+    # Next worker in turn, ignoring adapters, load and groups.
     "round-robin": ProfileSpec(_FILTERS, (), "round-robin"),
 }
 
@@ -260,6 +331,7 @@ class Profile:
         self.filters = tuple(filters)
         self.scorers = tuple((s, w) for s, w in scorers if w)  # a zero weight is no scorer
         self.picker = picker
+        self.listeners = tuple(s for s, _ in self.scorers if isinstance(s, PickListener))
 
     @property
     def weights(self) -> dict[str, float]:
@@ -275,7 +347,10 @@ class Profile:
             for scorer, weight in self.scorers:
                 total += weight * scorer.score(request, worker)
             scored.append((total, worker))
-        return self.picker.pick(scored)
+        chosen = self.picker.pick(scored)
+        for listener in self.listeners:
+            listener.picked(request, workers, chosen)
+        return chosen
 
 
 def make_profile(name: str, weights: Mapping[str, float] | None = None) -> Profile:

@@ -55,8 +55,8 @@ class FakePool:
         finally:
             self.held -= 1
 
-    def lease(self, adapter: str | None, adapter_path: str | None, *,
-              exclude: Collection[str] = ()) -> AsyncIterator[FakeLease]:
+    def lease(self, adapter: str | None, adapter_path: str | None, *, exclude: Collection[str] = (),
+              affinity: str | None = None) -> AsyncIterator[FakeLease]:
         return self._lease(adapter, adapter_path, exclude)  # type: ignore[return-value]
 
     def report_failure(self, url: str, reason: str = "request failed") -> None:

@@ -63,7 +63,8 @@ def test_scheduling_profile_and_weights_are_checked_at_construction_and_used() -
     with pytest.raises(InvalidRequest, match="unknown scheduling scorer 'cache'; valid:"):
         PoolConfig(scorer_weights={"cache": 1.0})
     pool, _, _ = make_pool(strategy="least-loaded", scorer_weights={"load": 2.0})
-    assert pool.profile.name == "least-loaded" and pool.profile.weights == {"load": 2.0, "lora-affinity": 0.01}
+    assert pool.profile.name == "least-loaded" and pool.profile.weights == {"load": 2.0, "lora-affinity": 0.01,
+                                                                            "session-affinity": 0.25}
 
 
 def test_per_worker_cap_overrides_the_default() -> None:

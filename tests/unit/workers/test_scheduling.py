@@ -176,13 +176,14 @@ def test_weights_override_the_profile() -> None:
     assert choose("affinity", "a", sticky) == 0
     assert choose("affinity", "a", sticky, load=0.5) == 1  # load counts half: stays up to 16 more requests
     assert choose("least-loaded", "a", sticky, **{"lora-affinity": 1.0}) == 1
-    assert make_profile("affinity", {"load": 0}).weights == {"lora-affinity": 0.5, "eviction-cost": 0.5}
+    assert make_profile("affinity", {"load": 0}).weights == {"lora-affinity": 0.5, "eviction-cost": 0.5,
+                                                             "session-affinity": 0.25}
 
 
 def test_registries_and_their_lookup_errors_list_valid_names() -> None:
     assert set(PROFILES) == {"affinity", "least-loaded", "round-robin"}
     assert set(FILTERS) == {"health", "exclude", "load-backoff"}
-    assert set(SCORERS) == {"lora-affinity", "eviction-cost", "load"}
+    assert set(SCORERS) == {"lora-affinity", "eviction-cost", "load", "session-affinity"}
     assert set(PICKERS) == {"max-score", "max-score-lru", "round-robin"}
     assert isinstance(make_profile("round-robin").picker, RoundRobinPicker)
     with pytest.raises(InvalidRequest, match="affinity") as info:
@@ -201,4 +202,5 @@ def test_every_profile_names_registered_plugins() -> None:
         profile = make_profile(name)
         assert [f.name for f in profile.filters] == list(spec.filters) == ["health", "exclude", "load-backoff"]
         assert profile.picker.name == spec.picker
-    assert make_profile("affinity").weights == {"lora-affinity": 0.5, "eviction-cost": 0.5, "load": 1.0}
+    assert make_profile("affinity").weights == {"lora-affinity": 0.5, "eviction-cost": 0.5, "load": 1.0,
+                                                "session-affinity": 0.25}
