@@ -213,7 +213,7 @@ class Surface(Protocol):
     def delta(self, text: str, first: bool, finish_reason: str | None) -> dict[str, Any]: ...
 
 
-def _prompt_logprobs(data: Mapping[str, Any], text_tokens: int) -> list[float]:
+def prompt_logprobs(data: Mapping[str, Any], text_tokens: int) -> list[float]:
     """The last ``text_tokens`` prompt-token log-probabilities of a prefill-only pass (vLLM's
     ``prompt_logprobs=0``: one ``{token_id: {"logprob": ...}}`` per prompt token, None for the first)."""
     rows = data.get("prompt_logprobs")
@@ -479,7 +479,7 @@ class ChainExecutor:
                                                               grouped=True))
             data = json.loads(reply.content)
             prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
-            return _prompt_logprobs(data, prompt_tokens - generated.prompt_tokens)
+            return prompt_logprobs(data, prompt_tokens - generated.prompt_tokens)
         except DispatchFailed as failed:
             raise _CandidateFailed(generated.adapter, failed.error, failed.attempt, reference=True) from failed.error
         except UpstreamError as error:
