@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     scheduling: str = Field("affinity", description="Worker scheduling: affinity | least-loaded | round-robin.")
     scheduling_weights: dict[str, float] = Field(
         default_factory=dict, description="Scorer weights overriding the scheduling profile's (JSON object in env), "
-                                          "e.g. {\"load\": 2}: lora-affinity | eviction-cost | load | session-affinity; "
-                                          "0 drops one.")
+                                          "e.g. {\"load\": 2}: lora-affinity | eviction-cost | load | "
+                                          "session-affinity; 0 drops one.")
     worker_max_loras: int = Field(
         4, gt=0, description="Default per-worker cap on loaded adapters (a worker URL may end in #max_loras=N).")
     probe_interval_s: float = Field(0.5, gt=0, le=60, description="Seconds between worker health probes.")
