@@ -12,6 +12,7 @@ import pytest
 
 from loragate.errors import InvalidRequest, LoragateError, NotFound, UpstreamError
 from loragate.router.grammar import parse_policy
+from loragate.router.types import CHAIN_CONTRAST
 from loragate.server.calls import shadow_call
 from loragate.workers.dispatch import Attempt, Dispatched, Job
 from tests.unit.server.fakes import MODEL, WORKER, build, failed, request
@@ -31,6 +32,11 @@ def completion(text: str, logprobs: list[float], *, finish: str = "stop", stop_r
 
 Script = Callable[[str, str], bytes | BaseException]  # (model the job runs, answer so far) -> reply
 REFERENCE = -2.0  # every token's log-probability in the base model's reference passes (unless scripted)
+
+
+def contrastive(mean: float) -> float:
+    """The default score of a step whose tokens average ``mean``, against the fake base model's REFERENCE."""
+    return round((1 + CHAIN_CONTRAST) * mean - CHAIN_CONTRAST * REFERENCE, 6)
 
 
 def reference(logprob: float = REFERENCE, *, prompt_tokens: int = 1000) -> bytes:
@@ -123,9 +129,9 @@ async def test_each_step_is_generated_under_every_candidate_and_the_likelier_one
     assert body["chain"]["generations"] == 6  # 2 steps + the EOS round
     assert body["chain"]["reference_passes"] == 4 == len(dispatcher.reference_jobs)  # the EOS round has no text
     assert [s["adapter"] for s in body["chain"]["steps"]] == ["spouses", "birthplaces"]
-    # contrastive: 1.005 * mean(own) - 0.005 * mean(base) with the base's -2.0 per token
-    assert body["chain"]["steps"][0]["candidates"] == [{"adapter": "spouses", "score": -0.0905},
-                                                       {"adapter": "birthplaces", "score": -1.4975}]
+    # contrastive: (1 + c) * mean(own) - c * mean(base) with the base's -2.0 per token
+    assert body["chain"]["steps"][0]["candidates"] == [{"adapter": "spouses", "score": contrastive(-0.1)},
+                                                       {"adapter": "birthplaces", "score": contrastive(-1.5)}]
     assert response.headers["x-adapter-policy-applied"] == "chain"
     assert response.headers["x-adapters"] == '"spouses";step=1, "birthplaces";step=2'
     assert dispatcher.most_running == 2  # a step's candidates run in parallel
@@ -222,7 +228,7 @@ async def test_score_min_ranks_a_step_by_its_least_likely_token() -> None:
     by_min = json.loads((await stages.service.complete(chain_request('chain;adapters="birthplaces spouses";'
                                                                      "max_steps=1;score=min"))).content)
     assert by_mean["choices"][0]["text"] == " the spouse of a is a."
-    assert by_mean["chain"]["score"] == "contrastive" and by_mean["chain"]["contrast"] == 0.005
+    assert by_mean["chain"]["score"] == "contrastive" and by_mean["chain"]["contrast"] == CHAIN_CONTRAST
     assert by_min["choices"][0]["text"] == " the spouse of a is b." and by_min["chain"]["score"] == "min"
 
 

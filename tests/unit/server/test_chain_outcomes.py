@@ -37,10 +37,10 @@ from tests.unit.server.fakes import MODEL, Stages, failed, request
 from tests.unit.server.test_chain import (
     HOPS,
     PROMPT,
-    REFERENCE,
     ScriptedDispatcher,
     build_chain,
     chain_request,
+    contrastive,
     two_hops,
 )
 from tests.waiting import eventually
@@ -65,6 +65,11 @@ def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float:
 
 
 # -- the outcome log --------------------------------------------------------------------------------
+def approx(mean: float) -> Any:
+    """The default (contrastive) score of a step whose tokens average ``mean``."""
+    return pytest.approx(contrastive(mean))
+
+
 async def test_a_chain_stores_its_steps_and_the_summary_groups_it_as_chain(logged: Logged) -> None:
     stages, _, log = logged
     await stages.service.complete(chain_request(expected="Rome"))
@@ -73,12 +78,9 @@ async def test_a_chain_stores_its_steps_and_the_summary_groups_it_as_chain(logge
     rows = {r["policy_asked"]: r for r in await log.records()}
     two_step = json.loads(rows[f'chain;adapters="{" ".join(HOPS)}"']["steps"])
     assert [(s["step"], s["adapter"], s["tokens"]) for s in two_step] == [(1, "spouses", 6), (2, "birthplaces", 6)]
-    def contrastive(mean: float) -> Any:  # the default score against the fake base model's -2.0 per token
-        return pytest.approx(1.005 * mean - 0.005 * REFERENCE)
-
-    assert two_step[0]["score"] == contrastive(-0.1) and two_step[1]["score"] == contrastive(-0.2)
-    assert two_step[1]["candidates"] == [{"adapter": "spouses", "score": contrastive(-1.2)},
-                                         {"adapter": "birthplaces", "score": contrastive(-0.2)}]
+    assert two_step[0]["score"] == approx(-0.1) and two_step[1]["score"] == approx(-0.2)
+    assert two_step[1]["candidates"] == [{"adapter": "spouses", "score": approx(-1.2)},
+                                         {"adapter": "birthplaces", "score": approx(-0.2)}]
     assert all(s["seconds"] >= 0 for s in two_step) and "text" not in two_step[0]  # no generated text is kept
     assert rows["base"]["steps"] is None  # not a chain
     summary = await log.summary()
