@@ -445,7 +445,9 @@ class ChainExecutor:
         references: list[Sequence[float]] = [()] * len(outputs)
         if plan.score in REFERENCED:
             references = await _all([self._reference(call, surface, template, run.answer, g) for g in outputs])
-            run.references += sum(1 for g in outputs if g.adapter is not None and g.tokens)
+            passes = sum(1 for g in outputs if g.adapter is not None and g.tokens)
+            run.references += passes
+            run.generated_tokens += passes  # each generates the one token its max_tokens=1 asks for
         score = STEP_SCORES[plan.score]
         return [replace(g, score=score(g.logprobs, ref, plan.contrast))
                 for g, ref in zip(outputs, references, strict=True)]

@@ -124,8 +124,9 @@ async def test_each_step_is_generated_under_every_candidate_and_the_likelier_one
     assert body["object"] == "text_completion"
     (choice,) = body["choices"]
     assert choice["text"] == " Ann is married to Bob. Bob was born in Rome." and choice["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 24, "total_tokens": 36}  # every generated token
-    assert body["chain"]["answer_tokens"] == 12 and body["chain"]["generated_tokens"] == 24
+    # every generated token: 2 steps x 2 candidates x 6, and one per reference pass
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 28, "total_tokens": 40}
+    assert body["chain"]["answer_tokens"] == 12 and body["chain"]["generated_tokens"] == 28
     assert body["chain"]["generations"] == 6  # 2 steps + the EOS round
     assert body["chain"]["reference_passes"] == 4 == len(dispatcher.reference_jobs)  # the EOS round has no text
     assert [s["adapter"] for s in body["chain"]["steps"]] == ["spouses", "birthplaces"]
@@ -188,7 +189,7 @@ async def test_max_tokens_bounds_the_whole_answer() -> None:
     body = json.loads(response.content)
     assert [j.body["max_tokens"] for j in dispatcher.jobs] == [10, 10, 4, 4]
     assert body["choices"][0]["finish_reason"] == "length" and body["chain"]["answer_tokens"] == 10
-    assert body["usage"]["completion_tokens"] == 6 + 6 + 4 + 4  # every candidate's tokens
+    assert body["usage"]["completion_tokens"] == 6 + 6 + 4 + 4 + 4  # every candidate's tokens, 4 reference passes
 
 
 async def test_max_steps_ends_the_chain_at_a_delimiter_as_length() -> None:
@@ -410,7 +411,7 @@ async def test_a_streamed_chain_sends_each_step_as_it_is_decided() -> None:
     assert [e["chain"] for e in steps] == [{"step": 1, "adapter": "spouses"}, {"step": 2, "adapter": "birthplaces"}]
     assert all(e["object"] == "text_completion" and e["choices"][0]["finish_reason"] is None for e in steps)
     assert finish["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 24 and done == "[DONE]"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 28 and done == "[DONE]"
     (event,) = stages.events
     assert event.status == 200 and [s.adapter for s in event.steps] == ["spouses", "birthplaces"]
     (row,) = stages.outcomes.records
