@@ -303,7 +303,7 @@ def diagnose(answer: Answer, spouse_of: dict[str, str], city_of: dict[str, str])
     if not texts or not is_correct(texts[0], [spouse]):
         failure, step = "step 1 does not name the spouse", 1
     elif len(texts) < 2:
-        failure, step = "the answer ends after step 1", 1
+        failure, step = "step 1 names the spouse, then runs on (no step 2)", 1
     elif not is_correct(texts[1], [city_of[spouse]]):
         failure, step = "step 2 names another city", 2
     else:
@@ -546,7 +546,8 @@ def write(runs: Sequence[KitRun], policies: Sequence[tuple[str, str]], chain: st
         "`X-Adapters` step list.\n\n"
         "![success by policy](chain.png)\n\n"
         "### Cost: chain vs select on the same questions\n\n"
-        f"{len(cost_chain)} questions (a sample of each kind) sent once under each policy, one at a time, "
+        f"{len(cost_chain)} questions ({len(_of(shipped.cost, 'chain', STEPS_KIND))} of each kind) sent once under "
+        "each policy, one at a time, "
         "alternating in random order, so both series see the same machine. Tokens per answer: select's "
         "`usage.completion_tokens`; chain's kept tokens are the answer's own (`chain.answer_tokens`), its "
         "generated tokens `chain.generated_tokens` (every candidate's continuation of every step, the discarded "
