@@ -203,7 +203,8 @@ class Surface(Protocol):
     """What differs between the two routes a chain answers: how a step is asked for and read, and the answer's shape."""
 
     route: str
-    object_name: str
+    object_name: str  # a whole answer's "object"
+    chunk_object: str  # a stream chunk's
 
     def check(self, body: Mapping[str, Any]) -> None: ...
     def step_body(self, template: Mapping[str, Any], answer: str) -> dict[str, Any]: ...
@@ -229,6 +230,7 @@ def prompt_logprobs(data: Mapping[str, Any], text_tokens: int) -> list[float]:
 class CompletionSurface:
     route = "completions"
     object_name = "text_completion"
+    chunk_object = "text_completion"  # OpenAI's completions stream chunks are text_completion objects too
 
     def check(self, body: Mapping[str, Any]) -> None:
         if not isinstance(body.get("prompt"), str):
@@ -257,6 +259,7 @@ class ChatSurface:
 
     route = "chat.completions"
     object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
 
     def check(self, body: Mapping[str, Any]) -> None:
         messages = body.get("messages")
@@ -375,8 +378,8 @@ class ChainExecutor:
         ran = self.ran(decision, run)
         ended(ran, None, run.attempt, 200, time.perf_counter() - run.started,
               run.answer if call.expected is not None else None, tuple(run.steps))
-        body = {**self._envelope(call, surface, plan), "choices": [surface.choice(run.answer, run.finish)],
-                "usage": self._usage(run), "chain": self._extension(plan, run)}
+        body = {**self.envelope(call, surface, plan), "choices": [surface.choice(run.answer, run.finish)],
+                "usage": self.usage(run), "chain": self.extension(plan, run)}
         return ProxiedResponse(200, decision_headers(call, ran, None), "application/json",
                                content=json.dumps(body).encode())
 
@@ -491,18 +494,18 @@ class ChainExecutor:
                                        code="bad_upstream_body")
             raise _CandidateFailed(generated.adapter, unreadable, NO_ATTEMPT, reference=True) from exc
 
-    def _envelope(self, call: CompletionCall, surface: Surface, plan: ChainPlan) -> dict[str, Any]:
+    def envelope(self, call: CompletionCall, surface: Surface, plan: ChainPlan) -> dict[str, Any]:
         return {"id": f"{'chatcmpl' if surface.route == 'chat.completions' else 'cmpl'}-{call.outcome_id}",
                 "object": surface.object_name, "created": int(time.time()),
                 "model": call.body.get("model", self.model)}
 
-    def _usage(self, run: ChainRun) -> dict[str, int]:
+    def usage(self, run: ChainRun) -> dict[str, int]:
         """``completion_tokens``: every generated token (what the workers spent); the answer's own are
         ``chain.answer_tokens``."""
         return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.generated_tokens,
                 "total_tokens": run.prompt_tokens + run.generated_tokens}
 
-    def _extension(self, plan: ChainPlan, run: ChainRun) -> dict[str, Any]:
+    def extension(self, plan: ChainPlan, run: ChainRun) -> dict[str, Any]:
         """The ``chain`` extension field (documented in the module and README)."""
         return {
             "choose": plan.choose,
@@ -563,9 +566,7 @@ class ChainStream:
     def _chunk(self, text: str, first: bool, finish: str | None, step: Decided | None) -> bytes:
         plan = self._decision.chain
         assert plan is not None
-        envelope = self._executor._envelope(self._call, self._surface, plan)
-        envelope["object"] = f"{self._surface.object_name}.chunk" if self._surface.route != "completions" \
-            else self._surface.object_name
+        envelope = {**self._executor.envelope(self._call, self._surface, plan), "object": self._surface.chunk_object}
         body: dict[str, Any] = {**envelope, "choices": [self._surface.delta(text, first, finish)]}
         if step is not None:
             body["chain"] = {"step": step.index, "adapter": step.adapter or self._executor.model}
@@ -581,9 +582,9 @@ class ChainStream:
             if (self._call.body.get("stream_options") or {}).get("include_usage"):
                 plan = self._decision.chain
                 assert plan is not None
-                yield self._event({**self._executor._envelope(self._call, self._surface, plan), "choices": [],
-                                   "usage": self._executor._usage(self._run),
-                                   "chain": self._executor._extension(plan, self._run)})
+                yield self._event({**self._executor.envelope(self._call, self._surface, plan), "choices": [],
+                                   "usage": self._executor.usage(self._run),
+                                   "chain": self._executor.extension(plan, self._run)})
             self._status = 200
         except (ChainFailed, LoragateError) as failed:
             error = failed.error if isinstance(failed, ChainFailed) else failed
