@@ -52,7 +52,7 @@ CHAIN_DELIMITERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 """Step delimiters a ``chain`` policy may name (``delim=``): each is a ``stop`` string of a step's generation."""
 
 
-CHAIN_CONTRAST = 0.002
+CHAIN_CONTRAST = 0.005
 """``chain;contrast=``'s default: chosen on half of the kit's people, reported on the other (docs/bench/chain.md)."""
 
 

@@ -17,7 +17,7 @@ How a step is chosen (``choose=``):
   score wins (ties: candidate order). Scores (``score=``, :data:`STEP_SCORES`):
   - ``contrastive`` (default): ``(1 + c) * mean(own) - c * mean(base)`` over the step's tokens, where
     ``own`` are the token log-probabilities under the candidate and ``base`` those of the same text
-    under the base model (one prefill-only pass per candidate), ``c`` = ``contrast`` (0.002). LoRA
+    under the base model (one prefill-only pass per candidate), ``c`` = ``contrast`` (0.005). LoRA
     hop adapters are near-certain of *everything* they write, right or wrong (an adapter without the
     fact copies a name from the question, or answers in the base model's words), so the plain mean
     is a coin toss between two scores of about 0. Of two sure steps, the one the base model finds

@@ -58,16 +58,13 @@ def ask_all(gateway: str, policy: str, sample: list[Question], prefix: str) -> l
 def test_chain_composes_two_hops_that_select_cannot(twohop_gateway: str) -> None:
     """On a sample of step-by-step two-hop questions, chain answers most and select almost none.
 
-    Why the floor is 0.55: the first (mean-score) chain measured 72% on the full 96 questions, the
-    contrastive default 95/96 (docs/bench/chain.md); the floor is set from the weaker one, so it holds
-    for any step score at least as good as the naive one. Greedy decoding makes one machine's result
-    deterministic; what moves it is another CPU's float rounding and the step score, which the
-    chain's owner is still changing. A sample of 24 of 96 drawn at random from a set at 72% has a
-    standard deviation of sqrt(.72 * .28 / 24 * 72 / 95) ~ 0.08 (without replacement), so 0.55 is
-    about two of them below: a chain that composes as measured passes, one that composes no better
-    than a single adapter (select, ~5%) fails by far. Select's own ceiling, 0.25, is the share a
-    single adapter could reach by chance plus that same margin; the gap of 0.3 is what the chain
-    exists for.
+    Why the floor is 0.8: the contrastive default measured 95/96 on the full 96 questions through the
+    gateway (docs/bench/chain.md; the naive mean score 69/96). Greedy decoding makes one machine's result
+    deterministic; another CPU's float rounding can flip the few steps whose candidates score within
+    a hair of each other (the closest measured margins are ~0.01), so the floor leaves room for four of
+    24 to flip, while a chain that lost its contrastive score (~72%, about 17 of 24) fails and one that
+    composes no better than a single adapter (select, ~5%) fails by far. Select's own ceiling, 0.25, is
+    the share a single adapter could reach by chance plus a margin.
     """
     sample = random.Random(18).sample([q for q in questions(KIT, None) if q.kind == STEPS_KIND], SAMPLE)
     chained = ask_all(twohop_gateway, CHAIN, sample, "chain-test")
@@ -76,7 +73,7 @@ def test_chain_composes_two_hops_that_select_cannot(twohop_gateway: str) -> None
     chain_rate = sum(a.correct for a in chained) / SAMPLE
     select_rate = sum(a.correct for a in selected) / SAMPLE
     answers = [(a.completion.choices[0].text, a.correct) for a in chained]
-    assert chain_rate >= 0.55, (chain_rate, answers)
+    assert chain_rate >= 0.8, (chain_rate, answers)
     assert select_rate <= 0.25 and chain_rate - select_rate >= 0.3, (chain_rate, select_rate)
 
     for a in chained:
