@@ -8,11 +8,14 @@ reference pass over it, exactly the requests the executor sends), then replays t
 (``server.chain.STEP_SCORES``, ``best``) over the tree for each score. One exploration scores them all.
 
 Honest split: the kit's subjects (the person a question asks about; each has three phrasings per kind)
-are shuffled with a fixed seed and halved. ``contrast`` is chosen on half A alone (the most questions right
-over hop1, hop2 and twohop-steps; among equals the middle of the plateau), then reported on half B, and
-on every other kit given with ``--kit`` as is.
+are shuffled with a fixed seed and halved. ``contrast`` is chosen on half A alone; then ``topic`` (the
+weight of a step's similarity to its candidate's own descriptors, embedded in-process with the gateway's
+default embedder, as its index does) on half A plus the kits given with ``--train-kit``. Each is the
+grid value with the most questions right over hop1, hop2 and twohop-steps, among equals the middle of
+the plateau. Everything is reported on half B and on the ``--kit`` kits, which chose nothing.
 
-Run: ``python -m bench.bench_chain_scores [--quick] [--kit DIR ...]``; prints its headline last.
+Run: ``python -m bench.bench_chain_scores [--quick] [--train-kit DIR ...] [--kit DIR ...]``; prints its
+headline last.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import pickle
 import random
 import re
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +36,7 @@ import httpx
 from bench import report
 from bench.bench_chain import kit_gateway
 from bench.benchkit import bench_parser, output_dir, plot_file
+from loragate.router.embedder import make_backend
 from loragate.server.chain import STEP_SCORES, Generated, best, prompt_logprobs
 from loragate.workers.dispatch import Attempt
 
@@ -44,6 +47,7 @@ DELIMITERS = (".", "\n")
 MAX_TOKENS = 14  # the demo's budget: a step-by-step answer is 12 words and </s>
 MAX_STEPS = 4
 CONTRASTS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
+TOPICS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 BASE_NAME = "twohop-base"
 HOPS = ("spouses", "birthplaces")  # what chain;k=2 chooses from: the adapters with descriptors (not the oracle)
 
@@ -94,15 +98,6 @@ async def _expand(client: httpx.AsyncClient, prompt: str, adapters: Sequence[str
     return tuple(nodes)
 
 
-def answer(nodes: Sequence[Node], score: str, contrast: float) -> str:
-    """The executor's choice rule replayed over the tree: the best-scored step, then its continuation."""
-    fn = STEP_SCORES[score]
-    scored = [(n, fn(n.generated.logprobs, n.reference, contrast)) for n in nodes]
-    winner = best([replace(n.generated, score=s) for n, s in scored])
-    node = next(n for n, _ in scored if n.generated.adapter == winner.adapter)
-    return node.generated.text + (answer(node.children, score, contrast) if node.children else "")
-
-
 def subject(prompt: str) -> str:
     """The person a kit question asks about (the word after "of", or before "born"/"married")."""
     match = re.search(r"(?:of|was|is) (\w+) (?:born|married|\?|\.)", prompt)
@@ -139,26 +134,77 @@ async def explore(gateway: str, kit: Path, per_kind: int | None) -> list[Questio
     return out
 
 
-def success(questions: Sequence[Question], score: str, contrast: float, kind: str,
-            subjects: set[str] | None = None) -> tuple[int, int]:
-    chosen = [q for q in questions if q.kind == kind and (subjects is None or subject(q.prompt) in subjects)]
-    return sum(q.expected in answer(q.tree, score, contrast) for q in chosen), len(chosen)
-
-
 def halves(questions: Sequence[Question], seed: int = 0) -> tuple[set[str], set[str]]:
     names = sorted({subject(q.prompt) for q in questions})
     random.Random(seed).shuffle(names)
     return set(names[: len(names) // 2]), set(names[len(names) // 2:])
 
 
-def choose_contrast(parts: Sequence[tuple[Sequence[Question], set[str] | None]]) -> tuple[float, dict[float, int]]:
-    """The contrast with the most right over the training parts (each: questions, and the subjects that count,
-    None for all); among equals the middle of the plateau."""
-    totals = {c: sum(success(qs, "contrastive", c, k, names)[0] for qs, names in parts for k in SCORED)
-              for c in CONTRASTS}
+@dataclass(frozen=True)
+class Rule:
+    """A way to choose a step: ``server.chain.STEP_SCORES[score]`` plus ``topic`` x the descriptor fit."""
+
+    score: str
+    contrast: float = 0.0
+    topic: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.score != "contrastive":
+            return self.score
+        return f"contrastive c={self.contrast:g}" + (f" + topic {self.topic:g}" if self.topic else "")
+
+
+@dataclass
+class Kit:
+    """A kit's explored questions, and its steps' similarity to each hop adapter's descriptors."""
+
+    name: str
+    questions: list[Question]
+    fits: dict[tuple[str, str], float]
+
+    def answer(self, nodes: Sequence[Node], rule: Rule) -> str:
+        """The executor's choice rule replayed over the tree: the best-scored step, then its continuation."""
+        fn = STEP_SCORES[rule.score]
+        scored = [(n, fn(n.generated.logprobs, n.reference, rule.contrast)
+                   + rule.topic * self.fits.get((n.generated.text, n.generated.adapter or ""), 0.0)) for n in nodes]
+        winner = best([replace(n.generated, score=s) for n, s in scored])
+        node = next(n for n, _ in scored if n.generated.adapter == winner.adapter)
+        return node.generated.text + (self.answer(node.children, rule) if node.children else "")
+
+    def success(self, rule: Rule, kind: str, subjects: set[str] | None = None) -> tuple[int, int]:
+        chosen = [q for q in self.questions if q.kind == kind and (subjects is None or subject(q.prompt) in subjects)]
+        return sum(q.expected in self.answer(q.tree, rule) for q in chosen), len(chosen)
+
+
+def _steps(nodes: Sequence[Node]) -> list[Generated]:
+    out = []
+    for n in nodes:
+        out.append(n.generated)
+        out += _steps(n.children or ())
+    return out
+
+
+def with_fits(name: str, kit: Path, questions: list[Question], encoder: Any) -> Kit:
+    """Every step's similarity to its candidate's descriptors: max cosine over the description and examples,
+    as the gateway's index scores an adapter (index_aggregate max)."""
+    descriptors = json.loads((kit / "descriptors.json").read_text())
+    vectors = {a: encoder.encode([descriptors[a]["description"], *descriptors[a]["examples"]]) for a in HOPS}
+    pairs = sorted({(g.text, g.adapter or "") for q in questions for g in _steps(q.tree) if g.text})
+    texts = sorted({t for t, _ in pairs})
+    embedded = dict(zip(texts, encoder.encode(texts), strict=True)) if texts else {}
+    return Kit(name, questions, {(t, a): float((vectors[a] @ embedded[t]).max()) for t, a in pairs})
+
+
+Part = tuple[Kit, "set[str] | None"]  # a kit and the subjects that count (None: all)
+
+
+def choose(parts: Sequence[Part], rules: Sequence[Rule]) -> tuple[Rule, dict[Rule, int]]:
+    """The rule with the most right over the parts (hop1 + hop2 + twohop-steps); among equals the middle."""
+    totals = {r: sum(kit.success(r, k, names)[0] for kit, names in parts for k in SCORED) for r in rules}
     top = max(totals.values())
-    tied = [c for c in CONTRASTS if totals[c] == top]
-    return statistics.median_low(tied), totals
+    tied = [r for r in rules if totals[r] == top]
+    return tied[(len(tied) - 1) // 2], totals
 
 
 def _cell(ok_n: tuple[int, int]) -> str:
@@ -166,34 +212,21 @@ def _cell(ok_n: tuple[int, int]) -> str:
     return f"{ok}/{n} ({ok / n:.0%})" if n else "-"
 
 
-def rules(contrast: float) -> list[tuple[str, str, float]]:
-    return [("mean", "mean", 0.0), ("min", "min", 0.0), (f"contrastive c={contrast:g}", "contrastive", contrast)]
-
-
-def tables(questions: Sequence[Question], train: set[str], test: set[str], contrast: float,
-           totals: Mapping[float, int]) -> str:
-    head = "| score | half | " + " | ".join(KINDS) + " |\n|---|---|" + "---:|" * len(KINDS) + "\n"
-    rows = []
-    for label, score, c in rules(contrast):
-        for half, names in (("A (chose c)", train), ("B (held out)", test)):
-            rows.append(f"| {label} | {half} | " + " | ".join(_cell(success(questions, score, c, k, names))
-                                                          for k in KINDS) + " |")
-    grid = ("| contrast | right on the training parts (hop1 + hop2 + twohop-steps) | B twohop-steps | B hop2 |\n"
-            "|---:|---:|---:|---:|\n")
-    grid += "\n".join(f"| {c:g} | {totals[c]} | {_cell(success(questions, 'contrastive', c, 'twohop-steps', test))} "
-                      f"| {_cell(success(questions, 'contrastive', c, 'hop2', test))} |" for c in CONTRASTS)
-    return (head + "\n".join(rows) + "\n\nEvery contrast on the grid (chosen: the middle of the training parts' "
-            "best):\n\n" + grid)
-
-
-def seed_table(kits: Mapping[str, list[Question]], contrast: float) -> str:
+def results(rows: Sequence[tuple[str, Kit, set[str] | None]], rules: Sequence[Rule]) -> str:
     head = "| kit | score | " + " | ".join(KINDS) + " |\n|---|---|" + "---:|" * len(KINDS) + "\n"
-    rows = [f"| {name} | {label} | " + " | ".join(_cell(success(qs, score, c, k)) for k in KINDS) + " |"
-            for name, qs in kits.items() for label, score, c in rules(contrast)]
-    return head + "\n".join(rows)
+    return head + "\n".join(f"| {label} | {rule.label} | " + " | ".join(_cell(kit.success(rule, k, names))
+                                                                      for k in KINDS) + " |"
+                            for label, kit, names in rows for rule in rules)
 
 
-def plot(questions: Sequence[Question], train: set[str], test: set[str], contrast: float, path: Path) -> None:
+def grid(totals: Mapping[Rule, int], shipped: Kit, test: set[str], value: str, trained_on: str) -> str:
+    lines = [f"| {value} | right on {trained_on} | B twohop-steps | B hop2 |", "|---:|---:|---:|---:|"]
+    lines += [f"| {getattr(r, value):g} | {total} | {_cell(shipped.success(r, 'twohop-steps', test))} "
+              f"| {_cell(shipped.success(r, 'hop2', test))} |" for r, total in totals.items()]
+    return "\n".join(lines)
+
+
+def plot(shipped: Kit, train: set[str], test: set[str], contrast: float, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -202,7 +235,7 @@ def plot(questions: Sequence[Question], train: set[str], test: set[str], contras
     fig, ax = plt.subplots(figsize=(8, 4))
     for kind, style in (("twohop-steps", "-"), ("hop2", "--"), ("hop1", ":")):
         for half, names, marker in (("A", train, "o"), ("B", test, "s")):
-            rates = [success(questions, "contrastive", c, kind, names) for c in CONTRASTS]
+            rates = [shipped.success(Rule("contrastive", c), kind, names) for c in CONTRASTS]
             ax.plot(xs, [ok / n for ok, n in rates], style, marker=marker, label=f"{kind}, half {half}")
     ax.axvline(contrast, color="grey", lw=0.8)
     ax.set_xscale("log")
@@ -231,24 +264,41 @@ def explore_kit(kit: Path, data: Path, per_kind: int | None) -> list[Question]:
 
 
 def run(train_kits: Sequence[Path], kits: Sequence[Path], per_kind: int | None, out: Path | None, data: Path) -> str:
-    shipped = explore_kit(KIT, data / "shipped", per_kind)
-    train, test = halves(shipped)
-    trained = {kit.name: explore_kit(kit, data / kit.name, per_kind) for kit in train_kits}
-    contrast, totals = choose_contrast([(shipped, train), *((qs, None) for qs in trained.values())])
-    others = {f"{kit.name} (held out)": explore_kit(kit, data / kit.name, per_kind) for kit in kits}
-    plot(shipped, train, test, contrast, plot_file("chain_scores", out))
-    held = success(shipped, "contrastive", contrast, "twohop-steps", test)
-    chosen_on = "half A" + "".join(f" and all of {name}" for name in trained)
-    body = (f"Tree replay of the chain's step choice (k=2 hop adapters, max_tokens {MAX_TOKENS}, greedy) on the "
-            f"shipped kit, {len(shipped)} questions; subjects halved with seed 0 ({len(train)} / {len(test)}). "
-            f"Chosen on {chosen_on}: contrast = {contrast:g}.\n\n" + tables(shipped, train, test, contrast, totals)
-            + ("\n\nKits that chose the contrast with half A:\n\n" + seed_table(trained, contrast) if trained else "")
-            + ("\n\nHeld-out kits, the same contrast:\n\n" + seed_table(others, contrast) if others else "")
+    encoder = make_backend()
+    load = {p.name: p for p in (KIT, *train_kits, *kits)}
+
+    def kit_of(name: str, path: Path) -> Kit:
+        return with_fits(name, path, explore_kit(path, data / ("shipped" if path == KIT else path.name), per_kind),
+                         encoder)
+
+    shipped = kit_of("shipped", KIT)
+    trained = [kit_of(p.name, load[p.name]) for p in train_kits]
+    held = [kit_of(p.name, load[p.name]) for p in kits]
+    train, test = halves(shipped.questions)
+    contrastive, contrast_totals = choose([(shipped, train)], [Rule("contrastive", c) for c in CONTRASTS])
+    topical, topic_totals = choose([(shipped, train), *((k, None) for k in trained)],
+                                   [Rule("contrastive", contrastive.contrast, t) for t in TOPICS])
+    rules = [Rule("mean"), Rule("min"), contrastive, topical] if topical.topic else \
+        [Rule("mean"), Rule("min"), contrastive]
+    plot(shipped, train, test, contrastive.contrast, plot_file("chain_scores", out))
+    trained_on = "half A" + "".join(f" + {k.name}" for k in trained)
+    rows = [("shipped, half A (chose c)", shipped, train), ("shipped, half B (held out)", shipped, test),
+            *((f"{k.name} (chose topic)", k, None) for k in trained),
+            *((f"{k.name} (held out)", k, None) for k in held)]
+    body = (f"Tree replay of the chain's step choice (k=2 hop adapters, max_tokens {MAX_TOKENS}, greedy): the shipped "
+            f"kit ({len(shipped.questions)} questions, subjects halved with seed 0: {len(train)} / {len(test)}) and "
+            f"small kits of other seeds. Chosen: contrast = {contrastive.contrast:g} on half A, then topic = "
+            f"{topical.topic:g} on {trained_on}.\n\n" + results(rows, rules)
+            + "\n\nEvery contrast (topic 0) on the grid, chosen on half A (the middle of its best):\n\n"
+            + grid(contrast_totals, shipped, test, "contrast", "half A")
+            + f"\n\nEvery topic at contrast {contrastive.contrast:g}, chosen on {trained_on}:\n\n"
+            + grid(topic_totals, shipped, test, "topic", trained_on)
             + "\n\n![success by contrast](chain_scores.png)\n")
-    report.write_section("chain_scores", "Chain step scores (contrast chosen on one part, reported on the others)",
-                         body, out_dir=out)
-    return (f"chain score=contrastive c={contrast:g} (chosen on {chosen_on}): twohop-steps {_cell(held)} on the "
-            f"held-out half B; mean {_cell(success(shipped, 'mean', 0.0, 'twohop-steps', test))}")
+    report.write_section("chain_scores", "Chain step scores (chosen on one part, reported on the others)", body,
+                         out_dir=out)
+    steps = [f"{k.name} {_cell(k.success(topical, 'twohop-steps'))}" for k in held]
+    return (f"chain {topical.label}: twohop-steps on the held-out half B "
+            f"{_cell(shipped.success(topical, 'twohop-steps', test))}; held-out kits: {', '.join(steps) or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> int:

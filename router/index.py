@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,16 @@ class IndexSnapshot:
             ranked = {name: float(np.mean(sorted(s, reverse=True)[:2])) for name, s in per_adapter.items()}
         return tuple(sorted(ranked.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
 
+    def similarity(self, query: Vectors, name: str, aggregate: str = "max") -> float | None:
+        """``query``'s score against one adapter's own descriptor vectors (as :meth:`search` aggregates them),
+        exact whatever the index kind; None for an adapter without descriptors."""
+        if self.index is None or name not in self.adapters:
+            return None
+        ids = list(itertools.takewhile(self.owners.__contains__, (stable_id(name, i) for i in itertools.count())))
+        vectors = np.vstack([self.index.reconstruct(vid) for vid in ids])
+        scores = sorted((vectors @ query.reshape(-1)).tolist(), reverse=True)
+        return float(scores[0] if aggregate == "max" else np.mean(scores[:2]))
+
 
 def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: int = 32) -> IndexSnapshot:
     """A new FAISS index over all vectors: exact (flat) up to ``exact_max`` vectors, HNSW above."""
@@ -163,6 +174,9 @@ class DescriptorIndex:
 
     def search(self, query: Vectors, k: int) -> tuple[tuple[str, float], ...]:
         return self._snapshot.search(query, k, self.aggregate)
+
+    def similarity(self, query: Vectors, name: str) -> float | None:
+        return self._snapshot.similarity(query, name, self.aggregate)
 
     @property
     def blocks_loop(self) -> bool:

@@ -19,6 +19,7 @@ from loragate.router.types import (
     CHAIN_CONTRAST,
     CHAIN_DELIMITERS,
     CHAIN_SCORES,
+    CHAIN_TOPIC,
     AdapterWeight,
     ChainPlan,
     PolicySpec,
@@ -251,7 +252,7 @@ class ChainPolicy(Policy):
     """
 
     name = "chain"
-    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim", "score", "contrast"})
+    params = frozenset({"k", "choose", "max_steps", "adapters", "base", "delim", "score", "contrast", "topic"})
     CHOOSERS = ("likelihood", "route")
     MAX_K = 4
     MAX_STEPS = 32
@@ -264,7 +265,7 @@ class ChainPolicy(Policy):
         self._plan_params(spec)
         self._explicit(spec)
 
-    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...], str, float]:
+    def _plan_params(self, spec: PolicySpec) -> tuple[int, str, int, bool, tuple[str, ...], str, float, float]:
         k = int(number(spec, "k", min(self.config.k, self.MAX_K), 1, self.MAX_K, integer=True))
         choose = text(spec, "choose", "likelihood")
         if choose not in self.CHOOSERS:
@@ -280,7 +281,8 @@ class ChainPolicy(Policy):
         if score not in CHAIN_SCORES:
             raise _bad(f"chain: score must be one of {', '.join(CHAIN_SCORES)}, got {score!r}")
         contrast = number(spec, "contrast", CHAIN_CONTRAST, 0.0, 1.0)
-        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim], score, contrast
+        topic = number(spec, "topic", CHAIN_TOPIC, 0.0, 1.0)
+        return k, choose, max_steps, base, CHAIN_DELIMITERS[delim], score, contrast, topic
 
     def _explicit(self, spec: PolicySpec) -> list[str] | None:
         raw = spec.params.get("adapters")
@@ -292,7 +294,7 @@ class ChainPolicy(Policy):
         return names
 
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
-        k, choose, max_steps, base, delimiters, score, contrast = self._plan_params(query.policy)
+        k, choose, max_steps, base, delimiters, score, contrast, topic = self._plan_params(query.policy)
         names = self._explicit(query.policy)
         if names is not None:
             candidates = tuple(registered(query, n) for n in names)
@@ -304,7 +306,7 @@ class ChainPolicy(Policy):
             raise InvalidRequest("chain: no adapter is registered to choose from (add base=?1 to chain the base "
                                  "model alone)", param="X-Adapter-Policy", code="no_candidates")
         plan = ChainPlan(candidates, base=base, choose=choose, max_steps=max_steps, delimiters=delimiters,
-                         score=score, contrast=contrast)
+                         score=score, contrast=contrast, topic=topic)
         return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name,
                                candidates=query.candidates, chain=plan)
 

@@ -79,6 +79,19 @@ class Router:
 
         return await asyncio.to_thread(search) if index.blocks_loop else search()
 
+    async def fit(self, texts: Sequence[str], adapters: Sequence[str]) -> list[float]:
+        """Each text's similarity to its adapter's own descriptors, embedded in one batch (``chain;topic=``
+        weighs a step by it); 0.0 without routing or for an adapter without descriptors."""
+        index = self.index
+        if self.embedder is None or index is None or not texts or not index.snapshot().size:
+            return [0.0] * len(texts)
+        vectors = await self.embedder.embed_many([t if t.strip() else " " for t in texts])
+
+        def score() -> list[float]:
+            return [index.similarity(v, a) or 0.0 for v, a in zip(vectors, adapters, strict=True)]
+
+        return await asyncio.to_thread(score) if index.blocks_loop else score()
+
     async def decide(self, prompt: str, spec: PolicySpec,
                      adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:
         decide_started = time.perf_counter()

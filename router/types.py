@@ -56,6 +56,10 @@ CHAIN_CONTRAST = 0.005
 """``chain;contrast=``'s default: chosen on half of the kit's people, reported on the other (docs/bench/chain.md)."""
 
 
+CHAIN_TOPIC = 0.1
+"""``chain;topic=``'s default, chosen like the contrast (docs/bench/chain_scores.md)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ChainPlan:
     """A decision to run as a chain: the answer is generated step by step, one adapter per step.
@@ -71,6 +75,7 @@ class ChainPlan:
     delimiters: tuple[str, ...] = CHAIN_DELIMITERS["sentence"]
     score: str = "contrastive"  # how a step's token log-probabilities become its score: a name in CHAIN_SCORES
     contrast: float = CHAIN_CONTRAST  # score=contrastive: the weight of "less likely under the base model"
+    topic: float = CHAIN_TOPIC  # the weight of a step's similarity to its candidate's own descriptors
 
 
 #: Step scores ``chain;score=...`` accepts, the default first (the step loop maps each name to its function).

@@ -164,3 +164,31 @@ async def test_a_large_exact_index_is_searched_off_the_event_loop(tmp_path: Path
     decision = await router.decide("first a, and then only b", spec, REGISTRY)
     assert decision.adapters[0].name == "a" and decision.search_s > 0
     assert searched_on and threading.get_ident() not in searched_on  # the search and the detector's searches
+
+
+async def test_similarity_is_one_adapters_score_exactly_even_in_an_hnsw_index(tmp_path: Path) -> None:
+    """What ``chain;topic=`` reads: a text against one adapter's own vectors (max, as search scores it), whether
+    or not that adapter would be among the nearest."""
+    registry = {f"n{i}": record(f"n{i}", f"desc {i}", f"ex {i}") for i in range(200)}
+    for kind, exact_max in (("flat", 10_000), ("hnsw", 100)):
+        index = DescriptorIndex(HashEncoder(), tmp_path / kind, "hash", exact_max=exact_max)
+        await index.sync(registry)
+        assert index.snapshot().kind == kind
+        query = vector("ex 7")
+        assert index.similarity(query, "n7") == pytest.approx(1.0, abs=1e-5)
+        expected = max(float(vector("desc 3") @ query), float(vector("ex 3") @ query))
+        assert index.similarity(query, "n3") == pytest.approx(expected, abs=1e-5)
+        assert index.similarity(query, "ghost") is None
+
+
+async def test_the_routers_fit_scores_each_text_against_its_own_adapter(tmp_path: Path) -> None:
+    from loragate.router.grammar import PolicySpec
+    from loragate.router.service import Router
+
+    encoder = HashEncoder()
+    index = DescriptorIndex(encoder, tmp_path, "hash")
+    await index.sync(REGISTRY)
+    router = Router(PolicySpec("base"), embedder=encoder, index=index)  # type: ignore[arg-type]
+    fits = await router.fit(["first a", "first a", "x"], ["a", "b", "ghost"])
+    assert fits[0] == pytest.approx(1.0, abs=1e-5) and fits[1] < 0.99 and fits[2] == 0.0
+    assert await Router(PolicySpec("base")).fit(["first a"], ["a"]) == [0.0]  # no routing: nothing to add

@@ -12,7 +12,7 @@ import pytest
 
 from loragate.errors import InvalidRequest, LoragateError, NotFound, UpstreamError
 from loragate.router.grammar import parse_policy
-from loragate.router.types import CHAIN_CONTRAST
+from loragate.router.types import CHAIN_CONTRAST, CHAIN_TOPIC
 from loragate.server.calls import shadow_call
 from loragate.workers.dispatch import Attempt, Dispatched, Job
 from tests.unit.server.fakes import MODEL, WORKER, build, failed, request
@@ -517,3 +517,49 @@ async def test_choose_route_generates_only_the_routed_candidate_at_each_step() -
     assert router.seen[:2] == [PROMPT, PROMPT + " Ann is married to Bob."]  # the text so far
     assert dispatcher.reference_jobs == [] and body["chain"]["generations"] == 3
     assert body["chain"]["steps"][0]["candidates"] == [{"adapter": "spouses", "score": 0.9}]
+
+
+@dataclass
+class DescriptorFit:
+    """A stand-in for the router's fit: how well each step reads as its own candidate's domain."""
+
+    fits: dict[tuple[str, str], float]
+    asked: list[tuple[list[str], list[str]]] = field(default_factory=list)
+
+    async def nearest(self, text: str, among: Any) -> tuple[tuple[str, float], ...]:
+        return ()
+
+    async def fit(self, texts: Any, adapters: Any) -> list[float]:
+        self.asked.append((list(texts), list(adapters)))
+        return [self.fits.get((t, a), 0.0) for t, a in zip(texts, adapters, strict=True)]
+
+
+async def test_topic_weighs_each_step_by_its_fit_to_its_own_candidates_descriptors() -> None:
+    """Equally sure candidates the base model scores alike: the step that reads as its own adapter's domain wins
+    (the birthplaces adapter answering a marriage question with a copied name does not read as birthplaces)."""
+    def alike(model: str, answer: str) -> bytes:
+        if answer:
+            return completion("", [])
+        text = " Ann was born in Oslo." if model == "birthplaces" else " Ann is married to Ann."
+        return completion(text, [-0.01] * 6, stop_reason=".")
+
+    stages, _ = build_chain(alike)
+    router = DescriptorFit({(" Ann was born in Oslo.", "birthplaces"): 0.8,
+                            (" Ann is married to Ann.", "spouses"): 0.2})
+    stages.service.executors._executors["chain"].router = router
+    with_topic = json.loads((await stages.service.complete(chain_request())).content)
+    without = json.loads((await stages.service.complete(chain_request(
+        f'chain;adapters="{" ".join(HOPS)}";topic=0'))).content)
+    assert with_topic["choices"][0]["text"] == " Ann was born in Oslo."
+    assert without["choices"][0]["text"] == " Ann is married to Ann."  # a tie: the first candidate
+    assert router.asked[0] == ([" Ann is married to Ann.", " Ann was born in Oslo."], list(HOPS))
+    assert len(router.asked) == 1  # topic=0 asks nothing; the EOS round has no text to fit
+    steps = with_topic["chain"]["steps"][0]["candidates"]
+    assert steps[1]["score"] - steps[0]["score"] == pytest.approx(CHAIN_TOPIC * (0.8 - 0.2), abs=1e-5)
+
+
+async def test_without_routing_topic_adds_nothing() -> None:
+    stages, _ = build_chain(two_hops)  # the fake gateway has no embedder: Router.fit answers 0.0
+    body = json.loads((await stages.service.complete(chain_request())).content)
+    assert [s["adapter"] for s in body["chain"]["steps"]] == ["spouses", "birthplaces"]
+    assert body["chain"]["steps"][0]["candidates"][0]["score"] == contrastive(-0.1)
