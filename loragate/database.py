@@ -138,7 +138,13 @@ class SQLiteDatabase:
         return int(self.query("PRAGMA data_version")[0]["data_version"])
 
     async def changes(self, channel: str, *, poll_s: float, resync_s: float) -> AsyncIterator[None]:
+        """Polls ``PRAGMA data_version`` (bumped by other connections' commits): yields once the baseline is
+        read (a commit between the caller's first read and the baseline would otherwise never be seen), on
+        every change, and every ``resync_s`` regardless, as the PostgreSQL follower does."""
         seen = await asyncio.to_thread(self._data_version)
+        yield
+        loop = asyncio.get_running_loop()
+        synced = loop.time()
         while True:
             await asyncio.sleep(poll_s)
             try:
@@ -146,8 +152,8 @@ class SQLiteDatabase:
             except sqlite3.Error:
                 log.exception("polling %s failed", self.path)
                 continue
-            if version != seen:
-                seen = version
+            if version != seen or loop.time() - synced >= resync_s:
+                seen, synced = version, loop.time()
                 yield
 
     def describe(self) -> str:

@@ -251,6 +251,17 @@ async def test_a_second_process_follows_registrations_patches_and_deletes(
         await until(lambda: "a" not in second.snapshot())
 
 
+async def test_a_registration_committed_as_the_follower_starts_is_not_missed(
+        roots: Path, open_registry: OpenRegistry) -> None:
+    """The follower re-reads once its baseline is taken: a commit between the process's first read and
+    the baseline (a second gateway process starting while the first registers) is seen anyway."""
+    first, second = open_registry(), open_registry()
+    second.snapshot()  # the starting process has read the registry ...
+    await first.add_from_path("a", write_lora(roots / "a"), Descriptors("d", ()))  # ... then the other commits
+    async with following(second, settle_s=0.0):  # the baseline is read after the commit: no change to see
+        await until(lambda: "a" in second.snapshot())
+
+
 async def test_postgres_follower_catches_up_after_losing_its_connection(
         roots: Path, postgres_url: str, tmp_path: Path) -> None:
     """Notifications sent while the LISTEN connection is down are lost; the reconnect re-reads everything."""
