@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable
 
@@ -62,21 +61,28 @@ async def _disconnected(request: Request) -> None:
 
 async def unless_disconnected(request: Request, work: Awaitable[ProxiedResponse]) -> ProxiedResponse:
     """``work``, cancelled if the client disconnects first: a whole answer nobody waits for (a chain's
-    steps, a worker's generation) stops instead of running on; the request is recorded as 499."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    steps, a worker's generation) stops instead of running on; the request is recorded as 499.
+
+    The work runs in this task (a watcher task cancels it): a worker's stream must be read in the task
+    that opened it, since aiohttp ties a request's timeouts to its task."""
+    handler = asyncio.current_task()
+    assert handler is not None
+
+    async def watch() -> bool:
+        await _disconnected(request)
+        handler.cancel()
+        return True
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()  # the handler itself cancelled (shutdown): no orphan
-        raise
-    finally:
-        gone.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        return await work
+    except asyncio.CancelledError:
+        if not (watcher.done() and not watcher.cancelled() and watcher.result()):
+            raise  # cancelled for another reason (shutdown): let it through
+        handler.uncancel()
         return ProxiedResponse(CLIENT_CLOSED, {}, "application/json")
-    return task.result()
+    finally:
+        watcher.cancel()
 
 
 async def _complete(route: str, request: Request, svc: Services) -> Response:
