@@ -123,7 +123,7 @@ class StubApp:
             else:
                 await _json(send, 404, _error(f"no route {path}"))
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         try:
             payload = json.loads(body) if body else {}
         except ValueError:
@@ -168,7 +168,8 @@ def _error(message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
+    """An ASGI request's whole body (every ``http.request`` message until ``more_body`` is false)."""
     chunks = []
     while True:
         message = await receive()

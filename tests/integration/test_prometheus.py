@@ -47,7 +47,7 @@ import uvicorn
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from loragate.loadtest.stub import StubApp, answer_words
+from loragate.loadtest.stub import StubApp, answer_words, read_body
 from loragate.workers.launch import free_port, wait_healthy
 from tests.debian import debian_tools, docker_compose_config
 from tests.lora_files import write_lora
@@ -99,13 +99,7 @@ class RejectingLoads:
         if scope["type"] != "http" or scope["path"] != "/v1/load_lora_adapter":
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
         if json.loads(body or b"{}").get("lora_name") == self.reject:
             error = {"error": {"message": f"No adapter found for {self.reject}", "type": "NotFoundError",
                                "param": None, "code": 404}}

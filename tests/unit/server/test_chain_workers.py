@@ -19,7 +19,7 @@ import aiohttp
 import httpx
 import pytest
 
-from loragate.loadtest.stub import Message, Receive, Scope, Send, StubApp
+from loragate.loadtest.stub import Message, Receive, Scope, Send, StubApp, read_body
 from loragate.workers.client import VLLMAdminClient
 from loragate.workers.dispatch import Dispatched, Dispatcher, Job
 from loragate.workers.launch import free_port
@@ -44,13 +44,7 @@ class TwoSteps:
         if scope["type"] != "http" or scope["path"] != "/v1/completions":
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
         payload = json.loads(body)
 
         async def replay() -> Message:
