@@ -68,27 +68,28 @@ class Router:
     async def nearest(self, text: str, among: Sequence[str]) -> tuple[tuple[str, float], ...]:
         """``among`` ranked by their descriptors' similarity to ``text``, best first (``chain;choose=route``
         asks this at every step); empty without routing or descriptors, so the caller's order decides."""
-        index = self.index
-        if self.embedder is None or index is None or not text.strip() or not index.snapshot().size:
+        if not text.strip():
             return ()
-        [vector] = await self.embedder.embed_many([text])
-        wanted = set(among)
-
-        def search() -> tuple[tuple[str, float], ...]:
-            return tuple((n, s) for n, s in index.search(vector, index.snapshot().size) if n in wanted)
-
-        return await asyncio.to_thread(search) if index.blocks_loop else search()
+        scores = await self._similarities([text] * len(among), among)
+        found = [(name, score) for name, score in zip(among, scores, strict=True) if score is not None]
+        return tuple(sorted(found, key=lambda kv: (-kv[1], kv[0])))
 
     async def fit(self, texts: Sequence[str], adapters: Sequence[str]) -> list[float]:
         """Each text's similarity to its adapter's own descriptors, embedded in one batch (``chain;topic=``
         weighs a step by it); 0.0 without routing or for an adapter without descriptors."""
+        return [score or 0.0 for score in await self._similarities(texts, adapters)]
+
+    async def _similarities(self, texts: Sequence[str], adapters: Sequence[str]) -> list[float | None]:
+        """Each text against its adapter's own descriptor vectors, exact (not a nearest-k search), the texts
+        embedded in one batch; None where there is no routing or the adapter has no descriptors."""
         index = self.index
         if self.embedder is None or index is None or not texts or not index.snapshot().size:
-            return [0.0] * len(texts)
-        vectors = await self.embedder.embed_many([t if t.strip() else " " for t in texts])
+            return [None] * len(texts)
+        unique = list(dict.fromkeys(t if t.strip() else " " for t in texts))
+        vectors = dict(zip(unique, await self.embedder.embed_many(unique), strict=True))
 
-        def score() -> list[float]:
-            return [index.similarity(v, a) or 0.0 for v, a in zip(vectors, adapters, strict=True)]
+        def score() -> list[float | None]:
+            return [index.similarity(vectors[t if t.strip() else " "], a) for t, a in zip(texts, adapters, strict=True)]
 
         return await asyncio.to_thread(score) if index.blocks_loop else score()
 
