@@ -34,7 +34,9 @@ from typing import Any
 import httpx
 
 from bench import report
+from bench.bench_chain import Question as KitQuestion
 from bench.bench_chain import kit_gateway
+from bench.bench_chain import questions as kit_questions
 from bench.benchkit import bench_parser, output_dir, plot_file
 from loragate.router.embedder import make_backend
 from loragate.server.chain import STEP_SCORES, Generated, best, prompt_logprobs
@@ -115,21 +117,21 @@ class Question:
 
 
 async def explore(gateway: str, kit: Path, per_kind: int | None) -> list[Question]:
-    adapters = list(HOPS)
+    """Every question's tree (``per_kind`` of each kind sampled as bench_chain samples them, or all)."""
     out: list[Question] = []
     started = time.time()
     async with httpx.AsyncClient(base_url=gateway, timeout=120) as client:
         limit = asyncio.Semaphore(4)
 
-        async def one(kind: str, item: Mapping[str, Any]) -> Question:
+        async def one(asked: KitQuestion) -> Question:
             async with limit:
-                tree = await _expand(client, item["prompt"], adapters, 0, 0)
-            return Question(kind, item["prompt"], item["expected"], tree)
+                tree = await _expand(client, asked.prompt, list(HOPS), 0, 0)
+            return Question(asked.kind, asked.prompt, asked.expected, tree)
 
+        sample = kit_questions(kit, per_kind)
         for kind in KINDS:
-            lines = (kit / "eval" / f"{kind}.jsonl").read_text().splitlines()
-            items = [json.loads(line) for line in lines if line.strip()][:per_kind]
-            out += await asyncio.gather(*(one(kind, i) for i in items))
+            items = [q for q in sample if q.kind == kind]
+            out += await asyncio.gather(*(one(q) for q in items))
             print(f"    explored {kind}: {len(items)} questions ({time.time() - started:.0f} s)", flush=True)
     return out
 

@@ -59,7 +59,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -122,6 +122,17 @@ class _CandidateFailed(Exception):
         self.error = error
         self.attempt = attempt
         self.reference = reference  # the base model's reference pass over this candidate's step failed
+
+
+@contextlib.contextmanager
+def _failing_as(adapter: str | None, *, reference: bool = False) -> Iterator[None]:
+    """A worker failure (or an unreadable answer) inside the block, as ``adapter``'s candidate failing."""
+    try:
+        yield
+    except DispatchFailed as failed:
+        raise _CandidateFailed(adapter, failed.error, failed.attempt, reference=reference) from failed.error
+    except UpstreamError as error:
+        raise _CandidateFailed(adapter, error, NO_ATTEMPT, reference=reference) from error
 
 
 class ChainFailed(Exception):
@@ -480,17 +491,13 @@ class ChainExecutor:
                         candidate: Candidate, plan: ChainPlan) -> Generated:
         job = worker_job(call, self.model, candidate.servable, surface.step_body(template, answer), stream=False,
                          grouped=True)
-        try:
+        with _failing_as(candidate.adapter):
             reply = await self.dispatcher.dispatch(job)
             data, choice, text, values = _read(reply.content, surface.read)
             usage = data.get("usage") or {}
             return Generated(candidate.adapter, text, tuple(values), int(usage.get("completion_tokens", len(values))),
                              choice.get("finish_reason"), _ends_at_delimiter(choice, text, plan.delimiters),
                              int(usage.get("prompt_tokens", 0)), reply.attempt)
-        except DispatchFailed as failed:
-            raise _CandidateFailed(candidate.adapter, failed.error, failed.attempt) from failed.error
-        except UpstreamError as error:
-            raise _CandidateFailed(candidate.adapter, error, NO_ATTEMPT) from error
 
     async def _reference(self, call: CompletionCall, surface: Surface, template: Mapping[str, Any], answer: str,
                          generated: Generated) -> Sequence[float]:
@@ -500,20 +507,16 @@ class ChainExecutor:
             return generated.logprobs
         body = {**surface.reference_body(template, answer + generated.text), "max_tokens": 1, "prompt_logprobs": 0}
         body.pop("stop", None)
-        try:
+        with _failing_as(generated.adapter, reference=True):
             reply = await self.dispatcher.dispatch(worker_job(call, self.model, None, body, stream=False,
                                                               grouped=True))
-            data = json.loads(reply.content)
-            prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
-            return prompt_logprobs(data, prompt_tokens - generated.prompt_tokens)
-        except DispatchFailed as failed:
-            raise _CandidateFailed(generated.adapter, failed.error, failed.attempt, reference=True) from failed.error
-        except UpstreamError as error:
-            raise _CandidateFailed(generated.adapter, error, NO_ATTEMPT, reference=True) from error
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, StopIteration) as exc:
-            unreadable = UpstreamError(f"the base model's reference pass could not be read: {exc!r}",
-                                       code="bad_upstream_body")
-            raise _CandidateFailed(generated.adapter, unreadable, NO_ATTEMPT, reference=True) from exc
+            try:
+                data = json.loads(reply.content)
+                prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens", 0))
+                return prompt_logprobs(data, prompt_tokens - generated.prompt_tokens)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, StopIteration) as exc:
+                raise UpstreamError(f"the base model's reference pass could not be read: {exc!r}",
+                                    code="bad_upstream_body") from exc
 
     def envelope(self, call: CompletionCall, surface: Surface, plan: ChainPlan) -> dict[str, Any]:
         return {"id": f"{'chatcmpl' if surface.route == 'chat.completions' else 'cmpl'}-{call.outcome_id}",
