@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest
+from loragate.router.auto import AutoPolicy
 from loragate.router.compositional import Detector
 from loragate.router.index import DescriptorIndex, TextEncoder
 from loragate.router.policies import AUTO, POLICIES, Policy, policy_names
@@ -48,7 +49,7 @@ class Router:
 
     def __init__(self, default_policy: PolicySpec, config: RouterConfig | None = None, *,
                  embedder: TextEncoder | None = None, index: DescriptorIndex | None = None,
-                 detector: Detector | None = None) -> None:
+                 detector: Detector | None = None, auto: AutoPolicy | None = None) -> None:
         self.config = config or RouterConfig()
         self._policies: dict[str, Policy] = {name: cls(self.config) for name, cls in POLICIES.items()}
         if default_policy.name == AUTO:
@@ -57,13 +58,36 @@ class Router:
         self.embedder = embedder
         self.index = index
         self.detector = detector
+        self.auto = auto  # the learned auto (None: auto is the default policy)
         self.resolve(default_policy)  # fail at startup, not on the first request
+        for arm in auto.config.arms if auto is not None else ():
+            self.resolve(arm)
+
+    @property
+    def routing(self) -> bool:
+        return self.embedder is not None and self.index is not None
 
     def resolve(self, spec: PolicySpec) -> tuple[Policy, PolicySpec]:
         """The policy object and effective spec for a request (``auto`` becomes the default)."""
         if spec.name == AUTO:
             spec = self.default_policy
-        return resolve_policy(self._policies, spec, routing=self.embedder is not None and self.index is not None), spec
+        return resolve_policy(self._policies, spec, routing=self.routing), spec
+
+    def check(self, spec: PolicySpec) -> None:
+        """What :meth:`decide` would refuse of ``spec`` before routing (a request's policy: a 400 while parsing)."""
+        if spec.name == AUTO and spec.params:
+            raise InvalidRequest(f"auto takes no parameters, got {sorted(spec.params)}", param="X-Adapter-Policy",
+                                 code="invalid_policy")
+        self.resolve(spec)
+
+    def needs_candidates(self, spec: PolicySpec) -> bool:
+        policy = self._policies[spec.name]
+        return policy.searches and policy.search_for(spec)
+
+    async def run(self, query: RoutingQuery) -> RoutingDecision:
+        """An arm of the learned auto: its policy decides on the query the router already searched for."""
+        policy, _ = self.resolve(query.policy)
+        return await policy.decide(query)
 
     async def nearest(self, text: str, among: Sequence[str]) -> tuple[tuple[str, float], ...]:
         """``among`` ranked by their descriptors' similarity to ``text``, best first (``chain;choose=route``
@@ -96,12 +120,15 @@ class Router:
     async def decide(self, prompt: str, spec: PolicySpec,
                      adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:
         decide_started = time.perf_counter()
+        self.check(spec)
+        learned = self.auto if spec.name == AUTO else None
         policy, effective = self.resolve(spec)
         candidates: tuple[tuple[str, float], ...] = ()
         compositional: bool | None = None
         embed_s = search_s = 0.0
-        if (policy.search_for(effective) and prompt.strip() and self.embedder and self.index
-                and self.index.snapshot().size):
+        # the learned auto always searches: the nearest adapter and the compositional flag are its context
+        if ((learned is not None or policy.search_for(effective)) and prompt.strip() and self.embedder
+                and self.index and self.index.snapshot().size):
             extra = self.detector.texts(prompt) if self.detector else []
             started = time.perf_counter()
             vectors = await self.embedder.embed_many([prompt, *extra])  # one batch: prompt + detector clauses
@@ -116,8 +143,9 @@ class Router:
 
             # a large exact index searches (and detects) in a thread; a small one inline (index.THREAD_MIN_VECTORS)
             candidates, search_s, compositional = await asyncio.to_thread(search) if index.blocks_loop else search()
-        query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates)
-        decision = await policy.decide(query)
+        query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates,
+                             compositional=compositional)
+        decision = await (learned.decide(query, self) if learned is not None else policy.decide(query))
         # keep what the client asked for ("auto"), not what it resolved to, in the record
         return replace(decision, policy_asked=spec.text(), compositional=compositional, embed_s=embed_s,
                        search_s=search_s, decide_s=time.perf_counter() - decide_started)

@@ -43,6 +43,7 @@ class RoutingQuery:
     policy: PolicySpec
     adapters: Mapping[str, AdapterRecord]
     candidates: tuple[tuple[str, float], ...] = ()  # nearest adapters, best first (searching policies)
+    compositional: bool | None = None  # the router's detector on those candidates (None: not searched)
 
 
 CHAIN_DELIMITERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
@@ -95,6 +96,17 @@ class StepChoice:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoChoice:
+    """What the learned ``auto`` chose for a request: the arm (a policy in header syntax), the request's
+    context, why (``default``: no evidence yet; ``exploit``; ``explore``), and the arms it could have run."""
+
+    context: str
+    arm: str
+    reason: str
+    runnable: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingDecision:
     """What to run: no adapter (base), one adapter, a weighted set to merge, or a chain (``chain``).
 
@@ -113,6 +125,7 @@ class RoutingDecision:
     search_s: float = 0.0
     decide_s: float = 0.0  # the whole decision: resolving the policy, embedding, searching, deciding
     chain: ChainPlan | None = None
+    auto: AutoChoice | None = None  # set when the learned auto chose the policy that made this decision
 
     @property
     def is_base(self) -> bool:

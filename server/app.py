@@ -26,6 +26,7 @@ from loragate.adapters.resolve import Resolver
 from loragate.adapters.sources import AdapterSources
 from loragate.database import PostgresDatabase, PostgresOptions, open_databases
 from loragate.errors import ConfigError, InvalidRequest, LoragateError
+from loragate.router.auto import AutoPolicy
 from loragate.router.compositional import make_detector
 from loragate.router.embedder import Embedder, backend_class, make_backend
 from loragate.router.grammar import parse_policy
@@ -33,6 +34,7 @@ from loragate.router.index import DescriptorIndex, check_aggregate
 from loragate.router.service import Router, check_policy
 from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
+from loragate.server.auto import AutoLearner, auto_config
 from loragate.server.calls import CallParser
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog
@@ -67,6 +69,7 @@ class Services:
     adapter_files: AdapterFiles
     outcomes: OutcomeLog
     discovery: WorkerDiscovery | None = None  # with workers_dns: keeps the pool's discovered members current
+    auto: AutoLearner | None = None  # the learned auto (None: auto_arms is empty)
 
 
 @contextmanager
@@ -126,6 +129,7 @@ def check_config(settings: Settings) -> None:
         if settings.shadow_policy:
             check_policy(parse_policy(settings.shadow_policy, source="shadow"), router_config(settings),
                          routing=routing)
+    auto_config(settings, router_config(settings))
     with config_errors():
         if settings.embedder != "none":
             backend_class(settings.embedder, **embedder_options(settings))
@@ -139,19 +143,22 @@ def router_config(settings: Settings) -> RouterConfig:
                         weight_step=settings.merge_weight_step, candidates=settings.route_candidates)
 
 
-def build_router(settings: Settings) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
-    """The router with its embedder, descriptor index and compositional detector (unless embedder=none)."""
+def build_router(settings: Settings, learner: AutoLearner | None = None
+                 ) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
+    """The router with its embedder, descriptor index and compositional detector (unless embedder=none), and the
+    learned auto reading ``learner``'s statistics."""
     config = router_config(settings)
     default = parse_policy(settings.default_policy, source="default")
+    auto = None if learner is None else AutoPolicy(learner.config, lambda: learner.stats, min_score=config.min_score)
     if settings.embedder == "none":
-        return Router(default, config), None, None
+        return Router(default, config, auto=auto), None, None
     embedder = Embedder(make_backend(settings.embedder, **embedder_options(settings)),
                         max_batch=settings.embed_max_batch, max_wait_ms=settings.embed_max_wait_ms,
                         cache_size=settings.embed_cache_size)
     index = DescriptorIndex(embedder, settings.data_dir / "index", embedder.identity,
                             exact_max=settings.index_exact_max, aggregate=settings.index_aggregate)
     router = Router(default, config, embedder=embedder, index=index,
-                    detector=make_detector(settings.compositional_detector))
+                    detector=make_detector(settings.compositional_detector), auto=auto)
     return router, embedder, index
 
 
@@ -181,23 +188,29 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     metrics.watch_worker_restarts(RestartCounts.in_data_dir(settings.data_dir).read)  # written by `loragate up`
     delivery_token = settings.delivery_token.get_secret_value() if settings.delivery_token else None
     adapter_files = AdapterFiles(delivery_token, adapter_dirs, store=registry.store)
-    router, embedder, index = build_router(settings)
+    auto = auto_config(settings, router_config(settings))
+    learner = None if auto is None else AutoLearner(auto, retention_s=settings.outcomes_retention_days * 86400)
+    router, embedder, index = build_router(settings, learner)
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes,
                         remote=registry.store.merges() if isinstance(registry.store, S3Store) else None,
                         locks=registry_db if isinstance(registry_db, PostgresDatabase) else None)
     metrics.watch_components(embedder.stats if embedder is not None else None, merges.stats)
     outcomes = OutcomeLog(outcomes_db, retention_days=settings.outcomes_retention_days,
                           interval_s=settings.outcomes_flush_interval_s)
+    if learner is not None:
+        outcomes.observe(learner.observe)
+        metrics.watch_auto(learner.views)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     recorder = OutcomeRecorder(metrics, outcomes)
     dispatcher = Dispatcher(pool, upstream, attempts=settings.upstream_attempts, retried=metrics.request_retried)
     completions = CompletionService(
         model=settings.model, registry=registry, router=router, recorder=recorder, dispatcher=dispatcher,
-        calls=CallParser(settings.model, registry, router.resolve, unknown_ttl_s=settings.registry_poll_s),
+        calls=CallParser(settings.model, registry, router.check, unknown_ttl_s=settings.registry_poll_s),
         resolver=Resolver(registry, merges, default_method=settings.average_method, max_rank=settings.max_lora_rank))
     shadows = ShadowScheduler(ShadowConfig(settings.shadow_policy, settings.shadow_rate,
                                            settings.shadow_max_concurrency, settings.shadow_max_pending,
-                                           settings.shadow_max_wait_s), completions.run, dispatcher.in_flight, metrics)
+                                           settings.shadow_max_wait_s), completions.run, dispatcher.in_flight, metrics,
+                              explore=learner.exploration if learner is not None else None)
     recorder.subscribe(shadows.on_event)
     metrics.shadow_pending.set_function(lambda: shadows.pending)
     return Services(
@@ -210,6 +223,7 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
         adapter_files=adapter_files,
         discovery=discovery,
+        auto=learner,
     )
 
 
@@ -271,6 +285,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.services = services
             if services.index is not None:
                 await services.index.sync(services.registry.snapshot())
+            if services.auto is not None:  # the statistics as the outcome log left them: a restart loses nothing
+                await services.auto.rebuild(services.outcomes)
             services.outcomes.start()
             if services.discovery is not None:  # first: the first probe round then sees the discovered workers
                 await services.discovery.start()

@@ -18,7 +18,7 @@ from typing import Any
 from loragate.adapters.registry import AdapterRegistry
 from loragate.errors import InvalidRequest, NotFound
 from loragate.router.grammar import parse_policy
-from loragate.router.types import PolicySpec
+from loragate.router.types import AutoChoice, PolicySpec
 
 POLICY_HEADER = "x-adapter-policy"
 SHADOW_HEADER = "x-adapter-policy-shadow"
@@ -132,17 +132,18 @@ class CompletionCall:
     shadow: PolicySpec | None = None  # the policy to run the same call under, off the client's path
     kind: str = "primary"  # primary | shadow
     shadow_of: str | None = None  # a shadow's primary outcome id
+    auto: AutoChoice | None = None  # a shadow exploring an arm of the learned auto: its context and arm
 
     @property
     def stream(self) -> bool:
         return bool(self.body.get("stream"))
 
 
-def shadow_call(call: CompletionCall, policy: PolicySpec) -> CompletionCall:
+def shadow_call(call: CompletionCall, policy: PolicySpec, auto: AutoChoice | None = None) -> CompletionCall:
     """The same call under ``policy``, unstreamed, as its own request paired with the primary one."""
     return replace(call, body={k: v for k, v in call.body.items() if k not in SHADOW_DROPS}, policy=policy,
                    request_id=f"{call.request_id}-shadow", outcome_id=uuid.uuid4().hex,
-                   received_at=time.perf_counter(), shadow=None, kind="shadow", shadow_of=call.outcome_id)
+                   received_at=time.perf_counter(), shadow=None, kind="shadow", shadow_of=call.outcome_id, auto=auto)
 
 
 class CallParser:

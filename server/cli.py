@@ -422,6 +422,18 @@ def outcomes(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None,
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+@app.command()
+def auto(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON of GET /admin/auto.")] = False
+         ) -> None:
+    """The learned auto per context: each arm's graded outcomes, posterior mean with its 95% interval, the current
+    choice (*) and auto's regret against the best arm."""
+    from loragate.server.auto import format_auto
+
+    report = _admin("GET", url, token, "/admin/auto")
+    typer.echo(json.dumps(report, indent=2) if as_json else format_auto(report))
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo(ctx: typer.Context,
          repo: Annotated[Path, typer.Option(help="The loragate checkout that holds examples/demo.py "

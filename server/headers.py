@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from http_sfv.item import Item
 from http_sfv.list import List as SfList
+from http_sfv.types import Token
 
 from loragate.adapters.resolve import Servable
 from loragate.router.types import RoutingDecision
@@ -48,4 +49,9 @@ def decision_headers(call: CompletionCall, decision: RoutingDecision, adapter: S
         headers["x-adapter-merge"] = f'"{adapter.name}";method={adapter.method}'
     if decision.fallback:
         headers["x-route-fallback"] = "?1"
+    if decision.auto is not None:
+        choice = Item(decision.auto.arm)
+        choice.params["context"] = decision.auto.context
+        choice.params["reason"] = Token(decision.auto.reason)
+        headers["x-auto-choice"] = str(choice)
     return headers

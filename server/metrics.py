@@ -16,8 +16,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from loragate.adapters.merge_cache import MergeCacheStats
+from loragate.router.auto import ContextView
 from loragate.router.embedder import EmbedderStats
-from loragate.router.types import ChainPlan, RoutingDecision, StepChoice
+from loragate.router.types import AutoChoice, ChainPlan, RoutingDecision, StepChoice
 from loragate.workers.discovery import DiscoverySnapshot
 from loragate.workers.observer import PoolObserver
 from loragate.workers.stats import WorkerStats
@@ -105,6 +106,43 @@ class _StatsCollector(Collector):
                                 value=float(m.bytes))
 
 
+class _AutoCollector(Collector):
+    """The learned auto's statistics per context and arm, read from its snapshot at scrape time (contexts are
+    capped by auto_max_contexts, arms by auto_arms: the label sets stay bounded)."""
+
+    def __init__(self, views: Callable[[], Sequence[ContextView]]) -> None:
+        self._views = views
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        mean = GaugeMetricFamily("loragate_auto_arm_success", "Posterior mean success of an arm in a context "
+                                 "(graded outcomes, primaries and shadows, decayed)", labels=["context", "arm"])
+        low = GaugeMetricFamily("loragate_auto_arm_success_low", "Lower end of the arm's 95% posterior interval",
+                                labels=["context", "arm"])
+        high = GaugeMetricFamily("loragate_auto_arm_success_high", "Upper end of the arm's 95% posterior interval",
+                                 labels=["context", "arm"])
+        graded = GaugeMetricFamily("loragate_auto_arm_observations", "Decayed graded outcomes of an arm in a context",
+                                   labels=["context", "arm"])
+        chosen = GaugeMetricFamily("loragate_auto_choice", "1 for the arm auto currently serves a context with",
+                                   labels=["context", "arm"])
+        served = GaugeMetricFamily("loragate_auto_success", "Success of auto's own client-path choices in a context "
+                                   "(decayed), beside the best arm's posterior mean", labels=["context", "series"])
+        regret = GaugeMetricFamily("loragate_auto_regret", "Best arm's posterior mean minus the success of auto's own "
+                                   "choices in a context", labels=["context"])
+        for view in self._views():
+            for arm in view.arms:
+                labels = [view.context, arm.arm]
+                mean.add_metric(labels, arm.mean)
+                low.add_metric(labels, arm.ci95[0])
+                high.add_metric(labels, arm.ci95[1])
+                graded.add_metric(labels, arm.observations)
+                chosen.add_metric(labels, 1.0 if arm.arm == view.choice else 0.0)
+            served.add_metric([view.context, "best_arm"], view.best_mean)
+            if view.served_success is not None and view.regret is not None:
+                served.add_metric([view.context, "auto"], view.served_success)
+                regret.add_metric([view.context], view.regret)
+        yield from (mean, low, high, graded, chosen, served, regret)
+
+
 class GatewayMetrics(PoolObserver):
     """All gateway metrics; also the worker pool's observer (``workers.observer.PoolObserver``)."""
 
@@ -171,6 +209,9 @@ class GatewayMetrics(PoolObserver):
         self.chain_step_latency = Histogram("loragate_chain_step_seconds",
                                             "Time to decide one chain step (all its candidates' generations)",
                                             ["choose"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.auto_choices = Counter("loragate_auto_choices_total", "Client requests the learned auto routed, by "
+                                    "context, arm and reason (default | exploit | explore)",
+                                    ["context", "arm", "reason"], registry=r)
         self._selection_labels: set[str] = set()
 
     # -- PoolObserver ----------------------------------------------------------------------------
@@ -189,7 +230,12 @@ class GatewayMetrics(PoolObserver):
         metrics.watch_worker_restarts(dict)
         metrics.watch_components(lambda: EmbedderStats(0, 0, 0, 0), lambda: MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0))
         metrics.watch_discovery(lambda: DiscoverySnapshot(""))
+        metrics.watch_auto(tuple)
         return metrics
+
+    def watch_auto(self, views: Callable[[], Sequence[ContextView]]) -> None:
+        """The learned auto's per-context statistics (when auto_arms is set), read at scrape time."""
+        self.registry.register(_AutoCollector(views))
 
     def watch_pool(self, views: Callable[[], Sequence[WorkerStats]]) -> None:
         """Per-worker gauges read from the pool's snapshots at scrape time (nothing on the request path)."""
@@ -282,6 +328,9 @@ class GatewayMetrics(PoolObserver):
     def outcome(self, policy: str, compositional: bool | None, result: str, kind: str) -> None:
         flag = "unknown" if compositional is None else str(compositional).lower()
         self.outcomes.labels(policy, flag, result, kind).inc()
+
+    def auto_chose(self, choice: AutoChoice) -> None:
+        self.auto_choices.labels(choice.context, choice.arm, choice.reason).inc()
 
     def shadow_run(self, result: str) -> None:
         self.shadow_runs.labels(result).inc()

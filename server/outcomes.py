@@ -21,14 +21,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loragate.database import Database, Executor, Migration, Row, SQLiteDatabase, migrate
 from loragate.errors import Conflict, InvalidRequest, NotFound
 from loragate.grading import wilson
+from loragate.router.auto import Observation
 from loragate.router.types import StepChoice
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,34 @@ MIGRATIONS = (
         "sqlite": ["ALTER TABLE outcomes ADD COLUMN steps TEXT"],
         "postgresql": ["ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS steps TEXT"],
     }),
+    Migration(4, "the learned auto's context and arm (NULL: auto did not choose)", {
+        "sqlite": ["ALTER TABLE outcomes ADD COLUMN auto_context TEXT", "ALTER TABLE outcomes ADD COLUMN auto_arm TEXT",
+                   "CREATE INDEX IF NOT EXISTS outcomes_auto ON outcomes (auto_arm, ts)"],
+        "postgresql": ["ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS auto_context TEXT",
+                       "ALTER TABLE outcomes ADD COLUMN IF NOT EXISTS auto_arm TEXT",
+                       "CREATE INDEX IF NOT EXISTS outcomes_auto ON outcomes (auto_arm, ts)"],
+    }),
 )
+
+FAILED_STATUS = 500
+"""An auto arm's request that ended with a status at least this (the worker failed, timed out, or the gateway
+broke) counts as a failure of the arm even ungraded; a 4xx is the client's own mistake and a 499 its leaving."""
+
+
+def observation(row: Mapping[str, Any]) -> Observation | None:
+    """What one outcome record (a row, or a record's fields) tells the learned auto: a graded outcome of its arm
+    in its context, a failure for a 5xx, or nothing (not chosen by auto, or not graded yet). The one rule for the
+    live statistics and for rebuilding them from the log."""
+    if row["auto_arm"] is None or row["auto_context"] is None:
+        return None
+    served = row["kind"] == "primary"
+    if row["result"] != "unknown":
+        score = row["score"] if row["score"] is not None else float(row["result"] == "success")
+        return Observation(row["auto_context"], row["auto_arm"], float(score), float(row["graded_at"] or row["ts"]),
+                           served)
+    if int(row["status"]) >= FAILED_STATUS:
+        return Observation(row["auto_context"], row["auto_arm"], 0.0, float(row["ts"]), served)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +161,12 @@ class OutcomeRecord:
     score: float | None = None
     graded_by: str | None = None
     steps: tuple[StepChoice, ...] | None = None  # a chain's steps as decided (None: not a chain)
+    auto_context: str | None = None  # the learned auto's context and arm, when it chose the policy
+    auto_arm: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The record's columns as the database stores them."""
+        return dict(zip(_INSERT_COLUMNS, self.row(), strict=True))
 
     def row(self) -> tuple[Any, ...]:
         d = asdict(self)
@@ -148,7 +182,7 @@ class OutcomeRecord:
 _INSERT_COLUMNS = ("outcome_id", "request_id", "ts", "kind", "shadow_of", "route", "policy_asked", "policy_applied",
                    "candidates", "adapters", "method", "compositional", "fallback", "worker", "embed_ms", "search_ms",
                    "merge_ms", "load_ms", "upstream_ms", "total_ms", "status", "expected", "result", "score",
-                   "graded_by", "graded_at", "steps")
+                   "graded_by", "graded_at", "steps", "auto_context", "auto_arm")
 
 
 def steps_json(steps: Iterable[StepChoice]) -> list[dict[str, Any]]:
@@ -231,6 +265,18 @@ class OutcomeLog:
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self.written = 0
+        self._observers: list[Callable[[Observation], None]] = []
+
+    def observe(self, observer: Callable[[Observation], None]) -> None:
+        """Call ``observer`` with every auto observation as records are added or regraded (a regrade: the
+        old observation with weight -1, then the new one), in the process that wrote them."""
+        self._observers.append(observer)
+
+    def _notify(self, *observations: Observation | None) -> None:
+        for obs in observations:
+            if obs is not None:
+                for observer in self._observers:
+                    observer(obs)
 
     # -- writing ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -241,6 +287,8 @@ class OutcomeLog:
         self._pending.append(record)
         if len(self._pending) >= self._batch:
             self._wake.set()
+        if self._observers and record.auto_arm is not None:
+            self._notify(observation(record.fields()))
 
     async def _run(self) -> None:
         while True:
@@ -315,21 +363,38 @@ class OutcomeLog:
             return await self._grade(fb)
 
     async def _grade(self, fb: Feedback) -> dict[str, Any]:
-        def run() -> dict[str, Any]:
+        def run() -> tuple[dict[str, Any], Row, dict[str, Any]]:
             row = self._graded_row(fb)
+            graded = {"result": fb.result, "score": fb.score if fb.score is not None else float(fb.result == "success"),
+                      "graded_at": time.time()}
             # conditional on the grade read: two replicas grading one record at once cannot both win
             changed = 0 if row["result"] != "unknown" and not fb.overwrite else self._db.execute(
                 "UPDATE outcomes SET result = ?, score = ?, note = ?, graded_by = 'feedback', graded_at = ? "
                 "WHERE outcome_id = ? AND result = ?",
-                (fb.result, fb.score if fb.score is not None else float(fb.result == "success"), fb.note,
-                 time.time(), row["outcome_id"], row["result"]))
+                (graded["result"], graded["score"], fb.note, graded["graded_at"], row["outcome_id"], row["result"]))
             if not changed:
                 current = self._graded_row(fb)["result"]
                 raise Conflict(f"request {self._named(fb)} is already graded ({current}); "
                                "send overwrite=true to replace it", param="request_id", code="already_graded")
-            return {"request_id": row["request_id"], "outcome_id": row["outcome_id"], "result": fb.result,
-                    "policy": row["policy_applied"], "compositional": _flag(row["compositional"]),
-                    "previous": row["result"]}
+            return ({"request_id": row["request_id"], "outcome_id": row["outcome_id"], "result": fb.result,
+                     "policy": row["policy_applied"], "compositional": _flag(row["compositional"]),
+                     "previous": row["result"]}, row, graded)
+
+        answer, before, graded = await asyncio.to_thread(run)
+        if (old := observation(before)) is not None:
+            self._notify(replace(old, weight=-1.0))
+        self._notify(observation({**dict(before), **graded}))
+        return answer
+
+    async def observations(self, since: float) -> list[Observation]:
+        """Every auto observation recorded since ``since`` (unix seconds), oldest first: the learned auto's
+        statistics rebuilt from the log (at startup, and by a process that did not see them live)."""
+        await self.flush()
+
+        def run() -> list[Observation]:
+            rows = self._db.query("SELECT kind, status, result, score, graded_at, ts, auto_context, auto_arm "
+                                  "FROM outcomes WHERE auto_arm IS NOT NULL AND ts >= ? ORDER BY ts", (since,))
+            return [obs for row in rows if (obs := observation(row)) is not None]
 
         return await asyncio.to_thread(run)
 
@@ -340,7 +405,8 @@ class OutcomeLog:
     def _graded_row(self, fb: Feedback) -> Row:
         """The one record feedback names: 404 if none, 409 if a reused request id names several."""
         key, value = ("outcome_id", fb.outcome_id) if fb.outcome_id is not None else ("request_id", fb.request_id)
-        rows = self._db.query("SELECT outcome_id, request_id, result, policy_applied, compositional FROM outcomes "
+        rows = self._db.query("SELECT outcome_id, request_id, result, policy_applied, compositional, kind, status, "
+                              "score, graded_at, ts, auto_context, auto_arm FROM outcomes "
                               f"WHERE {key} = ? ORDER BY ts LIMIT 6", (value,))
         if not rows:
             raise NotFound(f"no request {self._named(fb)} in the outcome log", param=key, code="request_not_found")

@@ -88,6 +88,8 @@ class OutcomeRecorder:
                                       event.upstream_s, overhead)
         if decision is not None:
             self.metrics.decided(decision, decision.decide_s)
+            if decision.auto is not None and event.kind == "primary":
+                self.metrics.auto_chose(decision.auto)
             if decision.chain is not None:
                 self.metrics.chain_ran(decision.chain, event.steps, completed=event.status == 200)
         if servable is not None and servable.method is not None:
@@ -104,6 +106,7 @@ class OutcomeRecorder:
         """The outcome record, graded when an expected answer came with the request."""
         graded = call.expected is not None and event.output is not None and event.status == 200
         success = graded and contains_answer(event.output or "", call.expected or "")
+        auto = decision.auto or call.auto
         self.outcomes.add(OutcomeRecord(
             outcome_id=call.outcome_id, request_id=call.request_id, ts=time.time(), kind=call.kind,
             shadow_of=call.shadow_of, route=call.route, policy_asked=decision.policy_asked,
@@ -116,7 +119,8 @@ class OutcomeRecorder:
             total_ms=(event.ended_at - event.received_at) * 1e3, status=event.status, expected=call.expected,
             result=("success" if success else "failure") if graded else "unknown",
             score=float(success) if graded else None, graded_by="expected" if graded else None,
-            steps=event.steps if decision.chain is not None else None))
+            steps=event.steps if decision.chain is not None else None,
+            auto_context=auto.context if auto is not None else None, auto_arm=auto.arm if auto is not None else None))
         if graded:
             self.metrics.outcome(decision.policy_applied, decision.compositional, "success" if success else "failure",
                                  call.kind)

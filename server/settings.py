@@ -146,6 +146,24 @@ class Settings(BaseSettings):
         256, gt=0, description="Shadows waiting for an idle moment (no client request in flight); more are dropped.")
     shadow_max_wait_s: float = Field(
         30.0, gt=0, description="A shadow that finds no idle moment within this time expires instead of running.")
+    # -- the learned auto ---------------------------------------------------------------------------
+    auto_arms: list[str] = Field(
+        default_factory=lambda: ["base", "select", "average;method=cat", "chain"],
+        description="Policies the learned auto chooses between per context, cheapest first (JSON list in env); the "
+                    "default_policy is always the first (contexts without data get it). Empty: auto is the "
+                    "default_policy.")
+    auto_features: list[str] = Field(
+        default_factory=lambda: ["nearest", "compositional"],
+        description="What a request's context is made of: nearest (adapter) | compositional (flag) | pair (top-2).")
+    auto_max_contexts: int = Field(32, ge=1, le=1024, description="Contexts kept; later ones share 'other'.")
+    auto_half_life_s: float = Field(
+        86_400.0, gt=0, description="Half-life of a graded outcome's weight in auto's statistics (follows drift).")
+    auto_shadow_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of graded auto requests that get a shadow exploring another arm "
+                                     "(Thompson sampling, idle moments only).")
+    auto_explore_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of auto requests served by a Thompson draw on the client's path (for "
+                                     "traffic graded only by later feedback).")
     compositional_detector: str = Field(
         "gap", description="Compositional detection: gap (free) | segments | hybrid (best recall, larger embed batch).")
 

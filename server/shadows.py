@@ -1,7 +1,8 @@
 """Shadow runs: the same call under a second policy, off the client's path, as a completion-event subscriber.
 
 A shadow is scheduled when a client's request ends with 200 — asked for by its
-X-Adapter-Policy-Shadow header, or sampled at ``rate`` for the configured policy — and submitted
+X-Adapter-Policy-Shadow header, sampled at ``rate`` for the configured policy, or else an arm the
+learned auto explores (``explore``: server/auto) — and submitted
 as a new call through the service's entry point, so it is routed, served, graded and recorded
 like any request (kind ``shadow``, paired by ``shadow_of``). It runs only in a moment when no client
 request is on a worker (the dispatcher's in-flight gauge), so that shadows use idle time instead of
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from loragate.errors import LoragateError
 from loragate.router.grammar import parse_policy
-from loragate.router.types import PolicySpec
+from loragate.router.types import AutoChoice, PolicySpec
 from loragate.server.calls import CompletionCall, shadow_call
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.recorder import CompletionEvent
@@ -41,8 +42,10 @@ class ShadowScheduler:
     """Subscribes to completion events; ``submit`` is the service's entry point for parsed calls."""
 
     def __init__(self, config: ShadowConfig, submit: Callable[[CompletionCall], Awaitable[object]],
-                 in_flight: InFlight, metrics: GatewayMetrics, rng: random.Random | None = None) -> None:
+                 in_flight: InFlight, metrics: GatewayMetrics, rng: random.Random | None = None,
+                 explore: Callable[[CompletionEvent], tuple[PolicySpec, AutoChoice] | None] | None = None) -> None:
         self.config = config
+        self.explore = explore
         self.submit = submit
         self.in_flight = in_flight
         self.metrics = metrics
@@ -61,27 +64,29 @@ class ShadowScheduler:
         call = event.call
         if call is None or call.kind != "primary" or event.status != 200:
             return
-        policy = call.shadow
+        policy, auto = call.shadow, None
         if policy is None and self._configured is not None and self._random.random() < self.config.rate:
             policy = self._configured
+        if policy is None and self.explore is not None and (exploring := self.explore(event)) is not None:
+            policy, auto = exploring
         if policy is None:
             return
         if self._pending >= self.config.max_pending:
             self.metrics.shadow_run("dropped")  # never let shadow work pile up without bound
             return
         self._pending += 1
-        task = asyncio.get_running_loop().create_task(self._run(call, policy))
+        task = asyncio.get_running_loop().create_task(self._run(shadow_call(call, policy, auto)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, call: CompletionCall, policy: PolicySpec) -> None:
+    async def _run(self, shadow: CompletionCall) -> None:
         try:
             if not await self._quiet_moment():
                 self.metrics.shadow_run("expired")
                 return
             async with self._slots:
                 try:
-                    await self.submit(shadow_call(call, policy))  # recorded by the service like any call
+                    await self.submit(shadow)  # recorded by the service like any call
                 except LoragateError:
                     self.metrics.shadow_run("error")
                 else:

@@ -117,6 +117,14 @@ async def outcomes_summary(svc: Services = Depends(authorized)) -> dict[str, obj
     return await svc.outcomes.summary()
 
 
+@router.get("/auto")
+async def auto(svc: Services = Depends(authorized)) -> dict[str, object]:
+    """The learned auto: per context, every arm's graded outcomes, posterior mean and 95% interval, and the choice."""
+    if svc.auto is None:
+        return {"object": "auto", "enabled": False, "default": svc.settings.default_policy, "contexts": []}
+    return svc.auto.report()
+
+
 @router.get("/outcomes")
 async def outcomes(limit: int = 100, svc: Services = Depends(authorized)) -> dict[str, object]:
     """The most recent outcome records."""

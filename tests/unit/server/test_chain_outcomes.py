@@ -111,7 +111,7 @@ def test_steps_json_names_the_base_as_null_and_turns_a_score_of_no_tokens_into_n
                                   "candidates": [{"adapter": None, "score": None},
                                                  {"adapter": "spouses", "score": -0.25}]}]
     stored = json.loads(OutcomeRecord("o", "r", 0.0, "primary", None, "completions", "chain", "chain", (), (), None,
-                                      None, False, None, 0, 0, 0, 0, None, 0, 200, steps=steps).row()[-1])
+                                      None, False, None, 0, 0, 0, 0, None, 0, 200, steps=steps).fields()["steps"])
     assert stored == steps_json(steps)  # strict JSON: no -Infinity for a client to choke on
 
 

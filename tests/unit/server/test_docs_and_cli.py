@@ -37,7 +37,7 @@ def test_every_metric_is_documented() -> None:
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["up"], ["worker"], ["adapters"], ["adapters", "add"],
                                      ["adapters", "ls"], ["adapters", "show"], ["adapters", "rm"],
-                                     ["outcomes"], ["loadtest"], ["stub"], ["demo"]])
+                                     ["outcomes"], ["auto"], ["loadtest"], ["stub"], ["demo"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output

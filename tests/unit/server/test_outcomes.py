@@ -161,7 +161,7 @@ _V2_UNVERSIONED = _V1_TABLE.replace("request_id TEXT PRIMARY KEY,",
 
 
 NEWEST = MIGRATIONS[-1].version
-V2_COLUMNS = [c for c in _INSERT_COLUMNS if c != "steps"]  # the columns of schema versions 1 and 2
+V2_COLUMNS = [c for c in _INSERT_COLUMNS if c not in ("steps", "auto_context", "auto_arm")]  # versions 1 and 2
 
 
 def row_of(outcome: OutcomeRecord, columns: list[str]) -> tuple[Any, ...]:
