@@ -88,6 +88,7 @@ class Answer:
     body: dict[str, Any]
     applied: str | None
     adapters: str | None
+    headers: dict[str, str] = field(default_factory=dict)  # the response's X-* headers
 
     @property
     def chain(self) -> dict[str, Any] | None:
@@ -136,9 +137,10 @@ def register_kit(admin: httpx.Client, kit: Path) -> None:
 
 
 @contextlib.contextmanager
-def kit_gateway(kit: Path, data_dir: Path) -> Iterator[str]:
-    """``loragate up`` on ``kit`` (its base model on one vLLM-CPU worker) with its adapters registered."""
-    with loragate_up(kit / "model", data_dir, BASE_NAME, kit) as gateway:
+def kit_gateway(kit: Path, data_dir: Path, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """``loragate up`` on ``kit`` (its base model on one vLLM-CPU worker) with its adapters registered;
+    ``extra``: more ``loragate up`` arguments (``--set name=value``)."""
+    with loragate_up(kit / "model", data_dir, BASE_NAME, kit, extra) as gateway:
         with httpx.Client(base_url=gateway, timeout=60) as admin:
             register_kit(admin, kit)
         yield gateway
@@ -159,9 +161,11 @@ def completion_body(question: Question) -> dict[str, Any]:
     return {"model": BASE_NAME, "prompt": question.prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0}
 
 
-async def _ask(client: httpx.AsyncClient, policy: str, header: str, question: Question, request_id: str
-               ) -> Answer:
-    headers = {POLICY_HEADER: header, EXPECTED_HEADER: question.expected, REQUEST_ID_HEADER: request_id}
+async def ask(client: httpx.AsyncClient, policy: str, header: str, question: Question, request_id: str,
+               graded: bool = True) -> Answer:
+    headers = {POLICY_HEADER: header, REQUEST_ID_HEADER: request_id}
+    if graded:
+        headers[EXPECTED_HEADER] = question.expected
     started = time.perf_counter()
     response = await client.post("/v1/completions", json=completion_body(question), headers=headers)
     latency = time.perf_counter() - started
@@ -169,13 +173,14 @@ async def _ask(client: httpx.AsyncClient, policy: str, header: str, question: Qu
     text = body["choices"][0]["text"] if response.status_code == 200 else ""
     return Answer(policy, question, request_id, response.status_code, latency, text,
                   bool(is_correct(text, [question.expected])), body,
-                  response.headers.get("x-adapter-policy-applied"), response.headers.get("x-adapters"))
+                  response.headers.get("x-adapter-policy-applied"), response.headers.get("x-adapters"),
+                  {k: v for k, v in response.headers.items() if k.startswith("x-")})
 
 
-def drive(gateway: str, jobs: Sequence[tuple[str, str, Question]], concurrency: int, prefix: str, desc: str
-          ) -> list[Answer]:
+def drive(gateway: str, jobs: Sequence[tuple[str, str, Question]], concurrency: int, prefix: str, desc: str,
+          graded: bool = True) -> list[Answer]:
     """Send every (policy label, header, question) with ``concurrency`` clients in order; request ids
-    ``{prefix}-{index}`` find them in the outcome log."""
+    ``{prefix}-{index}`` find them in the outcome log (``graded``: with X-Expected-Answer)."""
 
     async def run() -> list[Answer]:
         answers: list[Answer | None] = [None] * len(jobs)
@@ -185,7 +190,7 @@ def drive(gateway: str, jobs: Sequence[tuple[str, str, Question]], concurrency: 
                 async def worker() -> None:
                     for i in queue:
                         label, header, question = jobs[i]
-                        answers[i] = await _ask(client, label, header, question, f"{prefix}-{i}")
+                        answers[i] = await ask(client, label, header, question, f"{prefix}-{i}", graded)
                         bar.update(1)
 
                 await asyncio.gather(*(worker() for _ in range(concurrency)))

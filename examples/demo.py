@@ -48,8 +48,13 @@ POLICIES = (
     ("average svd", "average;k=2;method=svd;weights=uniform"),
     ("chain", "chain;k=2"),  # the adapter chosen again at every step (score=contrastive)
     ("chain route", "chain;k=2;choose=route"),  # ... by the router from the text so far, one generation a step
+    ("auto (learned)", "auto"),  # the policy per context learned from graded outcomes (measured after a warm-up)
 )
-ROUTED = frozenset({"select", "average linear", "average cat", "average svd", "chain", "chain route"})
+AUTO_LABEL = "auto (learned)"
+ROUTED = frozenset({"select", "average linear", "average cat", "average svd", "chain", "chain route", AUTO_LABEL})
+WARMUP_BURST = 8  # graded auto requests between idle moments (when the exploring shadows run)
+WARMUP_STABLE = 3  # bursts in a row with every context's choice unchanged end the warm-up
+WARMUP_MAX = 240
 MAX_TOKENS = 14  # a step-by-step answer is 12 words and </s>
 
 
@@ -110,6 +115,52 @@ def plan_traffic(kit: Path, per_cell: int | None, seed: int) -> list[tuple[str, 
             plan += [(label, kind, WorkItem(i.prompt, policy=header, expected=i.expected)) for i in chosen]
     rng.shuffle(plan)
     return plan
+
+
+def warmup_pool(kit: Path, plan: list[tuple[str, str, WorkItem]], seed: int) -> tuple[list[WorkItem], bool]:
+    """Graded questions for auto's warm-up: every kind's questions the measured auto row does not ask, shuffled
+    (False: with --full there are none left, and the warm-up reuses the measured questions)."""
+    measured = {item.prompt for label, _, item in plan if label == AUTO_LABEL}
+    pool = [WorkItem(i.prompt, policy="auto", expected=i.expected) for kind in KINDS
+            for i in load_jsonl(kit / "eval" / f"{kind}.jsonl")]
+    held_out = [i for i in pool if i.prompt not in measured]
+    chosen = held_out or pool
+    random.Random(seed + 1).shuffle(chosen)
+    return chosen, bool(held_out)
+
+
+def shadows_done(client: httpx.Client, max_wait_s: float = 120.0) -> None:
+    """Wait until the gateway has no shadow pending (the exploring shadows ran in the pause)."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        lines = client.get("/metrics").text.splitlines()
+        if next((float(x.split()[-1]) for x in lines if x.startswith("loragate_shadow_pending ")), 0.0) == 0:
+            return
+        time.sleep(0.1)
+
+
+def warm_up(gateway: str, pool: list[WorkItem]) -> tuple[int, dict[str, str]]:
+    """Graded auto traffic in bursts, the shadows drained after each, until every context's choice held for
+    WARMUP_STABLE bursts; returns (requests sent, context -> arm)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sent, stable = 0, 0
+    last: dict[str, str] = {}
+    with httpx.Client(base_url=gateway, timeout=300) as client, ThreadPoolExecutor(4) as pool_exec:
+        def ask(item: WorkItem) -> None:
+            client.post("/v1/completions", json={"model": BASE_NAME, "prompt": item.prompt, "max_tokens": MAX_TOKENS,
+                                                 "temperature": 0.0},
+                        headers={"x-adapter-policy": "auto", "x-expected-answer": item.expected[0]})
+
+        while sent < min(WARMUP_MAX, len(pool)) and stable < WARMUP_STABLE:
+            list(pool_exec.map(ask, pool[sent:sent + WARMUP_BURST]))
+            sent += len(pool[sent:sent + WARMUP_BURST])
+            shadows_done(client)
+            contexts = client.get("/admin/auto").json()["contexts"]
+            now = {c["context"]: c["choice"] for c in contexts}
+            stable = stable + 1 if now == last and all(c["reason"] == "exploit" for c in contexts) else 0
+            last = now
+    return sent, last
 
 
 def tabulate(rows: list[tuple[str, str, bool]]) -> dict[tuple[str, str], Cell]:
@@ -232,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    registered {name}: {descriptors[name]['description']}")
             register(admin, "oracle", kit / "adapters" / "oracle")  # no descriptors: pinned only, never routed
             print("    registered oracle (pin only: trained on both hops, the upper bound)")
+            arms = admin.get("/admin/auto").json().get("arms", [])
+        pool, held_out = warmup_pool(kit, plan, args.seed)
+        print(f"\nwarming up the learned auto (arms {', '.join(arms)}): graded auto requests in bursts of "
+              f"{WARMUP_BURST}, exploring shadows in the pauses, until every context's choice holds for "
+              f"{WARMUP_STABLE} bursts" + ("" if held_out else " (--full: on the measured questions)"))
+        warmed, chosen = warm_up(gateway, pool)
+        print(f"    warm-up took {warmed} requests; auto now serves "
+              + "; ".join(f"{context} with {arm}" for context, arm in sorted(chosen.items())))
 
         prefix = f"demo{int(time.time())}"
         print(f"\ndriving {len(plan)} graded requests through {len(POLICIES)} policies "

@@ -11,11 +11,12 @@ window of the last N outcomes: an observation's weight then depends only on its 
 the sums do not depend on the order observations arrive in, and statistics rebuilt from the outcome
 log after a restart (or read by another process) equal the ones the live process kept.
 
-The client's request gets :func:`exploit`: among the arms the request can run, listed cheapest
-first, the first whose posterior mean reaches the best arm's lower 95% bound — the cheapest arm not
-clearly worse than the best. Exploring an arm on a client would make that client pay for the
-experiment; an interval's lower bound never switches to an arm on one lucky outcome, and the cost
-order keeps ``select`` rather than a ``chain`` 2.8x slower where both answer single-hop questions.
+The client's request gets :func:`exploit`: the *reference* arm is the one with the best lower 95%
+bound (an interval's lower bound never switches to an arm on one lucky outcome: 1/1 loses to 9/10),
+and the client gets the cheapest arm (arms are listed cheapest first) whose posterior mean is within
+``margin`` of the reference's — practically as good as the most reliably good one. Exploring on a
+client would make that client pay for the experiment; the cost order keeps ``select`` rather than a
+``chain`` 2.8x slower where both answer single-hop questions.
 Exploration is :func:`explore`: Thompson sampling over the other arms, run as a shadow of the same
 request in an idle moment (server/shadows), graded like the primary.
 
@@ -93,6 +94,7 @@ class AutoConfig:
     half_life_s: float = 86_400.0
     prior: tuple[float, float] = (1.0, 1.0)
     confidence: float = 0.95
+    margin: float = 0.05  # a cheaper arm whose posterior mean is this close to the reference arm's is served
     explore_rate: float = 0.0  # share of client requests served by a Thompson draw (for feedback-only traffic)
     shadow_rate: float = 1.0  # share of graded auto requests that get an exploring shadow
 
@@ -201,16 +203,17 @@ def rebuild(observations: Sequence[Observation], config: AutoConfig) -> AutoStat
 
 
 def exploit(stats: AutoStats, context: str, arms: Sequence[str], now: float, config: AutoConfig) -> tuple[str, str]:
-    """The client's arm and why: ``default`` (no evidence in the context) or ``exploit`` (the cheapest arm whose
-    posterior mean reaches the best lower bound; ``arms`` are in cost order, the default first)."""
+    """The client's arm and why: ``default`` (no evidence in the context) or ``exploit``: the cheapest arm (``arms``
+    are in cost order, the default first) whose posterior mean is within ``margin`` of the mean of the arm with
+    the best lower bound."""
     if stats.evidence(context, now, config) <= 0:
         return arms[0], "default"
     posteriors = [stats.posterior(context, arm, now, config) for arm in arms]
-    best_low = max(p.interval(config.confidence)[0] for p in posteriors)
+    reference = max(posteriors, key=lambda p: p.interval(config.confidence)[0])
     for arm, posterior in zip(arms, posteriors, strict=True):
-        if posterior.mean >= best_low:
+        if posterior.mean >= reference.mean - config.margin:
             return arm, "exploit"
-    return arms[0], "exploit"  # unreachable: the best arm's mean is above its own lower bound
+    return arms[0], "exploit"  # unreachable: the reference arm itself qualifies
 
 
 def explore(stats: AutoStats, context: str, arms: Sequence[str], now: float, config: AutoConfig,

@@ -75,7 +75,8 @@ def auto_config(settings: Settings, router: RouterConfig) -> AutoConfig | None:
     except InvalidRequest as exc:
         raise ConfigError(exc.message, param="auto_features") from None
     return AutoConfig(arms=tuple(arms), features=features, max_contexts=settings.auto_max_contexts,
-                      half_life_s=settings.auto_half_life_s, explore_rate=settings.auto_explore_rate,
+                      half_life_s=settings.auto_half_life_s, margin=settings.auto_margin,
+                      explore_rate=settings.auto_explore_rate,
                       shadow_rate=settings.auto_shadow_rate)
 
 
@@ -127,6 +128,7 @@ class AutoLearner:
         return {"object": "auto", "enabled": True, "arms": [a.text() for a in self.config.arms],
                 "default": self.config.default.text(), "features": list(self.config.features),
                 "max_contexts": self.config.max_contexts, "half_life_s": self.config.half_life_s,
+                "margin": self.config.margin,
                 "explore_rate": self.config.explore_rate, "shadow_rate": self.config.shadow_rate,
                 "contexts": [view_json(v) for v in self.views()]}
 

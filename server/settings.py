@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     auto_max_contexts: int = Field(32, ge=1, le=1024, description="Contexts kept; later ones share 'other'.")
     auto_half_life_s: float = Field(
         86_400.0, gt=0, description="Half-life of a graded outcome's weight in auto's statistics (follows drift).")
+    auto_margin: float = Field(
+        0.05, ge=0, le=1, description="auto serves the cheapest arm whose posterior mean is within this of the mean "
+                                      "of the arm with the best lower 95% bound.")
     auto_shadow_rate: float = Field(
         1.0, ge=0, le=1, description="Share of graded auto requests that get a shadow exploring another arm "
                                      "(Thompson sampling, idle moments only).")
