@@ -292,12 +292,18 @@ def create_app(settings: Settings) -> FastAPI:
                 await services.discovery.start()
             await services.pool.start()  # health probes and /metrics scrapes of the workers
             poller = asyncio.get_running_loop().create_task(follow_registry(services), name="registry-follower")
+            refresher = None
+            if services.auto is not None and (settings.processes > 1 or settings.database_url):
+                refresher = asyncio.get_running_loop().create_task(
+                    services.auto.follow(services.outcomes, settings.auto_refresh_s), name="auto-refresh")
             freeze_startup_heap()
             try:
                 yield
             finally:
                 gc.unfreeze()  # an app built again in this process (tests) starts from a collectable heap
                 poller.cancel()
+                if refresher is not None:
+                    refresher.cancel()
                 if services.discovery is not None:
                     await services.discovery.stop()
                 await services.pool.stop()

@@ -13,13 +13,17 @@ in an idle moment; its graded outcome is recorded with the same context and coun
 Traffic that carries no grade (feedback comes later, from the client) gets no shadow — nothing would
 grade it — and is explored on the client's path only at ``auto_explore_rate`` (default 0).
 
-Each gateway process learns from what it records and rebuilds from the shared log when it starts;
-processes and replicas sharing one database see each other's outcomes after their next start
-(noted in the README as a limit).
+Each gateway process learns live from what it records. Where several write one log (``processes`` > 1,
+or replicas on one PostgreSQL), each also rebuilds from the log every ``auto_refresh_s`` (:meth:`follow`),
+so every process serves from every process's outcomes; the observations it records live during that
+read are applied on top, so at most the few whose records were written during the read count twice
+until the next refresh, which starts from the log again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -44,6 +48,7 @@ from loragate.server.outcomes import OutcomeLog
 from loragate.server.recorder import CompletionEvent
 from loragate.server.settings import Settings
 
+log = logging.getLogger("loragate")
 DEFAULT_ARMS = ("base", "select", "average;method=cat", "chain")
 
 
@@ -90,6 +95,7 @@ class AutoLearner:
         self.rng = rng or random.Random()
         self.clock = clock
         self._stats = AutoStats()
+        self._during: list[Observation] | None = None  # observed live while a rebuild reads the log
 
     @property
     def stats(self) -> AutoStats:
@@ -97,12 +103,32 @@ class AutoLearner:
 
     def observe(self, obs: Observation) -> None:
         self._stats = self._stats.observe(obs, self.config)
+        if self._during is not None:
+            self._during.append(obs)
 
     async def rebuild(self, outcomes: OutcomeLog) -> int:
-        """The statistics from the log's records of the window; returns how many observations they hold."""
-        observations = await outcomes.observations(self.clock() - self.window_s)
-        self._stats = rebuild(observations, self.config)
+        """The statistics from the log's records of the window (plus what was observed live meanwhile); returns
+        how many observations the log held."""
+        self._during = []
+        try:
+            observations = await outcomes.observations(self.clock() - self.window_s)
+            stats = rebuild(observations, self.config)
+            for obs in self._during:
+                stats = stats.observe(obs, self.config)
+            self._stats = stats
+        finally:
+            self._during = None
         return len(observations)
+
+    async def follow(self, outcomes: OutcomeLog, interval_s: float) -> None:
+        """Rebuild every ``interval_s`` (run as a task where other processes write the same log)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.rebuild(outcomes)
+            except Exception as exc:  # the database is down: keep serving from the statistics at hand
+                log.warning("rebuilding the learned auto's statistics failed (%s); retrying in %.0f s", exc,
+                            interval_s)
 
     def exploration(self, event: CompletionEvent) -> tuple[PolicySpec, AutoChoice] | None:
         """The arm a shadow of this request explores (Thompson sampling over the others it could run), or None:

@@ -386,15 +386,17 @@ class OutcomeLog:
         self._notify(observation({**dict(before), **graded}))
         return answer
 
-    async def observations(self, since: float) -> list[Observation]:
-        """Every auto observation recorded since ``since`` (unix seconds), oldest first: the learned auto's
-        statistics rebuilt from the log (at startup, and by a process that did not see them live)."""
+    async def observations(self, since: float, limit: int = 200_000) -> list[Observation]:
+        """The auto observations of the newest ``limit`` auto records since ``since`` (unix seconds): the learned
+        auto's statistics rebuilt from the log (at startup, and by a process that did not see them live).
+        Their sums do not depend on order, and older records weigh less, so the newest are the ones to keep."""
         await self.flush()
 
         def run() -> list[Observation]:
             rows = self._db.query("SELECT kind, status, result, score, graded_at, ts, auto_context, auto_arm "
-                                  "FROM outcomes WHERE auto_arm IS NOT NULL AND ts >= ? ORDER BY ts", (since,))
-            return [obs for row in rows if (obs := observation(row)) is not None]
+                                  "FROM outcomes WHERE auto_arm IS NOT NULL AND ts >= ? ORDER BY ts DESC LIMIT ?",
+                                  (since, limit))
+            return [obs for row in reversed(rows) if (obs := observation(row)) is not None]
 
         return await asyncio.to_thread(run)
 

@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     auto_margin: float = Field(
         0.05, ge=0, le=1, description="auto serves the cheapest arm whose posterior mean is within this of the mean "
                                       "of the arm with the best lower 95% bound.")
+    auto_refresh_s: float = Field(
+        30.0, gt=0, le=3600, description="With processes > 1 or database_url: how often each process rebuilds auto's "
+                                         "statistics from the shared outcome log (every process's outcomes).")
     auto_shadow_rate: float = Field(
         1.0, ge=0, le=1, description="Share of graded auto requests that get a shadow exploring another arm "
                                      "(Thompson sampling, idle moments only).")

@@ -162,3 +162,30 @@ def test_the_report_renders_each_context() -> None:
     assert "context a/single" in text and "select" in text and "chain" in text and "regret" in text
     assert "auto is off" in format_auto({"enabled": False, "default": "base"})
 
+
+
+async def test_a_refresh_rebuilds_from_another_process_records_and_keeps_what_arrived_during_the_read(
+        tmp_path: Path) -> None:
+    """Two processes on one log: a refresh reads the other's records; an observation recorded live while the
+    refresh reads is applied on top of the rebuilt statistics, not lost."""
+    path = tmp_path / "o.sqlite3"
+    mine, theirs = OutcomeLog(path), OutcomeLog(path)
+    learner = AutoLearner(CONFIG)
+    mine.observe(learner.observe)
+    theirs.add(auto_record("t1", "a/single", "select", result="success"))
+    await theirs.flush()
+    assert ("a/single", "select") not in learner.stats.cells  # not seen live: another process wrote it
+    real = mine.observations
+
+    async def slow_read(since: float, limit: int = 200_000) -> list[Any]:
+        found = await real(since, limit)
+        mine.add(auto_record("m1", "a/single", "base", result="failure"))  # recorded while the read runs
+        return found
+
+    mine.observations = slow_read  # type: ignore[method-assign]
+    assert await learner.rebuild(mine) == 1
+    cells = learner.stats.cells
+    assert cells[("a/single", "select")].successes == pytest.approx(1.0, rel=1e-6)
+    assert cells[("a/single", "base")].failures == pytest.approx(1.0, rel=1e-6)
+    await mine.close()
+    await theirs.close()
