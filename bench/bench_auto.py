@@ -41,7 +41,7 @@ from tqdm import tqdm
 from bench import report
 from bench.bench_chain import KITS_DIR, Answer, Question, ask, drive, kit_gateway, questions, seed_kit
 from bench.benchkit import bench_parser, output_dir, plot_file
-from examples.demo import KINDS
+from examples.demo import KINDS, shadows_done
 from examples.demo import KIT as SHIPPED_KIT
 from loragate.grading import wilson
 from loragate.loadtest.stats import percentile
@@ -72,25 +72,13 @@ def choice(answer: Answer) -> tuple[str, str, str]:
     return str(item.value), str(item.params["context"]), str(item.params["reason"])
 
 
-async def _shadows_done(client: httpx.AsyncClient, max_wait_s: float = 120.0) -> None:
-    deadline = time.monotonic() + max_wait_s
-    while time.monotonic() < deadline:
-        text = (await client.get("/metrics")).text
-        pending = next((float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith("loragate_shadow_pending ")), 0.0)
-        if pending == 0:
-            return
-        await asyncio.sleep(0.1)
-
-
 def learn(gateway: str, stream: Sequence[Question], prefix: str, burst: int) -> list[Answer]:
     """The stream through ``auto`` in bursts of ``burst`` (4 clients), the shadows drained after each burst."""
 
-    async def run() -> list[Answer]:
+    async def run(metrics: httpx.Client) -> list[Answer]:
         answers: list[Answer] = []
+        slots = asyncio.Semaphore(4)
         async with httpx.AsyncClient(base_url=gateway, timeout=600) as client:
-            slots = asyncio.Semaphore(4)
-
             async def one(i: int, q: Question) -> Answer:
                 async with slots:
                     return await ask(client, AUTO, AUTO, q, f"{prefix}-{i}")
@@ -100,10 +88,11 @@ def learn(gateway: str, stream: Sequence[Question], prefix: str, burst: int) -> 
                     batch = list(enumerate(stream[start:start + burst], start=start))
                     answers += await asyncio.gather(*(one(i, q) for i, q in batch))
                     bar.update(len(batch))
-                    await _shadows_done(client)
+                    await asyncio.to_thread(shadows_done, metrics)
         return answers
 
-    return asyncio.run(run())
+    with httpx.Client(base_url=gateway, timeout=60) as metrics:
+        return asyncio.run(run(metrics))
 
 
 def latency_pass(gateway: str, sample: Sequence[Question], prefix: str) -> list[Answer]:
