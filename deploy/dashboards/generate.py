@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import bargauge, common, dashboard, heatmap, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import bargauge, common, dashboard, heatmap, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
@@ -88,7 +88,7 @@ class Query:
     expr: str
     legend: str
     instant: bool = False
-    heatmap: bool = False
+    format: prometheus_models.PromQueryFormat | None = None  # None: Grafana's default (time series)
 
 
 def _targets(queries: Sequence[Query]) -> list[prometheus.Dataquery]:
@@ -96,8 +96,8 @@ def _targets(queries: Sequence[Query]) -> list[prometheus.Dataquery]:
     for ref, query in zip("ABCDEFGH", queries, strict=False):
         target = prometheus.Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref)
         target = target.instant() if query.instant else target.range()
-        if query.heatmap:
-            target = target.format(prometheus_models.PromQueryFormat.HEATMAP)
+        if query.format is not None:
+            target = target.format(query.format)
         targets.append(target)
     return targets
 
@@ -155,6 +155,30 @@ def score_heatmap(title: str, description: str, query: Query, *, width: int = 12
     return panel
 
 
+def listing(title: str, description: str, unit: str, queries: Sequence[str], *, sort: str,
+            renames: Mapping[str, str] | None = None, hidden: Sequence[str] = ("Time",), width: int = 12,
+            height: int = 8, overrides: Mapping[str, Sequence[tuple[str, object]]] | None = None) -> table.Panel:
+    """A table of instant queries, one row per label set, sorted by the column ``sort``.
+
+    Grafana's ``merge`` joins the queries on their labels (each value column is ``Value #<ref>``, or
+    ``Value`` with one query); ``organize`` renames columns by ``renames`` and drops the ``hidden`` ones.
+    ``overrides``: column (as renamed) -> (field property, value) pairs.
+    """
+    targets = [Query(expr, "", instant=True, format=prometheus_models.PromQueryFormat.TABLE) for expr in queries]
+    panel = (table.Panel().title(title).description(description).datasource(DATASOURCE).unit(unit)
+             .span(width).height(height).sort_by([common.TableSortByFieldState().display_name(sort)])
+             .with_transformation(dashboard_models.DataTransformerConfig(id_val="merge", options={}))
+             .with_transformation(dashboard_models.DataTransformerConfig(
+                 id_val="organize", options={"excludeByName": dict.fromkeys(hidden, True),
+                                             "renameByName": dict(renames or {})})))
+    for name, properties in (overrides or {}).items():
+        panel = panel.override_by_name(name, [dashboard_models.DynamicConfigValue(id_val=key, value=value)
+                                              for key, value in properties])
+    for target in _targets(targets):
+        panel = panel.with_target(target)
+    return panel
+
+
 def _base(uid: str, title: str, description: str) -> dashboard.Dashboard:
     datasource = (dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
                   .current(dashboard_models.VariableOption(selected=True, text="Prometheus", value="prometheus")))
@@ -180,6 +204,7 @@ def _numbered(builder: dashboard.Dashboard) -> dashboard.Dashboard:
 
 # -- the dashboards -----------------------------------------------------------------------------------
 
+AUTO_ARM = "loragate_auto_arm_success"
 DECISIONS = "loragate_routing_decisions_total"
 OUTCOMES = "loragate_outcomes_total"
 REQUESTS = "loragate_requests_total"
@@ -209,7 +234,8 @@ def routing_dashboard() -> dashboard.Dashboard:
              "Similarity score of the nearest adapter",
              "Distribution of the top candidate's similarity per routed request (loragate_route_top_score). "
              "Mass below the policies' min_score is traffic no adapter covers.",
-             Query(f"sum by (le) ({rate('loragate_route_top_score_bucket')})", "{{le}}", heatmap=True)))
+             Query(f"sum by (le) ({rate('loragate_route_top_score_bucket')})", "{{le}}",
+                   format=prometheus_models.PromQueryFormat.HEATMAP)))
          .with_panel(graph(
              "Nearest-adapter score p10 / p50 by policy", "Quantiles of the top candidate's similarity.", "none",
              [Query(quantile(0.1, "loragate_route_top_score", "policy"), "p10 {{policy}}"),
@@ -249,6 +275,40 @@ def routing_dashboard() -> dashboard.Dashboard:
          .with_panel(graph(
              "Shadow runs by result", "Shadow runs done, failed, or dropped because too many were in flight.",
              "reqps", [Query(summed_rate("loragate_shadow_runs_total", "result"), "{{result}}")], stacked=True)))
+    d = (d.with_row(dashboard.Row("Learned auto"))
+         .with_panel(graph(
+             "Auto choices by context and arm",
+             "Client requests the learned auto routed per second, by context (nearest adapter / compositional "
+             "flag by default) and the arm (policy) it chose for them.", "reqps",
+             [Query(summed_rate("loragate_auto_choices_total", "context, arm"), "{{context}} {{arm}}")],
+             width=16, stacked=True))
+         .with_panel(listing(
+             "Current choice per context",
+             "The arm auto serves each context with now: the cheapest arm whose posterior mean reaches the best "
+             "arm's lower 95% bound, or the default policy while a context has no graded outcomes (an arm "
+             "any replica chooses is listed).", "none",
+             ["max by (context, arm) (loragate_auto_choice) == 1"],
+             sort="context", hidden=("Time", "Value"), width=8))
+         .with_panel(listing(
+             "Posterior success per arm and context (95% interval)",
+             "Beta posterior of each arm's success in each context, from graded outcomes of primaries and "
+             "exploring shadows, decayed by auto_half_life_s; 'graded' is the decayed evidence behind it.",
+             "percentunit",
+             [f"max by (context, arm) ({AUTO_ARM})", f"max by (context, arm) ({AUTO_ARM}_low)",
+              f"max by (context, arm) ({AUTO_ARM}_high)", "max by (context, arm) (loragate_auto_arm_observations)"],
+             sort="context", renames={"Value #A": "mean", "Value #B": "low 95%", "Value #C": "high 95%",
+                                      "Value #D": "graded"},
+             overrides={"graded": [("unit", "none"), ("decimals", 1)]}, width=24, height=10))
+         .with_panel(graph(
+             "Auto vs the best arm per context",
+             "Success of auto's own client-path choices (series=auto) beside the best arm's posterior mean "
+             "(series=best_arm), per context.", "percentunit",
+             [Query("max by (context, series) (loragate_auto_success)", "{{context}} {{series}}")], ratio=True))
+         .with_panel(graph(
+             "Auto regret per context",
+             "Best arm's posterior mean minus the success auto's choices had: what clients lost to the arms "
+             "auto served them while it learned (negative: auto did better than the best arm's estimate).",
+             "percentunit", [Query("max by (context) (loragate_auto_regret)", "{{context}}")])))
     d = (d.with_row(dashboard.Row("Chain (an adapter per step)"))
          .with_panel(graph(
              "Chain steps per request p50 / p90",

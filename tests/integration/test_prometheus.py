@@ -13,8 +13,9 @@ Setup (once per module, every step bounded by a timeout, every process stopped a
    and rule-evaluation interval, and ``deploy/prometheus/rules.yml`` loaded.
 5. The same traffic is sent twice, a few scrapes apart (pins, select hits and fallbacks, a
    compositional prompt under select and average, merges built and reused, graded successes and
-   failures, shadows, streaming, 400/404/502 errors), so every counter both exists and increases
-   inside the rate windows.
+   failures, shadows, the learned auto asked for and by default (graded, so its posteriors, choices
+   and regret exist, with the shadows that explore), streaming, 400/404/502 errors), so every
+   counter both exists and increases inside the rate windows.
 
 Then every PromQL expression of every generated dashboard panel, read from the committed JSON, is
 evaluated through ``/api/v1/query`` with Grafana's ``$__rate_interval``/``$__range`` substituted:
@@ -152,9 +153,10 @@ def _prometheus_config(gateway: str, worker: str) -> dict[str, Any]:
 
 
 # -- traffic ------------------------------------------------------------------------------------------
-def _send(client: httpx.Client, policy: str, prompt: str, *, expected: str | None = None,
+def _send(client: httpx.Client, policy: str | None, prompt: str, *, expected: str | None = None,
           shadow: str | None = None, stream: bool = False, route: str = "completions") -> httpx.Response:
-    headers = {"x-adapter-policy": policy}
+    """One completion request; ``policy`` None sends no X-Adapter-Policy (the gateway's default: auto)."""
+    headers = {} if policy is None else {"x-adapter-policy": policy}
     if expected is not None:
         headers["x-expected-answer"] = expected
     if shadow is not None:
@@ -172,11 +174,15 @@ def _send(client: httpx.Client, policy: str, prompt: str, *, expected: str | Non
 
 
 def _traffic(client: httpx.Client, phase: int) -> tuple[int, dict[str, str]]:
-    """One round of traffic touching every dashboard metric; returns (shadow runs asked, headers seen)."""
+    """One round of traffic touching every dashboard metric; returns (shadow runs expected, headers seen).
+
+    Graded requests under the learned auto (the default auto_arms, nothing asked for) each get an
+    exploring shadow of another arm (auto_shadow_rate 1): counted with the shadows asked for.
+    """
     # New merges every phase (weights differ), built under both methods: build-time series increase in
     # phase 2 too (a series first seen in phase 2 would have no rate yet).
     weights = "0.5 0.5" if phase == 1 else "0.3 0.7"
-    expect = [  # (policy, prompt, keyword arguments, status)
+    expect: list[tuple[str | None, str, dict[str, Any], int]] = [  # (policy, prompt, keyword arguments, status)
         ('pin;adapter="alpha"', COOKING, {"expected": RIGHT}, 200),
         ('pin;adapter="alpha"', COOKING, {"expected": WRONG, "shadow": "select"}, 200),
         ('pin;adapter="beta"', TWO_DOMAINS, {"expected": RIGHT, "stream": True}, 200),
@@ -189,6 +195,13 @@ def _traffic(client: httpx.Client, phase: int) -> tuple[int, dict[str, str]]:
         *[(f'average;adapters="alpha beta";weights="{weights}";method={method}', TWO_DOMAINS, kwargs, 200)
           for method in ("cat", "linear") for kwargs in ({"expected": RIGHT}, {})],  # built, then a cache hit
         ('chain;adapters="alpha beta"', TWO_DOMAINS, {"expected": RIGHT}, 200),  # the chain step histograms
+        # the learned auto, asked for and by default (no header): graded, so its posteriors, choice,
+        # success and regret series exist in two contexts (alpha/single, a nearest adapter/compositional)
+        ("auto", COOKING, {"expected": RIGHT}, 200),
+        (None, COOKING, {"expected": WRONG}, 200),
+        ("auto", TWO_DOMAINS, {"expected": RIGHT}, 200),
+        (None, TWO_DOMAINS, {"expected": WRONG, "stream": True}, 200),
+        ("auto", UNRELATED, {}, 200),  # ungraded: chosen (counted), never explored
         ("base", UNRELATED, {"route": "chat/completions"}, 200),
         (f'pin;adapter="{BROKEN}"', COOKING, {}, 502),  # the worker refuses the load
         ('pin;adapter="no-such-adapter"', COOKING, {}, 404),
@@ -199,10 +212,13 @@ def _traffic(client: httpx.Client, phase: int) -> tuple[int, dict[str, str]]:
     for policy, prompt, kwargs, status in expect:
         response = _send(client, policy, prompt, **kwargs)
         assert response.status_code == status, (policy, response.status_code, response.text[:300])
-        shadows += "shadow" in kwargs
-        if policy.startswith("select") and prompt == TWO_DOMAINS:
+        asked = policy or "auto"
+        shadows += "shadow" in kwargs or (asked == "auto" and "expected" in kwargs)
+        if asked == "auto":
+            assert response.headers.get("x-auto-choice"), f"auto request ({policy}) without X-Auto-Choice"
+        if asked.startswith("select") and prompt == TWO_DOMAINS:
             seen["compositional"] = response.headers.get("x-compositional", "")
-        if policy.startswith("average;k"):
+        if asked.startswith("average;k"):
             seen["merge"] = response.headers.get("x-adapter-merge", "")
     return shadows, seen
 
@@ -403,6 +419,42 @@ def test_promtool_checks_config_and_rules() -> None:
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
 
 
+def test_auto_regret_alert_fires_only_with_evidence_and_per_process(tmp_path: Path) -> None:
+    """promtool's rule unit test: 30 minutes of regret 0.3 fires where the context has 25 graded outcomes
+    on that process, not where it has 5 (one lucky arm), and never after only 20 minutes."""
+    def series(metric: str, instance: str, value: float, arm: str | None = None) -> dict[str, str]:
+        labels = f'job="loragate", instance="{instance}", context="alpha/single"' + (f', arm="{arm}"' if arm else "")
+        return {"series": f"{metric}{{{labels}}}", "values": f"{value}x40"}
+
+    rule = next(r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]
+                if r.get("alert") == "LoragateAutoRegretHigh")
+    annotations: dict[str, str] = rule["annotations"]
+
+    def render(text: str) -> str:  # the three template fields these annotations use
+        return (text.replace("{{ $labels.context }}", "alpha/single").replace("{{ $labels.instance }}", "a:8000")
+                .replace("{{ $value | humanizePercentage }}", "30%"))
+
+    tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [series("loragate_auto_regret", "a:8000", 0.3), series("loragate_auto_regret", "b:8000", 0.3),
+                         series("loragate_auto_arm_observations", "a:8000", 15, "base"),
+                         series("loragate_auto_arm_observations", "a:8000", 10, "select"),
+                         series("loragate_auto_arm_observations", "b:8000", 5, "select"),
+                         series("up", "a:8000", 1), series("up", "b:8000", 1)],
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "LoragateAutoRegretHigh", "exp_alerts": []},
+            {"eval_time": "35m", "alertname": "LoragateAutoRegretHigh", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "job": "loragate", "instance": "a:8000",
+                               "context": "alpha/single"},
+                "exp_annotations": {key: render(text) for key, text in annotations.items()}}]},
+        ]}]}
+    path = tmp_path / "auto_regret_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    _, promtool = _tools()
+    done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"promtool test rules:\n{done.stdout}\n{done.stderr}"
+
+
 def test_every_dashboard_expression_returns_data(observed: Observed) -> None:
     expressions = dashboard_expressions()
     assert len(expressions) >= 20, "fewer panel expressions than the dashboards define"
@@ -416,7 +468,8 @@ def test_every_dashboard_expression_returns_data(observed: Observed) -> None:
 def test_every_alert_expression_parses_and_its_operands_return_data(observed: Observed) -> None:
     alerts = alert_expressions()
     assert {name for name, _ in alerts} >= {"LoragateWorkerDown", "LoragateRoutingHitRateDrop",
-                                            "LoragateCompositionalFailureRateHigh", "LoragateAdapterLoadErrors"}
+                                            "LoragateCompositionalFailureRateHigh", "LoragateAdapterLoadErrors",
+                                            "LoragateAutoRegretHigh"}
     for name, expr in alerts:
         body = query(observed.prometheus, expr)
         assert body.get("status") == "success", f"{name}: {body.get('error')}"

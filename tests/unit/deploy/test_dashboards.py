@@ -89,7 +89,10 @@ def test_every_requested_metric_has_a_panel() -> None:
                    "loragate_outcomes_total", "loragate_merge_build_seconds_bucket", "loragate_merge_cache_total",
                    "loragate_adapter_loads_total", "loragate_adapter_load_seconds_bucket",
                    "loragate_worker_loaded_adapters", "loragate_gateway_overhead_seconds_bucket",
-                   "loragate_upstream_latency_seconds_bucket", "loragate_requests_total"):
+                   "loragate_upstream_latency_seconds_bucket", "loragate_requests_total",
+                   "loragate_auto_choices_total", "loragate_auto_choice", "loragate_auto_arm_success",
+                   "loragate_auto_arm_success_low", "loragate_auto_arm_success_high", "loragate_auto_success",
+                   "loragate_auto_regret"):
         assert metric in used, f"no panel reads {metric}"
 
 
