@@ -246,14 +246,17 @@ class ContextView:
     reason: str
     arms: tuple[ArmView, ...]
     served: float  # auto's own graded outcomes in this context
-    served_success: float | None  # their success rate (None: none yet)
-    best_arm: str
-    best_mean: float
+    served_success: float | None  # their posterior mean success, on the arms' prior (None: none yet)
+    best_arm: str  # the tried arm with the best posterior mean (an untried one sits at the prior: not "best")
+    best_mean: float | None
 
     @property
     def regret(self) -> float | None:
-        """The best arm's posterior mean minus the success auto's own choices had (None before any)."""
-        return None if self.served_success is None else self.best_mean - self.served_success
+        """The best tried arm's posterior mean minus that of auto's own choices (None before both exist): both
+        on the same prior, so an arm with a lucky few is not compared raw with a long record."""
+        if self.served_success is None or self.best_mean is None:
+            return None
+        return self.best_mean - self.served_success
 
 
 def views(stats: AutoStats, now: float, config: AutoConfig) -> tuple[ContextView, ...]:
@@ -269,10 +272,12 @@ def views(stats: AutoStats, now: float, config: AutoConfig) -> tuple[ContextView
             rows.append(ArmView(arm, posterior.n, served, posterior.mean, (low, high)))
         tallies = [t.decayed(now, config.half_life_s) for (c, _), t in stats.served.items() if c == context]
         n = sum(t.n for t in tallies)
+        served_mean = (config.prior[0] + sum(t.successes for t in tallies)) / (sum(config.prior) + n)
         choice, reason = exploit(stats, context, arms, now, config)
-        best = max(rows, key=lambda r: r.mean)
-        out.append(ContextView(context, choice, reason, tuple(rows), n,
-                               sum(t.successes for t in tallies) / n if n > 0 else None, best.arm, best.mean))
+        tried = [r for r in rows if r.observations > 0]
+        best = max(tried, key=lambda r: r.mean) if tried else None
+        out.append(ContextView(context, choice, reason, tuple(rows), n, served_mean if n > 0 else None,
+                               best.arm if best else "-", best.mean if best else None))
     return tuple(out)
 
 

@@ -126,7 +126,7 @@ class _AutoCollector(Collector):
                                    labels=["context", "arm"])
         served = GaugeMetricFamily("loragate_auto_success", "Success of auto's own client-path choices in a context "
                                    "(decayed), beside the best arm's posterior mean", labels=["context", "series"])
-        regret = GaugeMetricFamily("loragate_auto_regret", "Best arm's posterior mean minus the success of auto's own "
+        regret = GaugeMetricFamily("loragate_auto_regret", "Best tried arm's posterior mean minus that of auto's own "
                                    "choices in a context", labels=["context"])
         for view in self._views():
             for arm in view.arms:
@@ -136,7 +136,8 @@ class _AutoCollector(Collector):
                 high.add_metric(labels, arm.ci95[1])
                 graded.add_metric(labels, arm.observations)
                 chosen.add_metric(labels, 1.0 if arm.arm == view.choice else 0.0)
-            served.add_metric([view.context, "best_arm"], view.best_mean)
+            if view.best_mean is not None:
+                served.add_metric([view.context, "best_arm"], view.best_mean)
             if view.served_success is not None and view.regret is not None:
                 served.add_metric([view.context, "auto"], view.served_success)
                 regret.add_metric([view.context], view.regret)

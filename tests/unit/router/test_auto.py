@@ -178,15 +178,17 @@ def test_views_report_regret_against_the_best_arm() -> None:
     shadows = [obs("select", 1.0, served=False)] * 16 + [obs("select", 0.0, served=False)] * 4
     (view,) = views(fed(served + shadows), NOW, CONFIG)
     assert view.context == "a/single" and view.best_arm == "select"
-    assert view.served == pytest.approx(10) and view.served_success == pytest.approx(0.4)
+    assert view.served == pytest.approx(10) and view.served_success == pytest.approx(5 / 12)  # on the Beta(1, 1) prior
     assert view.best_mean == pytest.approx(17 / 22)
-    assert view.regret == pytest.approx(17 / 22 - 0.4)
+    assert view.regret == pytest.approx(17 / 22 - 5 / 12)
     rows = {a.arm: a for a in view.arms}
     assert rows["select"].served == 0 and rows["select"].observations == pytest.approx(20)
     assert rows["chain"].observations == 0 and rows["chain"].mean == pytest.approx(0.5)
     assert (view.choice, view.reason) == ("select", "exploit")
     (unserved,) = views(fed(shadows), NOW, CONFIG)
     assert unserved.served_success is None and unserved.regret is None
+    (failing,) = views(fed(graded("base", 0, 5)), NOW, CONFIG)  # untried arms sit at the prior's 0.5 ...
+    assert failing.best_arm == "base" and failing.regret == pytest.approx(0.0)  # ... and are not the "best" arm
 
 
 def test_rebuild_sorts_by_time_and_equals_the_live_sums() -> None:
