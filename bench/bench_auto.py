@@ -45,11 +45,13 @@ from examples.demo import KINDS, shadows_done
 from examples.demo import KIT as SHIPPED_KIT
 from loragate.grading import wilson
 from loragate.loadtest.stats import percentile
-from loragate.router.auto import Signals, context_of
+from loragate.router.auto import AutoConfig, AutoStats, Observation, Signals, context_of, exploit
+from loragate.router.grammar import parse_policy
 from loragate.server.auto import DEFAULT_ARMS
 
 ARMS = DEFAULT_ARMS  # what the gateway's auto chooses between by default, cheapest first
 AUTO = "auto"
+EVERY = "chain for every question"  # the latency pass's label for chain asked on every question
 BURST = 8  # requests between idle moments
 FEATURE_SETS = ((), ("nearest",), ("compositional",), ("nearest", "compositional"), ("pair",),
                 ("pair", "compositional"))
@@ -96,16 +98,18 @@ def learn(gateway: str, stream: Sequence[Question], prefix: str, burst: int) -> 
 
 
 def latency_pass(gateway: str, sample: Sequence[Question], prefix: str) -> list[Answer]:
-    """Auto (ungraded: no shadow, no learning) and the arm it chose, one request at a time, in random order."""
+    """Auto (ungraded: no shadow, no learning), the arm it chose and ``chain`` (the best single arm overall),
+    one request at a time, in random order per question."""
     probes = drive(gateway, [(AUTO, AUTO, q) for q in sample], 1, f"{prefix}-probe", "latency: auto's arms",
                    graded=False)
     rng = random.Random(2)
     jobs: list[tuple[str, str, Question]] = []
     for probe in probes:
         arm = choice(probe)[0]
-        pair = [(AUTO, AUTO, probe.question), (arm, arm, probe.question)]
-        jobs += pair if rng.random() < 0.5 else pair[::-1]
-    return drive(gateway, jobs, 1, f"{prefix}-latency", "latency: auto vs its arm, c=1", graded=False)
+        group = [(AUTO, AUTO, probe.question), (arm, arm, probe.question), (EVERY, "chain", probe.question)]
+        rng.shuffle(group)
+        jobs += group
+    return drive(gateway, jobs, 1, f"{prefix}-latency", "latency: auto, its arm, chain; c=1", graded=False)
 
 
 def measure(name: str, kit: Path, work: Path, per_kind: int | None, burst: int, latency_per_kind: int) -> KitRun:
@@ -241,14 +245,14 @@ def choices_table(run: KitRun) -> str:
     return "\n".join(lines)
 
 
-def latency_table(run: KitRun) -> tuple[str, float]:
+def latency_table(run: KitRun) -> tuple[str, float, float]:
     """Per arm auto chose: p50 latency of auto vs the arm on the same questions; the overall median paired ratio."""
     by_question: dict[str, dict[str, float]] = {}
     arm_of: dict[str, str] = {}
     for a in run.latency:
         entry = by_question.setdefault(a.question.prompt, {})
-        entry[AUTO if a.policy == AUTO else "arm"] = a.latency_s * 1000
-        if a.policy != AUTO:
+        entry[a.policy if a.policy in (AUTO, EVERY) else "arm"] = a.latency_s * 1000
+        if a.policy not in (AUTO, EVERY):
             arm_of[a.question.prompt] = a.policy
     lines = [_row(["arm auto chose", "questions", "auto p50 ms", "arm p50 ms", "p50 ratio", "median paired ratio"]),
              _row(["---", "---:", "---:", "---:", "---:", "---:"])]
@@ -264,7 +268,14 @@ def latency_table(run: KitRun) -> tuple[str, float]:
                            f"{auto_p50 / arm_p50:.2f}x", f"{statistics.median(ratios):.2f}x"]))
     overall = statistics.median(ratios_all) if ratios_all else float("nan")
     lines.append(_row(["**all**", str(len(ratios_all)), "", "", "", f"{overall:.2f}x"]))
-    return "\n".join(lines), overall
+    every = [(v[AUTO], v[EVERY]) for v in by_question.values() if AUTO in v and EVERY in v]
+    vs_chain = statistics.median(x / y for x, y in every) if every else float("nan")
+    if every:
+        auto_p50, chain_p50 = percentile([x for x, _ in every], 50), percentile([y for _, y in every], 50)
+        lines.append(_row(["`chain` on every question (the best single arm overall)", str(len(every)),
+                           f"{auto_p50:.0f}", f"{chain_p50:.0f}", f"{auto_p50 / chain_p50:.2f}x",
+                           f"{statistics.median(x / y for x, y in every):.2f}x"]))
+    return "\n".join(lines), overall, vs_chain
 
 
 def signals_of(answer: Answer) -> Signals:
@@ -279,29 +290,36 @@ def signals_of(answer: Answer) -> Signals:
 
 
 def feature_table(run: KitRun) -> str:
-    """Each feature set: contexts, the best arm per context chosen on half A, success on half B (never A)."""
+    """Each feature set: contexts, the arm per context that auto's own rule (:func:`exploit`) picks from half A's
+    fixed outcomes, and on half B (never seen by the choice) the success and the cost of those arms."""
     signals = {a.question.prompt: signals_of(a) for a in fixed_on(run, "select")}
     prompts = sorted(signals)
     random.Random(0).shuffle(prompts)
-    half_a, half_b = set(prompts[: len(prompts) // 2]), set(prompts[len(prompts) // 2:])
-    correct = {(a.policy, a.question.prompt): a.correct for a in run.fixed}
-    lines = [_row(["context features", "contexts", "best arm per context (chosen on half A)",
-                   "success on half B", "per kind on half B"]), _row(["---", "---:", "---", "---:", "---"])]
+    half_a, half_b = prompts[: len(prompts) // 2], prompts[len(prompts) // 2:]
+    fixed = {(a.policy, a.question.prompt): a for a in run.fixed}
     kind_of = {a.question.prompt: a.question.kind for a in run.fixed}
+    config = AutoConfig(arms=tuple(parse_policy(a, source="auto") for a in ARMS), max_contexts=1024)
+    chain_ms = statistics.fmean(fixed["chain", p].latency_s * 1000 for p in half_b)
+    lines = [_row(["context features", "contexts", "arm per context (auto's rule on half A)", "success on half B",
+                   "per kind on half B", "mean latency on half B", "vs chain for all"]),
+             _row(["---", "---:", "---", "---:", "---", "---:", "---:"])]
     for features in FEATURE_SETS:
         context = {p: context_of(features, s) for p, s in signals.items()}
-        chosen: dict[str, str] = {}
-        for c in sorted(set(context.values())):
-            members = [p for p in half_a if context[p] == c]
-            chosen[c] = max(ARMS, key=lambda arm: (sum(correct[arm, p] for p in members), -ARMS.index(arm)))
-        ok = [correct[chosen[context[p]], p] for p in half_b]
+        stats = AutoStats()
+        for p in half_a:
+            for arm in ARMS:
+                stats = stats.observe(Observation(context[p], arm, float(fixed[arm, p].correct), 0.0, False), config)
+        chosen = {c: exploit(stats, c, ARMS, 0.0, config)[0] for c in sorted(set(context.values()))}
+        served = [fixed[chosen[context[p]], p] for p in half_b]
         per_kind = []
         for kind in KINDS:
-            mine = [correct[chosen[context[p]], p] for p in half_b if kind_of[p] == kind]
+            mine = [a.correct for a in served if kind_of[a.question.prompt] == kind]
             per_kind.append(f"{kind} {sum(mine) / len(mine):.0%}" if mine else f"{kind} -")
+        ms = statistics.fmean(a.latency_s * 1000 for a in served)
         name = " + ".join(features) or "none (one context)"
         shown = ", ".join(f"`{c}`: `{a}`" for c, a in sorted(chosen.items()))
-        lines.append(_row([name, str(len(chosen)), shown, _rate(sum(ok), len(ok)), ", ".join(per_kind)]))
+        lines.append(_row([name, str(len(chosen)), shown, _rate(*_ok(served)), ", ".join(per_kind), f"{ms:.0f} ms",
+                           f"{ms / chain_ms:.2f}x"]))
     return "\n".join(lines)
 
 
@@ -344,7 +362,7 @@ def write(runs: Sequence[KitRun], out: Path | None, burst: int, window: int) -> 
     for run in runs:
         start = settled_at(run.auto)
         found = verdicts(run, start)
-        lat, ratio = latency_table(run)
+        lat, ratio, vs_chain = latency_table(run)
         held = sum(v.within for v in found if v.kind != "all")
         sections.append(
             f"### {run.name}\n\n"
@@ -360,11 +378,14 @@ def write(runs: Sequence[KitRun], out: Path | None, burst: int, window: int) -> 
             "Client-path latency, auto vs the arm it chose on the same questions (ungraded, one at a time, in "
             "random order; auto's own cost is its embedding and search, which `base` alone would not pay):\n\n"
             + lat + "\n\n"
-            "What each context feature is worth (contexts from the fixed `select` answers' `X-Route-Scores` and "
-            "`X-Compositional`; the arm per context chosen on half A of the questions, reported on half B):\n\n"
+            "What each context feature is worth: contexts from the fixed `select` answers' `X-Route-Scores` and "
+            "`X-Compositional`; per context, the arm auto's own rule (`exploit`: the cheapest arm within "
+            "`auto_margin` of the arm with the best lower bound) picks from half A's fixed outcomes; success and "
+            "latency (each question's fixed answer under the arm picked for it, from run a) on half B:\n\n"
             + feature_table(run) + "\n")
         headline.append(f"{run.name}: settled after {start}, {held}/{len(KINDS)} kinds within the best arm's "
-                        f"interval, latency x{ratio:.2f} of the chosen arm")
+                        f"interval, latency x{ratio:.2f} of the chosen arm and x{vs_chain:.2f} of chain on every "
+                        "question")
     body = (
         "The learned `auto` (router/auto.py, server/auto.py) with the gateway's default arms "
         f"{', '.join(f'`{a}`' for a in ARMS)} (cheapest first; `default_policy` base) and contexts "
