@@ -135,18 +135,32 @@ def measure(name: str, kit: Path, work: Path, per_kind: int | None, burst: int, 
 
 # -- analysis ---------------------------------------------------------------------------------------------------
 
-def settled_at(auto: Sequence[Answer]) -> int:
+def last_change(auto: Sequence[Answer]) -> int:
     """The stream index from which every context's client choice stayed the one it ended with."""
-    final: dict[str, str] = {}
-    for a in auto:
-        arm, context, _ = choice(a)
-        final[context] = arm
-    last_other = -1
-    for i, a in enumerate(auto):
-        arm, context, _ = choice(a)
-        if arm != final[context]:
-            last_other = i
-    return last_other + 1
+    final = {choice(a)[1]: choice(a)[0] for a in auto}
+    return 1 + max((i for i, a in enumerate(auto) if choice(a)[0] != final[choice(a)[1]]), default=-1)
+
+
+def good_arms(run: KitRun) -> dict[str, set[str]]:
+    """Per context, the arms as good as the best there: success on the context's questions (the fixed runs) at
+    least the lower end of the best arm's Wilson 95% interval. Evaluation only: auto never sees it."""
+    members: dict[str, set[str]] = {}
+    for a in run.auto:
+        members.setdefault(choice(a)[1], set()).add(a.question.prompt)
+    good = {}
+    for context, prompts in members.items():
+        rates = {arm: _ok(fixed_on(run, arm, prompts)) for arm in ARMS}
+        best = max(rates.values(), key=lambda r: r[0])
+        low = wilson(*best)[0]
+        good[context] = {arm for arm, (ok, n) in rates.items() if n and ok / n >= low}
+    return good
+
+
+def settled_at(run: KitRun) -> int:
+    """The stream index from which auto served every request with an arm as good as the best for its context
+    (a context whose arms tie, e.g. hop2 under select, average and chain, may switch among them: no loss)."""
+    good = good_arms(run)
+    return 1 + max((i for i, a in enumerate(run.auto) if choice(a)[0] not in good[choice(a)[1]]), default=-1)
 
 
 def _ok(answers: Sequence[Answer]) -> tuple[int, int]:
@@ -258,7 +272,8 @@ def latency_table(run: KitRun) -> tuple[str, float, float]:
              _row(["---", "---:", "---:", "---:", "---:", "---:"])]
     ratios_all: list[float] = []
     for arm in ARMS:
-        pairs = [(v[AUTO], v["arm"]) for p, v in by_question.items() if arm_of.get(p) == arm and len(v) == 2]
+        pairs = [(v[AUTO], v["arm"]) for p, v in by_question.items()
+                 if arm_of.get(p) == arm and AUTO in v and "arm" in v]
         if not pairs:
             continue
         ratios = [x / y for x, y in pairs]
@@ -360,16 +375,19 @@ def write(runs: Sequence[KitRun], out: Path | None, burst: int, window: int) -> 
     sections = []
     headline = []
     for run in runs:
-        start = settled_at(run.auto)
+        start, changed = settled_at(run), last_change(run.auto)
         found = verdicts(run, start)
         lat, ratio, vs_chain = latency_table(run)
         held = sum(v.within for v in found if v.kind != "all")
         sections.append(
             f"### {run.name}\n\n"
             f"{len(run.auto)} graded questions ({len(run.auto) // len(KINDS)} per kind) through `auto` from a cold "
-            f"start, in bursts of {burst} with the shadows drained between bursts. Every context's client choice "
-            f"stayed the same from request **{start}** on ({start} graded requests of warm-up; each had one "
-            "exploring shadow). Success per kind (Wilson 95%):\n\n" + success_table(run, start) + "\n\n"
+            f"start, in bursts of {burst} with the shadows drained between bursts (each graded request had one "
+            f"exploring shadow). From request **{start}** on, auto served every request with an arm as good as "
+            "the best for its context (success on that context's questions in the fixed runs at least the lower "
+            f"end of the best arm's 95% interval): a warm-up of {start} graded requests. The last change of any "
+            f"context's choice was at request {changed} (a context whose arms tie may switch among them). "
+            "Success per kind (Wilson 95%):\n\n" + success_table(run, start) + "\n\n"
             f"From request {start} on, against the best fixed arm on the same questions:\n\n"
             + verdict_table(found) + "\n\n"
             f"Overall, from request {start} on, each fixed arm on the same questions: "
@@ -383,7 +401,7 @@ def write(runs: Sequence[KitRun], out: Path | None, burst: int, window: int) -> 
             "`auto_margin` of the arm with the best lower bound) picks from half A's fixed outcomes; success and "
             "latency (each question's fixed answer under the arm picked for it, from run a) on half B:\n\n"
             + feature_table(run) + "\n")
-        headline.append(f"{run.name}: settled after {start}, {held}/{len(KINDS)} kinds within the best arm's "
+        headline.append(f"{run.name}: warm-up {start} requests, {held}/{len(KINDS)} kinds within the best arm's "
                         f"interval, latency x{ratio:.2f} of the chosen arm and x{vs_chain:.2f} of chain on every "
                         "question")
     body = (
