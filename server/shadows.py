@@ -75,18 +75,19 @@ class ShadowScheduler:
             self.metrics.shadow_run("dropped")  # never let shadow work pile up without bound
             return
         self._pending += 1
-        task = asyncio.get_running_loop().create_task(self._run(shadow_call(call, policy, auto)))
+        task = asyncio.get_running_loop().create_task(self._run(call, policy, auto))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, shadow: CompletionCall) -> None:
+    async def _run(self, call: CompletionCall, policy: PolicySpec, auto: AutoChoice | None) -> None:
         try:
             if not await self._quiet_moment():
                 self.metrics.shadow_run("expired")
                 return
             async with self._slots:
                 try:
-                    await self.submit(shadow)  # recorded by the service like any call
+                    # built now, so that its latencies start when it runs, not when it began waiting
+                    await self.submit(shadow_call(call, policy, auto))  # recorded by the service like any call
                 except LoragateError:
                     self.metrics.shadow_run("error")
                 else:
