@@ -189,9 +189,10 @@ class AutoStats:
         tally = self.cells.get((context, arm), Tally()).decayed(now, config.half_life_s)
         return Posterior(config.prior[0] + tally.successes, config.prior[1] + tally.failures, tally.n)
 
-    def evidence(self, context: str, now: float, config: AutoConfig) -> float:
-        """Decayed graded outcomes in ``context`` over every arm."""
-        return sum(t.decayed(now, config.half_life_s).n for (c, _), t in self.cells.items() if c == context)
+    def evidence(self, context: str, now: float, config: AutoConfig, arms: Sequence[str] | None = None) -> float:
+        """Decayed graded outcomes in ``context`` over ``arms`` (every arm: None)."""
+        return sum(t.decayed(now, config.half_life_s).n for (c, a), t in self.cells.items()
+                   if c == context and (arms is None or a in arms))
 
 
 def rebuild(observations: Sequence[Observation], config: AutoConfig) -> AutoStats:
@@ -206,7 +207,7 @@ def exploit(stats: AutoStats, context: str, arms: Sequence[str], now: float, con
     """The client's arm and why: ``default`` (no evidence in the context) or ``exploit``: the cheapest arm (``arms``
     are in cost order, the default first) whose posterior mean is within ``margin`` of the mean of the arm with
     the best lower bound."""
-    if stats.evidence(context, now, config) <= 0:
+    if stats.evidence(context, now, config, arms) <= 0:  # nothing known of the arms this request can run
         return arms[0], "default"
     posteriors = [stats.posterior(context, arm, now, config) for arm in arms]
     reference = max(posteriors, key=lambda p: p.interval(config.confidence)[0])

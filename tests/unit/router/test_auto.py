@@ -273,3 +273,9 @@ async def test_no_runnable_arm_is_a_400_and_a_5xx_is_not_skipped() -> None:
     with pytest.raises(UpstreamError):
         await policy().decide(query(), broken)
     assert broken.ran == ["base"]
+
+
+def test_evidence_only_of_arms_the_request_cannot_run_is_still_a_cold_start() -> None:
+    stats = fed(graded("select", 5, 0))  # known: select, which this request cannot run (no candidates)
+    assert exploit(stats, "a/single", ["base", "chain"], NOW, CONFIG) == ("base", "default")
+    assert exploit(stats, "a/single", ["base", "select", "chain"], NOW, CONFIG) == ("select", "exploit")
