@@ -45,9 +45,8 @@ from examples.demo import KINDS, shadows_done
 from examples.demo import KIT as SHIPPED_KIT
 from loragate.grading import wilson
 from loragate.loadtest.stats import percentile
-from loragate.router.auto import AutoConfig, AutoStats, Observation, Signals, context_of, exploit
+from loragate.router.auto import DEFAULT_ARMS, AutoConfig, AutoStats, Observation, Signals, context_of, exploit
 from loragate.router.grammar import parse_policy
-from loragate.server.auto import DEFAULT_ARMS
 
 ARMS = DEFAULT_ARMS  # what the gateway's auto chooses between by default, cheapest first
 AUTO = "auto"

@@ -40,6 +40,8 @@ from loragate.errors import InvalidRequest, LoragateError
 from loragate.router.types import AutoChoice, PolicySpec, RoutingDecision, RoutingQuery
 
 OTHER = "other"
+DEFAULT_ARMS = ("base", "select", "average;method=cat", "chain")
+"""``auto_arms``' default, cheapest first: no adapter, one routed adapter, a merge of the nearest two, a chain."""
 
 
 @dataclass(frozen=True, slots=True)

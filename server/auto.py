@@ -32,6 +32,7 @@ from typing import Any
 
 from loragate.errors import ConfigError, InvalidRequest
 from loragate.router.auto import (
+    DEFAULT_ARMS,
     AutoConfig,
     AutoStats,
     ContextView,
@@ -49,7 +50,6 @@ from loragate.server.recorder import CompletionEvent
 from loragate.server.settings import Settings
 
 log = logging.getLogger("loragate")
-DEFAULT_ARMS = ("base", "select", "average;method=cat", "chain")
 
 
 def auto_config(settings: Settings, router: RouterConfig) -> AutoConfig | None:
@@ -62,7 +62,8 @@ def auto_config(settings: Settings, router: RouterConfig) -> AutoConfig | None:
     if not settings.auto_arms:
         return None
     routing = settings.embedder != "none"
-    explicit = "auto_arms" in settings.model_fields_set
+    # the default list, however it arrived (child processes get every setting through the environment)
+    explicit = tuple(settings.auto_arms) != DEFAULT_ARMS
     default = parse_policy(settings.default_policy, source="default")
     arms: list[PolicySpec] = [default]
     for text in settings.auto_arms:

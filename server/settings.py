@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from loragate.errors import ConfigError
+from loragate.router.auto import DEFAULT_ARMS
 
 CONFIG_ENV = "LORAGATE_CONFIG"
 
@@ -148,7 +149,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A shadow that finds no idle moment within this time expires instead of running.")
     # -- the learned auto ---------------------------------------------------------------------------
     auto_arms: list[str] = Field(
-        default_factory=lambda: ["base", "select", "average;method=cat", "chain"],
+        default_factory=lambda: list(DEFAULT_ARMS),
         description="Policies the learned auto chooses between per context, cheapest first (JSON list in env); the "
                     "default_policy is always the first (contexts without data get it). Empty: auto is the "
                     "default_policy.")

@@ -90,6 +90,9 @@ def test_auto_config_puts_the_default_first_once_and_drops_what_cannot_run(tmp_p
     assert arms_of(settings(tmp_path, default_policy="select", auto_arms=["base", "select", "chain", "base"])) == [
         "select", "base", "chain"]
     assert arms_of(settings(tmp_path, embedder="none")) == ["base", "chain"]  # default arms: routing ones dropped
+    # ... also when the default list arrives explicitly, as a child gateway process gets every setting (env)
+    child = settings(tmp_path, embedder="none", auto_arms=["base", "select", "average;method=cat", "chain"])
+    assert "auto_arms" in child.model_fields_set and arms_of(child) == ["base", "chain"]
     s = settings(tmp_path, auto_features=["pair"], auto_max_contexts=4, auto_half_life_s=60.0,
                  auto_shadow_rate=0.5, auto_explore_rate=0.1)
     config = auto_config(s, router_config(s))
