@@ -1,4 +1,4 @@
-"""Merging LoRA adapters in factor space: ``linear``, ``cat`` and ``svd`` (DESIGN.md, "Merge methods").
+"""Merging LoRA adapters in factor space (DESIGN.md, "Merge methods"): six methods, each with its algebra.
 
 "Averaging adapters" means different things in different tools, and the difference decides what a
 merged adapter computes, so each method here states its algebra. For adapter i with factors A_i
@@ -12,6 +12,35 @@ merged adapter computes, so each method here states its algebra. For adapter i w
   factors as PEFT's ``add_weighted_adapter(combination_type="cat")``.
 - ``svd``: the best rank-r approximation of sum(w_i dW_i), computed from QR of the ``cat`` factors so
   that no d x k matrix is ever formed.
+- ``ties``, ``dare_linear``, ``dare_ties``: task-vector merges (TIES, Yadav et al. 2023; DARE, Yu et al.
+  2023) applied to the factors, A and B separately, as LoRAX does: the task tensors are T_i = sqrt(s_i) A_i
+  (likewise B), and with density p,
+  ``ties`` trims each T_i to its int(p * size) largest magnitudes, elects a sign per entry (``total``: the
+  sign of sum_i T_i; ``frequency``: the sign of sum_i sign(T_i); 0 counts as +), keeps the entries whose
+  sign agrees and takes their weighted mean, sum_i w_i m_i T_i / sum_i w_i m_i (0 where none agrees);
+  ``dare_linear`` drops each entry with probability 1 - p, rescales the survivors by 1/p and sums,
+  sum_i w_i M_i T_i / p; ``dare_ties`` is DARE's drop and rescale in place of the trim, then the sign
+  election and mean of ``ties``. The masks M_i come from a generator seeded by (``seed``, module name,
+  A or B), so a request gives the same merged adapter every time, on every replica.
+
+Where these differ from PEFT's ``merge_utils`` (which LoRAX copies): the weights fold sqrt(s_i) into the
+tensors as ``linear`` does (PEFT folds sqrt(w_i s_i), LoRAX uses w_i and the first adapter's scaling);
+the disjoint mean divides by the agreeing entries' total weight, not their count (mergekit's
+``normalize``): the paper's disjoint mean when the weights are equal, and PEFT's result when every weight
+is 1 (LoRAX's default), whereas with routing's weights summing to 1 PEFT's mean is 1/n of the paper's at
+full agreement, in each factor; DARE is seeded (PEFT and LoRAX call ``torch.bernoulli`` unseeded, so the
+same request gives a different adapter each time, which a content-addressed cache cannot name).
+
+Why on the factors and not on the dense update followed by a rank-r SVD (PEFT's ``ties_svd``, the
+exact definition on dW_i): on the 7B-shaped case (docs/bench/merge.md) the dense route forms, trims and
+truncates a d x k matrix per module, which costs tens of seconds to minutes of CPU in the gateway against
+well under a second on the factors; and the factor version is what LoRAX users get under these names.
+The price is stated, not hidden: a sign election on factors compares entry j of rank component c across
+adapters, which only means something when the components are aligned, and B A has the cross terms of
+``linear``; so these methods need equal ranks (422 otherwise) and are not sum(w_i dW_i).
+
+Every method takes its parameters (``target_rank``; ``density``, ``majority``, ``seed``) as one immutable
+mapping, canonical with defaults filled in, and every entry enters the merge's content key.
 
 Every method emits factors with scaling 1 (the merged config says ``lora_alpha = r``, no rsLoRA), so
 the written adapter means exactly the product B A. Only numpy and safetensors are used: merges run in
@@ -26,9 +55,10 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, cast
@@ -200,53 +230,120 @@ def load_factors(directory: Path, *, label: str | None = None) -> LoraFactors:
 
 
 # --------------------------------------------------------------------------------------------------
+# Merge parameters
+
+MergeParam = str | int | float
+#: A method's parameters: immutable, canonical (defaults filled in, sorted), and all of it in the content key.
+MergeParams = Mapping[str, MergeParam]
+NO_PARAMS: MergeParams = MappingProxyType({})
+MAJORITY_METHODS = ("total", "frequency")
+DEFAULT_DENSITY = 0.5
+#: Largest seed accepted: RFC 8941 integers have at most 15 digits, so every seed fits a header.
+MAX_SEED = 999_999_999_999_999
+
+
+def _param_error(method: str, key: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"merge method {method!r}: {message}", param=key, code="invalid_merge")
+
+
+def _density(method: str, value: object) -> MergeParam:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise _param_error(method, "density", f"density must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _majority(method: str, value: object) -> MergeParam:
+    if value not in MAJORITY_METHODS:
+        raise _param_error(method, "majority", f"majority must be one of {', '.join(MAJORITY_METHODS)}, got {value!r}")
+    return str(value)
+
+
+def _seed(method: str, value: object) -> MergeParam:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise _param_error(method, "seed", f"seed must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return value
+
+
+def _target_rank(method: str, value: object) -> MergeParam:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _param_error(method, "target_rank", f"target_rank must be a positive integer, got {value!r}")
+    return value
+
+
+#: Every merge parameter and its validator (400 naming the parameter).
+MERGE_PARAMS: Mapping[str, Callable[[str, object], MergeParam]] = MappingProxyType(
+    {"density": _density, "majority": _majority, "seed": _seed, "target_rank": _target_rank})
+
+
+# --------------------------------------------------------------------------------------------------
 # Merge methods
 
 
 class MergeMethod(ABC):
     """One way of combining per-module factors; every method emits factors with scaling 1.
 
-    ``output_rank`` is checked before any tensor is read (from registry records), so a request that
-    cannot be served fails in microseconds with the reason; ``combine`` does the math per module.
-    Parts for a module an adapter lacks are zero factors of that adapter's rank.
+    An instance carries its validated parameters (``params``, canonical: the defaults of ``takes``
+    filled in), so the same request always names the same merge. ``output_rank`` is checked before
+    any tensor is read (from registry records), so a request that cannot be served fails in
+    microseconds with the reason; ``combine`` does the math per module. Parts for a module an adapter
+    lacks are zero factors of that adapter's rank.
     """
 
     name: ClassVar[str]
     #: What the merged update equals; written into the merge's provenance (DESIGN: "say which one").
     meaning: ClassVar[str]
+    #: The parameters the method takes and their defaults (None: no default, left out unless given).
+    takes: ClassVar[Mapping[str, MergeParam | None]] = MappingProxyType({})
 
-    def output_rank(self, ranks: Sequence[int], labels: Sequence[str], *, max_rank: int,
-                    target_rank: int | None = None) -> int:
+    def __init__(self, params: Mapping[str, object] | None = None) -> None:
+        given = dict(params or {})
+        unknown = sorted(set(given) - set(self.takes))
+        if unknown:
+            allowed = ", ".join(sorted(self.takes)) or "none"
+            raise _param_error(self.name, unknown[0], f"does not take {', '.join(unknown)}; its parameters: {allowed}")
+        canonical = {key: MERGE_PARAMS[key](self.name, given[key]) if key in given else default
+                     for key, default in sorted(self.takes.items())}
+        self.params: MergeParams = MappingProxyType({k: v for k, v in canonical.items() if v is not None})
+
+    def output_rank(self, ranks: Sequence[int], labels: Sequence[str], *, max_rank: int) -> int:
         """The merged rank for inputs of these ranks; 422 when the workers could not load it."""
-        rank = self._rank(ranks, labels, target_rank)
+        rank = self._rank(ranks, labels)
         if rank > max_rank:
             raise Unprocessable(self._too_high(rank, ranks, max_rank), param="adapters", code="rank_too_high")
         return rank
 
+    def keyed_params(self, rank: int) -> MergeParams:
+        """The parameters as the content key names them, once the output rank is known."""
+        return self.params
+
     @abstractmethod
-    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int: ...
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str]) -> int: ...
 
     def _too_high(self, rank: int, ranks: Sequence[int], max_rank: int) -> str:
         return f"{self.name} merge would have rank {rank}, above the workers' max LoRA rank {max_rank}"
 
-    def _no_target_rank(self, target_rank: int | None) -> None:
-        if target_rank is not None:
-            raise InvalidRequest(f"target_rank only applies to method 'svd', not {self.name!r}",
-                                 param="target_rank", code="invalid_merge")
+    def _equal_ranks(self, ranks: Sequence[int], labels: Sequence[str]) -> int:
+        """Methods that combine A and B entry by entry align rank component j of every adapter: 422 unless equal."""
+        if len(set(ranks)) != 1:
+            listed = ", ".join(f"{label} r={r}" for label, r in zip(labels, ranks, strict=True))
+            raise Unprocessable(f"{self.name} merge needs equal ranks (it combines A and B entry by entry, so rank "
+                                f"component j of each adapter is matched with component j of the others), got "
+                                f"{listed}; use cat or svd", param="adapters", code="rank_mismatch")
+        return ranks[0]
 
     @abstractmethod
     def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
-                rank: int) -> ModuleFactors:
-        """Merged factors (rank ``rank``, scaling 1) of one module."""
+                rank: int, module: str = "") -> ModuleFactors:
+        """Merged factors (rank ``rank``, scaling 1) of one module (``module`` seeds the random methods)."""
 
     def combine_into(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
-                     rank: int, out_a: Matrix, out_b: Matrix) -> None:
+                     rank: int, out_a: Matrix, out_b: Matrix, module: str = "") -> None:
         """Write the merged factors into ``out_a`` (rank x k) and ``out_b`` (d x rank), float32.
 
         The writer streams every module through one scratch buffer into the output file; a method
         that can build its factors in place (``cat``) overrides this and skips an intermediate copy.
         """
-        merged = self.combine(parts, scalings, weights, rank)
+        merged = self.combine(parts, scalings, weights, rank, module)
         out_a[...] = merged.a
         out_b[...] = merged.b
 
@@ -259,16 +356,11 @@ class LinearMerge(MergeMethod):
                "(LoRAX linear); B A has cross terms and is not sum(w_i dW_i); PEFT's linear (sqrt(w_i s_i)) "
                "differs")
 
-    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int:
-        self._no_target_rank(target_rank)
-        if len(set(ranks)) != 1:
-            listed = ", ".join(f"{label} r={r}" for label, r in zip(labels, ranks, strict=True))
-            raise Unprocessable(f"linear merge needs equal ranks, got {listed}; use cat or svd",
-                                param="adapters", code="rank_mismatch")
-        return ranks[0]
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str]) -> int:
+        return self._equal_ranks(ranks, labels)
 
     def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
-                rank: int) -> ModuleFactors:
+                rank: int, module: str = "") -> ModuleFactors:
         a = np.zeros(parts[0].a.shape, dtype=np.float64)
         b = np.zeros(parts[0].b.shape, dtype=np.float64)
         for part, s, w in zip(parts, scalings, weights, strict=True):
@@ -283,8 +375,7 @@ class CatMerge(MergeMethod):
     name = "cat"
     meaning = "A = vstack(w_i s_i A_i), B = hstack(B_i), scaling 1: exactly sum(w_i s_i B_i A_i) (PEFT cat)"
 
-    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int:
-        self._no_target_rank(target_rank)
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str]) -> int:
         return sum(ranks)
 
     def _too_high(self, rank: int, ranks: Sequence[int], max_rank: int) -> str:
@@ -292,14 +383,14 @@ class CatMerge(MergeMethod):
                 f"workers' max LoRA rank {max_rank}; use svd or fewer adapters")
 
     def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
-                rank: int) -> ModuleFactors:
+                rank: int, module: str = "") -> ModuleFactors:
         a = np.empty((rank, parts[0].a.shape[1]), np.float32)
         b = np.empty((parts[0].b.shape[0], rank), np.float32)
         self.combine_into(parts, scalings, weights, rank, a, b)
         return ModuleFactors(a, b)
 
     def combine_into(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
-                     rank: int, out_a: Matrix, out_b: Matrix) -> None:
+                     rank: int, out_a: Matrix, out_b: Matrix, module: str = "") -> None:
         # The stacked factors are computed straight into the output: one pass over the inputs, no copies.
         row = 0
         for part, s, w in zip(parts, scalings, weights, strict=True):
@@ -315,19 +406,21 @@ class SvdMerge(MergeMethod):
     meaning = ("best rank-r approximation (Frobenius) of sum(w_i s_i B_i A_i), sqrt of singular values in both "
                "factors, scaling 1")
 
-    def _rank(self, ranks: Sequence[int], labels: Sequence[str], target_rank: int | None) -> int:
-        if target_rank is not None and (isinstance(target_rank, bool) or target_rank < 1):
-            raise InvalidRequest(f"target_rank must be a positive integer, got {target_rank!r}",
-                                 param="target_rank", code="invalid_merge")
+    takes = MappingProxyType({"target_rank": None})  # default: the largest input rank
+
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str]) -> int:
         # Components beyond sum(r_i) are zero: cap there so equivalent requests share one key.
-        return min(target_rank or max(ranks), sum(ranks))
+        return min(int(self.params.get("target_rank") or max(ranks)), sum(ranks))
+
+    def keyed_params(self, rank: int) -> MergeParams:
+        return MappingProxyType({"target_rank": rank})  # the default and an explicit equal rank are one merge
 
     def _too_high(self, rank: int, ranks: Sequence[int], max_rank: int) -> str:
         return (f"svd merge rank {rank} is above the workers' max LoRA rank {max_rank}; ask for a smaller "
                 "target rank")
 
     def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
-                rank: int) -> ModuleFactors:
+                rank: int, module: str = "") -> ModuleFactors:
         # dW = B_cat A_cat = Q_B (R_B R_A^T) Q_A^T with orthonormal Q's, so dW's singular values and
         # vectors come from the small (<= R x R) core; truncating its SVD is Eckart-Young optimal.
         a_cat, b_cat = _stacked(parts, scalings, weights, np.float64)
@@ -352,17 +445,131 @@ def _stacked(parts: Sequence[ModuleFactors], scalings: Sequence[float], weights:
     return a, b
 
 
+def trim(stack: NDArray[np.float64], density: float) -> NDArray[np.float64]:
+    """Each row of ``stack`` (one task tensor per adapter) with all but its int(density * size) largest
+    magnitudes set to zero (TIES's trim; PEFT's ``magnitude_based_pruning``)."""
+    out = np.zeros_like(stack)
+    size = stack[0].size
+    keep = int(density * size)
+    for i, tensor in enumerate(stack):
+        flat = tensor.reshape(-1)
+        top = np.argpartition(np.abs(flat), size - keep)[size - keep:] if keep < size else slice(None)
+        out[i].reshape(-1)[top] = flat[top]
+    return out
+
+
+def agreeing(stack: NDArray[np.float64], majority: str) -> NDArray[np.bool_]:
+    """Which entries of each task tensor have the elected sign: that of sum_i T_i (``total``) or of
+    sum_i sign(T_i) (``frequency``), 0 counting as +. A zero entry never agrees, so it is not averaged in."""
+    signs = np.sign(stack)
+    votes = stack.sum(axis=0) if majority == "total" else signs.sum(axis=0)
+    elected: NDArray[np.bool_] = signs == np.where(votes >= 0, 1.0, -1.0)
+    return elected
+
+
+def disjoint_mean(stack: NDArray[np.float64], weights: NDArray[np.float64],
+                  keep: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """sum_i w_i m_i T_i / sum_i w_i m_i per entry (0 where none is kept): the weighted mean of the kept entries."""
+    kept = weights.reshape((-1,) + (1,) * (stack.ndim - 1)) * keep
+    total = kept.sum(axis=0)
+    mean: NDArray[np.float64] = np.divide((kept * stack).sum(axis=0), total, out=np.zeros(stack.shape[1:]),
+                                          where=total > 0)
+    return mean
+
+
+def dare_drop(stack: NDArray[np.float64], density: float, seed: int, module: str, which: int) -> NDArray[np.float64]:
+    """Each entry kept with probability ``density`` and rescaled by 1/density (DARE), from a generator seeded by
+    (seed, module, which factor): the same request draws the same masks on every replica."""
+    rng = np.random.default_rng([seed, zlib.crc32(module.encode()), which])
+    kept = rng.random(stack.shape) < density
+    return np.where(kept, stack / density, 0.0)
+
+
+class TaskVectorMerge(MergeMethod):
+    """A task-vector merge applied to A and B separately (LoRAX's way), on T_i = sqrt(s_i) A_i (likewise B).
+
+    Subclasses say what happens to the stacked task tensors of one factor (``merge_tensors``).
+    """
+
+    def _rank(self, ranks: Sequence[int], labels: Sequence[str]) -> int:
+        return self._equal_ranks(ranks, labels)
+
+    @property
+    def density(self) -> float:
+        return float(self.params["density"])
+
+    @abstractmethod
+    def merge_tensors(self, stack: NDArray[np.float64], weights: NDArray[np.float64], module: str,
+                      which: int) -> NDArray[np.float64]:
+        """The merged tensor of one factor (``which``: 0 for A, 1 for B) from the n stacked task tensors."""
+
+    def combine(self, parts: Sequence[ModuleFactors], scalings: Sequence[float], weights: Sequence[float],
+                rank: int, module: str = "") -> ModuleFactors:
+        w = np.asarray(weights, np.float64)
+        roots = [math.sqrt(s) for s in scalings]
+        a = np.stack([root * p.a.astype(np.float64) for p, root in zip(parts, roots, strict=True)])
+        b = np.stack([root * p.b.astype(np.float64) for p, root in zip(parts, roots, strict=True)])
+        return ModuleFactors(self.merge_tensors(a, w, module, 0).astype(np.float32),
+                             self.merge_tensors(b, w, module, 1).astype(np.float32))
+
+
+class TiesMerge(TaskVectorMerge):
+    """TIES on each factor: trim to the top-density magnitudes, elect signs, weighted mean of the agreeing."""
+
+    name = "ties"
+    meaning = ("per factor, T_i = sqrt(s_i) A_i (likewise B): trim each T_i to its top-density magnitudes, elect a "
+               "sign per entry (majority), A = sum(w_i m_i T_i) / sum(w_i m_i) over agreeing entries; scaling 1 "
+               "(LoRAX ties on the factors; divides by the agreeing weight, not PEFT's count)")
+    takes = MappingProxyType({"density": DEFAULT_DENSITY, "majority": "total"})
+
+    def merge_tensors(self, stack: NDArray[np.float64], weights: NDArray[np.float64], module: str,
+                      which: int) -> NDArray[np.float64]:
+        trimmed = trim(stack, self.density)
+        return disjoint_mean(trimmed, weights, agreeing(trimmed, str(self.params["majority"])))
+
+
+class DareLinearMerge(TaskVectorMerge):
+    """DARE on each factor: drop with probability 1 - density, rescale by 1/density, weighted sum."""
+
+    name = "dare_linear"
+    meaning = ("per factor, T_i = sqrt(s_i) A_i (likewise B): A = sum(w_i M_i T_i) / density with seeded Bernoulli("
+               "density) masks M_i; scaling 1 (LoRAX/PEFT dare_linear on the factors, seeded)")
+    takes = MappingProxyType({"density": DEFAULT_DENSITY, "seed": 0})
+
+    def merge_tensors(self, stack: NDArray[np.float64], weights: NDArray[np.float64], module: str,
+                      which: int) -> NDArray[np.float64]:
+        dropped = dare_drop(stack, self.density, int(self.params["seed"]), module, which)
+        summed: NDArray[np.float64] = np.einsum("i,i...->...", weights, dropped)
+        return summed
+
+
+class DareTiesMerge(TaskVectorMerge):
+    """DARE's drop and rescale in place of TIES's trim, then TIES's sign election and mean."""
+
+    name = "dare_ties"
+    meaning = ("per factor, T_i = sqrt(s_i) A_i (likewise B): D_i = M_i T_i / density with seeded Bernoulli(density) "
+               "masks, elect a sign per entry (majority), A = sum(w_i m_i D_i) / sum(w_i m_i) over agreeing entries; "
+               "scaling 1 (LoRAX/PEFT dare_ties on the factors, seeded; divides by the agreeing weight)")
+    takes = MappingProxyType({"density": DEFAULT_DENSITY, "majority": "total", "seed": 0})
+
+    def merge_tensors(self, stack: NDArray[np.float64], weights: NDArray[np.float64], module: str,
+                      which: int) -> NDArray[np.float64]:
+        dropped = dare_drop(stack, self.density, int(self.params["seed"]), module, which)
+        return disjoint_mean(dropped, weights, agreeing(dropped, str(self.params["majority"])))
+
+
 MERGE_METHODS: Mapping[str, type[MergeMethod]] = MappingProxyType(
-    {cls.name: cls for cls in (LinearMerge, CatMerge, SvdMerge)})
+    {cls.name: cls for cls in (LinearMerge, CatMerge, SvdMerge, TiesMerge, DareLinearMerge, DareTiesMerge)})
 
 
-def get_method(name: str) -> MergeMethod:
-    """The merge method called ``name``; an unknown name is a 400 that lists the valid ones."""
+def get_method(name: str, params: Mapping[str, object] | None = None) -> MergeMethod:
+    """The merge method called ``name`` with ``params``; an unknown name is a 400 that lists the valid ones,
+    and a parameter the method does not take, or out of range, a 400 that names it."""
     cls = MERGE_METHODS.get(name)
     if cls is None:
         raise InvalidRequest(f"unknown merge method {name!r}; valid methods: {', '.join(sorted(MERGE_METHODS))}",
                              param="method", code="unknown_merge_method")
-    return cls()
+    return cls(params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +603,7 @@ class CombinedModules(Mapping[str, ModuleFactors]):
         self._scalings, self._weights, self._rank = tuple(scalings), tuple(weights), rank
 
     def __getitem__(self, module: str) -> ModuleFactors:
-        return self._merger.combine(self._parts[module], self._scalings, self._weights, self._rank)
+        return self._merger.combine(self._parts[module], self._scalings, self._weights, self._rank, module)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._parts)
@@ -410,7 +617,8 @@ class CombinedModules(Mapping[str, ModuleFactors]):
         return (self._rank, int(first.a.shape[1])), (int(first.b.shape[0]), self._rank)
 
     def combine_into(self, module: str, out_a: Matrix, out_b: Matrix) -> None:
-        self._merger.combine_into(self._parts[module], self._scalings, self._weights, self._rank, out_a, out_b)
+        self._merger.combine_into(self._parts[module], self._scalings, self._weights, self._rank, out_a, out_b,
+                                  module)
 
 
 def _common(values: Sequence[tuple[str, object]], what: str, code: str) -> None:
@@ -436,18 +644,18 @@ def _zeros(rank: int, d: int, k: int) -> ModuleFactors:
 
 
 def merge_factors(adapters: Sequence[LoraFactors], weights: Sequence[float], method: str, *,
-                  max_rank: int, target_rank: int | None = None) -> MergedLora:
+                  max_rank: int, params: Mapping[str, object] | None = None) -> MergedLora:
     """Merge loaded adapters; every refusal is a 422 that names the adapters and the problem.
 
     Target modules are the union: where an adapter lacks a module its part is zero factors of its own
     rank (a zero block for ``cat``, zeros of matching shape for ``linear``), so it contributes nothing.
     """
-    merger = get_method(method)
+    merger = get_method(method, params)
     values = _checked_weights(weights, len(adapters))
     labels = [a.label for a in adapters]
     _common([(a.label, a.base_model) for a in adapters], "one base model", "base_model_mismatch")
     _common([(a.label, a.fan_in_fan_out) for a in adapters], "fan_in_fan_out", "not_mergeable")
-    rank = merger.output_rank([a.rank for a in adapters], labels, max_rank=max_rank, target_rank=target_rank)
+    rank = merger.output_rank([a.rank for a in adapters], labels, max_rank=max_rank)
     scalings = [a.scaling for a in adapters]
     parts_by_module: dict[str, list[ModuleFactors]] = {}
     for module in sorted({m for a in adapters for m in a.modules}):
@@ -589,15 +797,15 @@ def write_peft_dir(merged: MergedLora, target: Path, *, staging_root: Path | Non
 # Content addressing
 
 
-def merge_key(inputs: Sequence[tuple[str, float]], method: str, target_rank: int | None) -> str:
-    """sha256 naming a merge: format version, method, (rank for svd) and the (adapter sha256, weight) list.
+def merge_key(inputs: Sequence[tuple[str, float]], method: str, params: MergeParams = NO_PARAMS) -> str:
+    """sha256 naming a merge: format version, method, every parameter and the (adapter sha256, weight) list.
 
     Callers pass :func:`plan_merge`'s canonical order (sorted by adapter hash), so the same set of
     adapters and weights maps to one key whatever order routing listed them in; weights enter rounded
     to ``WEIGHT_DECIMALS`` and the build uses exactly those rounded values.
     """
     payload = {
-        "format": MERGE_FORMAT, "method": method, "target_rank": target_rank,
+        "format": MERGE_FORMAT, "method": method, "params": dict(params),
         "inputs": [[sha, f"{weight:.{WEIGHT_DECIMALS}f}"] for sha, weight in inputs],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -608,9 +816,11 @@ class MergePlan:
     """A validated merge request, before any tensor is read: what to build and under which key.
 
     ``inputs`` is canonical: sorted by adapter sha256, the same content listed twice summed into one
-    weight, zero weights dropped. All three methods give the same update (up to the order of cat's
-    blocks) under these rewrites, so they only increase sharing; the build follows this order, so the
-    key describes exactly the bytes on disk.
+    weight, zero weights dropped. ``linear``, ``cat`` and ``svd`` give the same update (up to the order
+    of cat's blocks) under these rewrites, so they only increase sharing; for the task-vector methods
+    the canonical form is the definition: an adapter votes once in the sign election, with its summed
+    weight, and one of weight zero takes no part. The build follows this order, so the key describes
+    exactly the bytes on disk.
     """
 
     key: str
@@ -618,7 +828,7 @@ class MergePlan:
     rank: int
     base_model: str
     inputs: tuple[tuple[AdapterRecord, float], ...]
-    target_rank: int | None = None
+    params: MergeParams = field(default_factory=lambda: NO_PARAMS)  # canonical, as keyed (svd: its output rank)
 
     @property
     def name(self) -> str:
@@ -629,19 +839,20 @@ class MergePlan:
         """Provenance for the merge dir: which adapters, weights and algebra produced it."""
         method = MERGE_METHODS[self.method]
         return {"format": MERGE_FORMAT, "key": self.key, "name": self.name, "method": self.method,
-                "meaning": method.meaning, "rank": self.rank, "target_rank": self.target_rank,
+                "meaning": method.meaning, "rank": self.rank, "params": dict(self.params),
                 "base_model": self.base_model,
                 "inputs": [{"name": r.name, "sha256": r.sha256, "weight": w} for r, w in self.inputs]}
 
 
 def plan_merge(records: Sequence[AdapterRecord], weights: Sequence[float], method: str, *,
-               max_rank: int, target_rank: int | None = None) -> MergePlan:
+               max_rank: int, params: Mapping[str, object] | None = None) -> MergePlan:
     """Validate a merge from registry records alone (no I/O) and compute its content key.
 
     Everything knowable from the registry is refused here with a 4xx: unknown method (400), empty
-    list, weight count or values, different base models, modules_to_save, ranks (422).
+    list, weight count or values, different base models, modules_to_save, ranks (422); unknown or
+    out-of-range parameters (400).
     """
-    merger = get_method(method)
+    merger = get_method(method, params)
     values = _checked_weights(weights, len(records))
     _common([(r.name, r.base_model) for r in records], "one base model", "base_model_mismatch")
     for record in records:
@@ -656,12 +867,11 @@ def plan_merge(records: Sequence[AdapterRecord], weights: Sequence[float], metho
     inputs = tuple((r, round(w, WEIGHT_DECIMALS)) for _, (r, w) in sorted(merged.items()) if w > 0)
     if not inputs:
         raise Unprocessable(f"merge weights round to zero: {values}", param="weights", code="invalid_weights")
-    rank = merger.output_rank([r.rank for r, _ in inputs], [r.name for r, _ in inputs], max_rank=max_rank,
-                              target_rank=target_rank)
-    keyed_rank = rank if merger.name == SvdMerge.name else None
-    key = merge_key([(r.sha256, w) for r, w in inputs], merger.name, keyed_rank)
+    rank = merger.output_rank([r.rank for r, _ in inputs], [r.name for r, _ in inputs], max_rank=max_rank)
+    keyed = merger.keyed_params(rank)
+    key = merge_key([(r.sha256, w) for r, w in inputs], merger.name, keyed)
     return MergePlan(key=key, method=merger.name, rank=rank, base_model=inputs[0][0].base_model, inputs=inputs,
-                     target_rank=keyed_rank)
+                     params=keyed)
 
 
 def build_merge(plan: MergePlan, target: Path, *, staging_root: Path | None = None,
@@ -669,5 +879,5 @@ def build_merge(plan: MergePlan, target: Path, *, staging_root: Path | None = No
     """Load the plan's adapters, merge and write them atomically at ``target`` (blocking: run in a thread)."""
     factors = [load_factors(record.path, label=record.name) for record, _ in plan.inputs]
     merged = merge_factors(factors, [w for _, w in plan.inputs], plan.method, max_rank=plan.rank,
-                           target_rank=plan.target_rank)
+                           params=plan.params)
     return write_peft_dir(merged, target, staging_root=staging_root, info=plan.info(), durable=durable)

@@ -31,12 +31,20 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from loragate.adapters.merge import INFO_FILE, MergePlan, build_merge, plan_merge, safetensors_intact
+from loragate.adapters.merge import (
+    INFO_FILE,
+    NO_PARAMS,
+    MergeParams,
+    MergePlan,
+    build_merge,
+    plan_merge,
+    safetensors_intact,
+)
 from loragate.adapters.objectstore import ObjectDirs, StoreError
 from loragate.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from loragate.adapters.staging import new_dir, remove_stale
@@ -76,6 +84,7 @@ class MergedAdapter:
     method: str
     base_model: str
     size_bytes: int
+    params: MergeParams = field(default_factory=lambda: NO_PARAMS)  # the method's parameters, as keyed
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +142,17 @@ class MergeCache:
             shutil.rmtree(trash, ignore_errors=True)
 
     async def get_or_build(self, records: Sequence[AdapterRecord], weights: Sequence[float], method: str,
-                           max_rank: int, *, target_rank: int | None = None,
+                           max_rank: int, *, params: Mapping[str, object] | None = None,
                            inputs: AdapterStore | None = None) -> MergedAdapter:
         """The merged adapter for these inputs: reused if on disk, else built (once, off the event loop).
 
         Invalid requests fail before any lookup (see :func:`plan_merge`): the same 4xx whether or not
-        an equal merge happens to be cached. ``inputs``: the store holding the records' files, which a
+        an equal merge happens to be cached. ``params``: the method's parameters (every one enters the
+        key). ``inputs``: the store holding the records' files, which a
         build materializes first (an object store downloads them) and keeps from eviction while it reads.
         """
         started = time.perf_counter()
-        plan = plan_merge(records, weights, method, max_rank=max_rank, target_rank=target_rank)
+        plan = plan_merge(records, weights, method, max_rank=max_rank, params=params)
         if plan.key in self._lru:
             with self._lru.leased([plan.key]):
                 present = await asyncio.to_thread(touch, self.path_for(plan.key), ADAPTER_FILES)
@@ -168,7 +178,7 @@ class MergeCache:
     def _result(self, plan: MergePlan, *, built: bool, seconds: float) -> MergedAdapter:
         return MergedAdapter(name=plan.name, path=self.path_for(plan.key), key=plan.key, rank=plan.rank,
                              built=built, seconds=seconds, method=plan.method, base_model=plan.base_model,
-                             size_bytes=self._lru.size(plan.key))
+                             size_bytes=self._lru.size(plan.key), params=plan.params)
 
     def _build_sync(self, plan: MergePlan) -> tuple[int, bool]:
         target = self.path_for(plan.key)

@@ -11,10 +11,11 @@ adapter on its disk yet (it downloads and verifies it, once); the local store an
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from loragate.adapters.merge import NO_PARAMS, MergeParams
 from loragate.adapters.merge_cache import MergeCache
 from loragate.adapters.registry import AdapterRegistry
 
@@ -28,13 +29,16 @@ class Weighted(Protocol):
 
 
 class Choice(Protocol):
-    """What resolving reads of a routing decision: the weighted adapters and the merge method."""
+    """What resolving reads of a routing decision: the weighted adapters, the merge method and its parameters."""
 
     @property
     def adapters(self) -> Sequence[Weighted]: ...
 
     @property
     def method(self) -> str | None: ...
+
+    @property
+    def merge_params(self) -> Mapping[str, str | int | float | bool]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,7 @@ class Servable:
     built: bool = False  # a merge built for this request (or the build it joined), not found in the cache
     build_s: float = 0.0  # the merge's build time when built, else its lookup time
     merge_s: float = 0.0  # what getting the merge cost this request, waiting included
+    params: MergeParams = field(default_factory=lambda: NO_PARAMS)  # a merge's parameters (X-Adapter-Merge)
 
 
 class Resolver:
@@ -73,6 +78,7 @@ class Resolver:
         store = self.registry.store
         started = time.perf_counter()
         merged = await self.merges.get_or_build(records, [a.weight for a in choice.adapters],
-                                                choice.method or self.default_method, self.max_rank, inputs=store)
+                                                choice.method or self.default_method, self.max_rank,
+                                                params=choice.merge_params, inputs=store)
         return Servable(merged.name, str(merged.path), merged.method, merged.built, merged.seconds,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, merged.params)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import ClassVar
 
-from loragate.adapters.merge import get_method
+from loragate.adapters.merge import MERGE_PARAMS, get_method
 from loragate.errors import InvalidRequest, NotFound
 from loragate.router.types import (
     CHAIN_CONTRAST,
@@ -22,6 +23,7 @@ from loragate.router.types import (
     CHAIN_TOPIC,
     AdapterWeight,
     ChainPlan,
+    ParamValue,
     PolicySpec,
     RouterConfig,
     RoutingDecision,
@@ -75,9 +77,10 @@ class Policy(ABC):
             raise _bad(f"policy {self.name!r} does not take {unknown}; its parameters: {allowed}")
 
     def decision(self, query: RoutingQuery, adapters: tuple[AdapterWeight, ...] = (), *,
-                 method: str | None = None) -> RoutingDecision:
+                 method: str | None = None, merge_params: Mapping[str, ParamValue] | None = None) -> RoutingDecision:
         return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name, adapters=adapters,
                                candidates=query.candidates, method=method,
+                               merge_params=MappingProxyType(dict(merge_params or {})),
                                fallback=self.searches and not adapters)
 
     @abstractmethod
@@ -177,10 +180,14 @@ def round_weights(weights: Sequence[float], step: float) -> list[float]:
 
 
 class AveragePolicy(Policy):
-    """Parameter averaging: a weighted merge of the top-k adapters above ``min_score`` (or a given list)."""
+    """Parameter averaging: a weighted merge of the top-k adapters above ``min_score`` (or a given list).
+
+    The merge method's own parameters (``density``, ``majority``, ``seed``, ``target_rank``) ride along in
+    the decision and are validated by the method here, so a bad one is a 400 before anything is searched.
+    """
 
     name = "average"
-    params = frozenset({"k", "min_score", "method", "weights", "temperature", "adapters"})
+    params = frozenset({"k", "min_score", "method", "weights", "temperature", "adapters", *MERGE_PARAMS})
     searches = True
 
     def check_params(self, spec: PolicySpec) -> None:
@@ -188,7 +195,7 @@ class AveragePolicy(Policy):
         number(spec, "k", self.config.k, 1, self.config.max_k, integer=True)
         number(spec, "min_score", self.config.min_score, -1.0, 1.0)
         number(spec, "temperature", self.config.temperature, 0.0, 100.0, open_low=True)
-        get_method(text(spec, "method", self.config.method))  # 400 listing the merge methods
+        self._merge(spec)
         weights = text(spec, "weights", self.config.weights)
         if weights not in WEIGHTINGS:
             explicit = self._explicit_weights(spec, weights)
@@ -196,6 +203,19 @@ class AveragePolicy(Policy):
             if names is None or len(names) != len(explicit):
                 raise _bad(f'average: explicit weights need adapters="a b" of the same length; valid weightings: '
                            f"{', '.join(WEIGHTINGS)} or numbers")
+
+    def _merge(self, spec: PolicySpec) -> tuple[str, dict[str, ParamValue]]:
+        """The merge method and its parameters as asked; 400 for an unknown method (listing them), a parameter
+        the method does not take or one out of range (naming it)."""
+        method = text(spec, "method", self.config.method)
+        merge_params = {k: v for k, v in spec.params.items() if k in MERGE_PARAMS}
+        try:
+            get_method(method, merge_params)
+        except InvalidRequest as exc:
+            if exc.code == "unknown_merge_method":
+                raise
+            raise _bad(f"average: {exc.message}") from exc
+        return method, merge_params
 
     @staticmethod
     def _explicit_adapters(spec: PolicySpec) -> list[str] | None:
@@ -219,7 +239,7 @@ class AveragePolicy(Policy):
 
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
         spec = query.policy
-        method = text(spec, "method", self.config.method)
+        method, merge_params = self._merge(spec)
         how = text(spec, "weights", self.config.weights)
         names = self._explicit_adapters(spec)
         scores = dict(query.candidates)
@@ -239,7 +259,9 @@ class AveragePolicy(Policy):
         else:
             weights = self._explicit_weights(spec, how)
         kept = tuple(AdapterWeight(n, w) for (n, _), w in zip(chosen, weights, strict=True) if w > 0)
-        return self.decision(query, kept, method=method if len(kept) > 1 else None)
+        if len(kept) < 2:
+            return self.decision(query, kept)
+        return self.decision(query, kept, method=method, merge_params=merge_params)
 
 
 class ChainPolicy(Policy):

@@ -119,6 +119,7 @@ class RoutingDecision:
     adapters: tuple[AdapterWeight, ...] = ()
     candidates: tuple[tuple[str, float], ...] = ()
     method: str | None = None
+    merge_params: Mapping[str, ParamValue] = field(default_factory=lambda: MappingProxyType({}))  # method's, as asked
     compositional: bool | None = None
     fallback: bool = False  # a searching policy found nothing good enough and answered with the base
     embed_s: float = 0.0

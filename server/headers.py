@@ -30,6 +30,16 @@ def adapters_header(decision: RoutingDecision) -> str | None:
     return str(items)
 
 
+def merge_header(adapter: Servable) -> str:
+    """``X-Adapter-Merge`` as an RFC 8941 item: the merge's name, its method and every parameter it was keyed by,
+    ``"merge-1a2b";method=ties;density=0.5;majority=total``."""
+    item = Item(adapter.name)
+    item.params["method"] = Token(str(adapter.method))
+    for key, value in adapter.params.items():
+        item.params[key] = Token(value) if isinstance(value, str) else value
+    return str(item)
+
+
 def decision_headers(call: CompletionCall, decision: RoutingDecision, adapter: Servable | None) -> dict[str, str]:
     """The X-* headers that make a decision visible to the client."""
     headers = {"x-request-id": call.request_id, "x-outcome-id": call.outcome_id,
@@ -46,7 +56,7 @@ def decision_headers(call: CompletionCall, decision: RoutingDecision, adapter: S
     if decision.compositional is not None:
         headers["x-compositional"] = "?1" if decision.compositional else "?0"
     if adapter is not None and adapter.method is not None:
-        headers["x-adapter-merge"] = f'"{adapter.name}";method={adapter.method}'
+        headers["x-adapter-merge"] = merge_header(adapter)
     if decision.fallback:
         headers["x-route-fallback"] = "?1"
     if decision.auto is not None:

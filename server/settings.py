@@ -131,7 +131,8 @@ class Settings(BaseSettings):
     route_candidates: int = Field(5, gt=0, le=64, description="Nearest adapters reported per routed request.")
     select_min_score: float = Field(0.3, ge=-1, le=1, description="Default min_score of select and average.")
     average_k: int = Field(2, ge=1, le=8, description="Default k of average.")
-    average_method: str = Field("cat", description="Default merge method of average: linear | cat | svd.")
+    average_method: str = Field("cat", description="Default merge method of average: linear | cat | svd | ties | "
+                                "dare_linear | dare_ties.")
     average_weights: str = Field("softmax", description="Default weighting of average: uniform | score | softmax.")
     average_temperature: float = Field(0.05, gt=0, le=100, description="Default softmax temperature of average.")
     merge_weight_step: float = Field(

@@ -105,7 +105,8 @@ def test_cat_is_the_exact_weighted_sum_of_updates(three: list[LoraFactors]) -> N
 def test_svd_is_the_best_rank_r_approximation(three: list[LoraFactors]) -> None:
     weights = [0.5, 0.25, 0.25]
     for target, expected_rank in ((None, 4), (6, 6), (2, 2)):
-        merged = merge_factors(three, weights, "svd", max_rank=16, target_rank=target)
+        asked = {} if target is None else {"target_rank": target}
+        merged = merge_factors(three, weights, "svd", max_rank=16, params=asked)
         assert merged.rank == expected_rank
         for module, factors in merged.modules.items():
             exact = weighted_sum(three, weights, module)
@@ -125,7 +126,7 @@ def test_svd_is_the_best_rank_r_approximation(three: list[LoraFactors]) -> None:
 def test_svd_pads_to_the_rank_when_the_update_has_fewer_components(tmp_path: Path) -> None:
     thin = [load_factors(lora(tmp_path / n, rank=3, alpha=3, seed=i, d=2, targets=("q_proj",), layers=1))
             for i, n in enumerate("xy")]
-    merged = merge_factors(thin, [0.5, 0.5], "svd", max_rank=8, target_rank=5)
+    merged = merge_factors(thin, [0.5, 0.5], "svd", max_rank=8, params={"target_rank": 5})
     factors = merged.modules["model.layers.0.self_attn.q_proj"]
     assert merged.rank == 5 and factors.a.shape == (5, K) and factors.b.shape == (2, 5)
     assert not factors.a[2:].any()  # rank(dW) <= d = 2; the rest are zero components
@@ -263,7 +264,8 @@ def test_peft_cat_copies_rslora_from_the_first_adapter(tmp_path: Path) -> None:
     ("cat", [0.5, -0.5], 16, Unprocessable, ["finite and non-negative"]),
     ("cat", [0.5, float("nan")], 16, Unprocessable, ["finite and non-negative"]),
     ("cat", [0.0, 0.0], 16, Unprocessable, ["must not all be zero"]),
-    ("ties", [0.5, 0.5], 16, InvalidRequest, ["unknown merge method 'ties'", "cat, linear, svd"]),
+    ("task_arithmetic", [0.5, 0.5], 16, InvalidRequest,
+     ["unknown merge method 'task_arithmetic'", "cat, dare_linear, dare_ties, linear, svd, ties"]),
 ])
 def test_refusals_name_the_problem(tmp_path: Path, method: str, weights: list[float], max_rank: int,
                                    kind: type[Exception], fragments: list[str]) -> None:
@@ -325,18 +327,18 @@ def test_empty_list_is_refused() -> None:
 
 def test_target_rank_is_only_for_svd(tmp_path: Path) -> None:
     a = load_factors(lora(tmp_path / "a", rank=4, alpha=8, seed=1))
-    with pytest.raises(InvalidRequest, match="only applies to method 'svd'"):
-        merge_factors([a], [1.0], "cat", max_rank=16, target_rank=2)
+    with pytest.raises(InvalidRequest, match="'cat': does not take target_rank; its parameters: none"):
+        merge_factors([a], [1.0], "cat", max_rank=16, params={"target_rank": 2})
     with pytest.raises(InvalidRequest, match="positive integer"):
-        merge_factors([a], [1.0], "svd", max_rank=16, target_rank=0)
+        merge_factors([a], [1.0], "svd", max_rank=16, params={"target_rank": 0})
 
 
 def test_methods_registry_lookup() -> None:
-    assert sorted(MERGE_METHODS) == ["cat", "linear", "svd"]
+    assert sorted(MERGE_METHODS) == ["cat", "dare_linear", "dare_ties", "linear", "svd", "ties"]
     assert get_method("svd").name == "svd"
     with pytest.raises(InvalidRequest) as caught:
         get_method("average")
-    assert caught.value.body()["error"]["param"] == "method" and "valid methods: cat, linear, svd" in str(caught.value)
+    assert caught.value.body()["error"]["param"] == "method" and "valid methods: cat, dare_linear" in str(caught.value)
 
 
 def test_keys_of_one_module_match_across_peft_key_variants(tmp_path: Path) -> None:
@@ -410,7 +412,7 @@ def test_streamed_safetensors_match_the_library_for_every_method(tmp_path: Path,
 
     inputs = three[:1] * 2 if method == "linear" else three  # linear needs equal ranks
     merged = merge_factors(inputs, [0.6, 0.4] if method == "linear" else [0.5, 0.3, 0.2], method, max_rank=16,
-                           target_rank=4 if method == "svd" else None)
+                           params={"target_rank": 4} if method == "svd" else None)
     assert isinstance(merged.modules, CombinedModules)
     eager = {m: merged.modules[m] for m in merged.modules}  # combined in memory, the old way
     streamed, plain = tmp_path / "streamed.safetensors", tmp_path / "plain.safetensors"
@@ -452,8 +454,8 @@ def test_plan_key_is_canonical_and_names_what_is_built(tmp_path: Path) -> None:
     dropped = plan_merge([a, b], [1.0, 0.0], "cat", max_rank=16)
     assert [r.name for r, _ in dropped.inputs] == ["a"] and dropped.rank == 4
     svd_default = plan_merge([a, b], [0.6, 0.4], "svd", max_rank=16)
-    assert svd_default.key == plan_merge([a, b], [0.6, 0.4], "svd", max_rank=16, target_rank=4).key
-    assert svd_default.key != plan_merge([a, b], [0.6, 0.4], "svd", max_rank=16, target_rank=6).key
+    assert svd_default.key == plan_merge([a, b], [0.6, 0.4], "svd", max_rank=16, params={"target_rank": 4}).key
+    assert svd_default.key != plan_merge([a, b], [0.6, 0.4], "svd", max_rank=16, params={"target_rank": 6}).key
 
 
 def test_build_merge_writes_the_plan_with_provenance(tmp_path: Path) -> None:

@@ -193,8 +193,10 @@ async def test_failures_reach_every_waiter_and_are_retried(tmp_path: Path, adapt
 
 async def test_invalid_requests_fail_before_the_cache(tmp_path: Path, adapters: list[AdapterRecord]) -> None:
     cache = MergeCache(tmp_path / "merges", max_bytes=10**9)
-    with pytest.raises(InvalidRequest, match="valid methods: cat, linear, svd"):
-        await cache.get_or_build(adapters[:2], [0.5, 0.5], "ties", 16)
+    with pytest.raises(InvalidRequest, match="valid methods: cat, dare_linear, dare_ties, linear, svd, ties"):
+        await cache.get_or_build(adapters[:2], [0.5, 0.5], "task_arithmetic", 16)
+    with pytest.raises(InvalidRequest, match="density must be a number in"):
+        await cache.get_or_build(adapters[:2], [0.5, 0.5], "ties", 16, params={"density": 0})
     with pytest.raises(Unprocessable, match="4 \\+ 4 \\+ 4 = 12"):
         await cache.get_or_build(adapters, [0.4, 0.3, 0.3], "cat", 8)
     assert cache.stats() == merge_cache.MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0)

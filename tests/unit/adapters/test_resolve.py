@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ class Weight:
 class Choice:
     adapters: tuple[Weight, ...] = ()
     method: str | None = None
+    merge_params: dict[str, str | int | float | bool] = field(default_factory=dict)
 
 
 @pytest.fixture

@@ -86,10 +86,33 @@ async def test_average_unknown_explicit_adapter_is_404() -> None:
     ("average;weights=magic", "uniform, score, softmax or numbers"),
     ('average;adapters="a a"', "distinct"),
     ("select;k=2", "does not take"),
+    ("average;method=ties;density=0", r"density must be a number in \(0, 1\], got 0"),
+    ("average;method=ties;density=1.5", "density must be a number in"),
+    ("average;method=ties;density=half", "density must be a number in"),
+    ("average;method=ties;majority=most", "majority must be one of total, frequency, got 'most'"),
+    ("average;method=dare_ties;seed=-1", "seed must be an integer"),
+    ("average;method=dare_linear;seed=1.5", "seed must be an integer"),
+    ("average;method=ties;seed=0", "'ties': does not take seed; its parameters: density, majority"),
+    ("average;method=cat;density=0.5", "'cat': does not take density; its parameters: none"),
+    ("average;method=linear;target_rank=4", "does not take target_rank"),
+    ("average;method=svd;target_rank=0", "target_rank must be a positive integer"),
+    ("average;method=ties;top=3", "does not take"),
 ])
 async def test_out_of_range_parameters_are_400(text: str, fragment: str) -> None:
-    with pytest.raises(InvalidRequest, match=fragment):
+    with pytest.raises(InvalidRequest, match=fragment) as caught:
         await decide(text)
+    assert caught.value.status == 400
+
+
+async def test_average_carries_the_merge_parameters_it_was_asked_for() -> None:
+    ties = await decide("average;k=2;method=ties;weights=uniform;density=0.5;majority=frequency")
+    assert ties.method == "ties" and dict(ties.merge_params) == {"density": 0.5, "majority": "frequency"}
+    dare = await decide("average;k=2;method=dare_ties;weights=uniform;density=0.3;seed=7")
+    assert dict(dare.merge_params) == {"density": 0.3, "seed": 7}
+    plain = await decide("average;k=2;method=cat;weights=uniform")
+    assert dict(plain.merge_params) == {}
+    single = await decide("average;k=3;min_score=0.6;method=ties;density=0.5")  # one adapter: nothing merges
+    assert single.method is None and dict(single.merge_params) == {}
 
 
 def test_similarity_weights() -> None:
