@@ -46,12 +46,15 @@ POLICIES = (
     ("average linear", "average;k=2;method=linear;weights=uniform"),
     ("average cat", "average;k=2;method=cat;weights=uniform"),
     ("average svd", "average;k=2;method=svd;weights=uniform"),
+    ("average ties", "average;k=2;method=ties;weights=uniform;density=0.5"),
+    ("average dare_ties", "average;k=2;method=dare_ties;weights=uniform;density=0.5;seed=0"),  # seeded: one merge
     ("chain", "chain;k=2"),  # the adapter chosen again at every step (score=contrastive)
     ("chain route", "chain;k=2;choose=route"),  # ... by the router from the text so far, one generation a step
     ("auto (learned)", "auto"),  # the policy per context learned from graded outcomes (measured after a warm-up)
 )
 AUTO_LABEL = "auto (learned)"
-ROUTED = frozenset({"select", "average linear", "average cat", "average svd", "chain", "chain route", AUTO_LABEL})
+ROUTED = frozenset({"select", "average linear", "average cat", "average svd", "average ties", "average dare_ties",
+                    "chain", "chain route", AUTO_LABEL})
 WARMUP_BURST = 8  # graded auto requests between idle moments (when the exploring shadows run)
 WARMUP_STABLE = 3  # bursts in a row with every context's choice unchanged end the warm-up
 WARMUP_MAX = 240
@@ -199,9 +202,10 @@ def detection(records: list[dict[str, Any]], plan: list[tuple[str, str, WorkItem
 
 
 def print_table(cells: dict[tuple[str, str], Cell], interpretable: bool) -> None:
-    print(f"\n{'policy':16}" + "".join(f"  {k:>22}" for k in KINDS))
+    width = max(16, *(len(label) for label, _ in POLICIES))
+    print(f"\n{'policy':{width}}" + "".join(f"  {k:>22}" for k in KINDS))
     for label, _ in POLICIES:
-        line = f"{label:16}"
+        line = f"{label:{width}}"
         for kind in KINDS:
             cell = cells.get((label, kind))
             if cell is None:
