@@ -24,7 +24,8 @@ merged adapter computes, so each method here states its algebra. For adapter i w
   A or B), so a request gives the same merged adapter every time, on every replica.
 
 Where these differ from PEFT's ``merge_utils`` (which LoRAX copies): the weights fold sqrt(s_i) into the
-tensors as ``linear`` does (PEFT folds sqrt(w_i s_i), LoRAX uses w_i and the first adapter's scaling);
+tensors as ``linear`` does (PEFT folds sqrt(w_i s_i), LoRAX uses w_i and the first adapter's scaling),
+and the signs are elected on those T_i (PEFT and LoRAX elect on the raw factors, before any weight);
 the disjoint mean divides by the agreeing entries' total weight, not their count (mergekit's
 ``normalize``): the paper's disjoint mean when the weights are equal, and PEFT's result when every weight
 is 1 (LoRAX's default), whereas with routing's weights summing to 1 PEFT's mean is 1/n of the paper's at
@@ -33,8 +34,10 @@ same request gives a different adapter each time, which a content-addressed cach
 
 Why on the factors and not on the dense update followed by a rank-r SVD (PEFT's ``ties_svd``, the
 exact definition on dW_i): on the 7B-shaped case (docs/bench/merge.md) the dense route forms, trims and
-truncates a d x k matrix per module, which costs tens of seconds to minutes of CPU in the gateway against
-well under a second on the factors; and the factor version is what LoRAX users get under these names.
+truncates a d x k matrix per module, about half an hour of the gateway's CPU (2 cores; one layer timed,
+times 32) against 2-4 s for the whole merge on the factors; its result is full rank, so truncating it to
+the rank the workers serve keeps only about a quarter of its energy there, which makes it no more exact
+where it matters; and the factor version is what LoRAX users get under these names.
 The price is stated, not hidden: a sign election on factors compares entry j of rank component c across
 adapters, which only means something when the components are aligned, and B A has the cross terms of
 ``linear``; so these methods need equal ranks (422 otherwise) and are not sum(w_i dW_i).
