@@ -60,6 +60,17 @@ async def test_a_merge_is_built_once_then_found(resolver: Resolver) -> None:
     assert built.path.startswith(str(resolver.merges.root)) and built.merge_s > 0 and built.build_s > 0
 
 
+async def test_merge_parameters_reach_the_cache_key_and_come_back_canonical(resolver: Resolver) -> None:
+    pair = (Weight("alpha", 0.5), Weight("beta", 0.5))
+    ties = await resolver.resolve(Choice(pair, "ties", {"density": 0.5}))
+    named = await resolver.resolve(Choice(pair, "ties", {"density": 0.5, "majority": "total"}))
+    other = await resolver.resolve(Choice(pair, "ties", {"density": 0.25}))
+    assert ties is not None and named is not None and other is not None
+    assert ties.method == "ties" and dict(ties.params) == {"density": 0.5, "majority": "total"}
+    assert named.name == ties.name and not named.built  # the default, named or not, is one merge
+    assert other.name != ties.name and other.built
+
+
 async def test_an_object_store_replica_serves_and_merges_from_its_own_downloads(tmp_path: Path,
                                                                                 s3_server: S3Server) -> None:
     """Registered through one replica's store; another replica (its own disk, the same rows) resolves the
