@@ -35,7 +35,7 @@ same request gives a different adapter each time, which a content-addressed cach
 Why on the factors and not on the dense update followed by a rank-r SVD (PEFT's ``ties_svd``, the
 exact definition on dW_i): on the 7B-shaped case (docs/bench/merge.md) the dense route forms, trims and
 truncates a d x k matrix per module, about half an hour of the gateway's CPU (2 cores; one layer timed,
-times 32) against 2-4 s for the whole merge on the factors; its result is full rank, so truncating it to
+times 32) against 1.5-4 s for the whole merge on the factors (two runs); its result is full rank, so truncating it to
 the rank the workers serve keeps only about a quarter of its energy there, which makes it no more exact
 where it matters; and the factor version is what LoRAX users get under these names.
 The price is stated, not hidden: a sign election on factors compares entry j of rank component c across
