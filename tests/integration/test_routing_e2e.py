@@ -54,7 +54,7 @@ def test_average_serves_a_cached_merge(stack: Stack) -> None:
 
 @pytest.mark.parametrize(("policy", "status", "fragment"), [
     ('average;adapters="alpha ghost"', 404, "'ghost'"),
-    ("average;method=magic", 400, "cat, linear, svd"),
+    ("average;method=magic", 400, "cat, dare_linear, dare_ties, linear, svd, ties"),
     ("select;min_score=2", 400, "out of range"),
 ])
 def test_routing_errors(stack: Stack, policy: str, status: int, fragment: str) -> None:
