@@ -29,6 +29,7 @@ from loragate.router.compositional import DETECTORS, make_detector
 from loragate.router.embedder import Embedder, EmbedderBackend, make_backend
 from loragate.router.grammar import parse_policy
 from loragate.router.index import AdapterVectors, DescriptorIndex, build_snapshot
+from loragate.router.search import IndexSearcher, Tier
 from loragate.router.service import Router
 from loragate.router.types import PolicySpec, RouterConfig
 
@@ -64,7 +65,7 @@ async def make_router(backend: EmbedderBackend, records: dict[str, AdapterRecord
     embedder = Embedder(backend, cache_size=cache)  # the gateway's default batching (no wait)
     index = DescriptorIndex(embedder, Path(tempfile.mkdtemp()), embedder.identity)
     await index.sync(records)
-    router = Router(PolicySpec("base"), RouterConfig(), embedder=embedder, index=index,
+    router = Router(PolicySpec("base"), RouterConfig(), searcher=IndexSearcher(Tier(backend.name, embedder, index)),
                     detector=make_detector(detector))
     return router, embedder
 
@@ -259,8 +260,8 @@ async def merge_reuse_section(records: dict[str, AdapterRecord], prompts: list[L
     base_router, embedder = await make_router(backend, records, "gap", cache=4096)
     spec = parse_policy("average;k=2;weights=softmax;temperature=0.05", source="bench")
     for step in (0.0, 0.05, 0.1):
-        router = Router(PolicySpec("base"), RouterConfig(weight_step=step), embedder=embedder,
-                        index=base_router.index, detector=base_router.detector)
+        router = Router(PolicySpec("base"), RouterConfig(weight_step=step), searcher=base_router.searcher,
+                        detector=base_router.detector)
         keys: set[tuple[tuple[str, float], ...]] = set()
         merges = 0
         for prompt in stream:

@@ -11,22 +11,21 @@ Detectors, in a registry, measured on ``tests/data/routing`` by ``make bench``:
   different adapter, the prompt spans domains.
 - ``hybrid``: either of the two; the best recall, for one larger embedding batch per request.
 
-A detector names the extra texts it needs embedded (:meth:`Detector.texts`); the router embeds
-them in the same batch as the prompt, so detection never costs a second round trip.
+A detector names the extra texts it needs embedded (:meth:`Detector.texts`); the router's searcher embeds
+them in the same batch as the prompt and hands the detector each one's nearest adapters, so detection
+never costs a second round trip and a detector is pure logic over scores.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import ClassVar
 
 from loragate.errors import ConfigError
-from loragate.router.index import Vectors
 
 Candidates = tuple[tuple[str, float], ...]
-Search = Callable[[Vectors, int], Candidates]
 
 _CLAUSE_SPLIT = re.compile(
     r"[.?!;:]+\s*|,?\s+(?:and|then|but|also|plus|whose|who|which|where|that|of)\s+|,\s*",
@@ -55,10 +54,10 @@ class Detector(ABC):
         return []
 
     @abstractmethod
-    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
+    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         """True when the prompt spans more than one adapter's domain.
 
-        ``candidates`` are the prompt's nearest adapters; ``vectors`` the embeddings of :meth:`texts`.
+        ``candidates`` are the prompt's nearest adapters; ``parts`` the nearest adapters of each of :meth:`texts`.
         """
 
 
@@ -71,7 +70,7 @@ class GapDetector(Detector):
         self.min_second = min_second
         self.max_gap = max_gap
 
-    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
+    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         if len(candidates) < 2:
             return False
         (_, first), (_, second) = candidates[0], candidates[1]
@@ -91,12 +90,11 @@ class SegmentDetector(Detector):
         parts = segments(prompt)
         return parts if len(parts) >= 2 else []
 
-    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
-        if len(candidates) < 2 or len(vectors) < 2:
+    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        if len(candidates) < 2 or len(parts) < 2:
             return False
         winners: set[str] = set()
-        for vector in vectors:
-            found = search(vector, 2)
+        for found in parts:
             if not found or found[0][1] < self.min_score:
                 continue
             if len(found) > 1 and found[0][1] - found[1][1] < self.margin:
@@ -117,8 +115,8 @@ class HybridDetector(Detector):
     def texts(self, prompt: str) -> list[str]:
         return self.segments.texts(prompt)
 
-    def detect(self, candidates: Candidates, vectors: Vectors, search: Search) -> bool:
-        return self.gap.detect(candidates, vectors, search) or self.segments.detect(candidates, vectors, search)
+    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        return self.gap.detect(candidates, parts) or self.segments.detect(candidates, parts)
 
 
 DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (GapDetector, SegmentDetector, HybridDetector)}

@@ -1,13 +1,13 @@
-"""The router service: resolves ``auto``, embeds and searches for searching policies, asks the policy.
+"""The router service: resolves ``auto``, searches for searching policies, asks the policy.
 
-Built once at startup. For ``select``/``average`` it embeds the prompt (micro-batched with other
-requests), searches the descriptor index and runs compositional detection, then hands the policy
-an immutable :class:`RoutingQuery`. ``base`` and ``pin`` never pay for an embedding.
+Built once at startup. For ``select``/``average`` it asks the :class:`~loragate.router.search.Searcher` for
+the prompt's nearest adapters (one embedder, or the static -> MiniLM cascade), runs compositional
+detection on what it found, then hands the policy an immutable :class:`RoutingQuery`. ``base`` and
+``pin`` never pay for an embedding.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -16,8 +16,8 @@ from loragate.adapters.types import AdapterRecord
 from loragate.errors import InvalidRequest
 from loragate.router.auto import AutoPolicy
 from loragate.router.compositional import Detector
-from loragate.router.index import DescriptorIndex, TextEncoder
 from loragate.router.policies import AUTO, POLICIES, Policy, policy_names
+from loragate.router.search import Searcher
 from loragate.router.types import PolicySpec, RouterConfig, RoutingDecision, RoutingQuery
 
 
@@ -44,19 +44,24 @@ def check_policy(spec: PolicySpec, config: RouterConfig, *, routing: bool) -> No
     resolve_policy({name: cls(config) for name, cls in POLICIES.items()}, spec, routing=routing)
 
 
+def _auto_takes_no_params(spec: PolicySpec) -> None:
+    if spec.name == AUTO and spec.params:
+        raise InvalidRequest(f"auto takes no parameters, got {sorted(spec.params)}", param="X-Adapter-Policy",
+                             code="invalid_policy")
+
+
 class Router:
     """Holds one instance of every registered policy and the search machinery they share."""
 
     def __init__(self, default_policy: PolicySpec, config: RouterConfig | None = None, *,
-                 embedder: TextEncoder | None = None, index: DescriptorIndex | None = None,
-                 detector: Detector | None = None, auto: AutoPolicy | None = None) -> None:
+                 searcher: Searcher | None = None, detector: Detector | None = None,
+                 auto: AutoPolicy | None = None) -> None:
         self.config = config or RouterConfig()
         self._policies: dict[str, Policy] = {name: cls(self.config) for name, cls in POLICIES.items()}
         if default_policy.name == AUTO:
             raise ValueError("the default policy cannot itself be 'auto'")
         self.default_policy = default_policy
-        self.embedder = embedder
-        self.index = index
+        self.searcher = searcher
         self.detector = detector
         self.auto = auto  # the learned auto (None: auto is the default policy)
         self.resolve(default_policy)  # fail at startup, not on the first request
@@ -65,7 +70,7 @@ class Router:
 
     @property
     def routing(self) -> bool:
-        return self.embedder is not None and self.index is not None
+        return self.searcher is not None
 
     def resolve(self, spec: PolicySpec) -> tuple[Policy, PolicySpec]:
         """The policy object and effective spec for a request (``auto`` becomes the default)."""
@@ -75,9 +80,7 @@ class Router:
 
     def check(self, spec: PolicySpec) -> None:
         """What :meth:`decide` would refuse of ``spec`` before routing (a request's policy: a 400 while parsing)."""
-        if spec.name == AUTO and spec.params:
-            raise InvalidRequest(f"auto takes no parameters, got {sorted(spec.params)}", param="X-Adapter-Policy",
-                                 code="invalid_policy")
+        _auto_takes_no_params(spec)
         self.resolve(spec)
 
     def needs_candidates(self, spec: PolicySpec) -> bool:
@@ -104,48 +107,32 @@ class Router:
         return [score or 0.0 for score in await self._similarities(texts, adapters)]
 
     async def _similarities(self, texts: Sequence[str], adapters: Sequence[str]) -> list[float | None]:
-        """Each text against its adapter's own descriptor vectors, exact (not a nearest-k search), the texts
-        embedded in one batch; None where there is no routing or the adapter has no descriptors."""
-        index = self.index
-        if self.embedder is None or index is None or not texts or not index.snapshot().size:
+        """Each text against its adapter's own descriptor vectors (the precise tier's, exact); None where
+        there is no routing or the adapter has no descriptors."""
+        if self.searcher is None:
             return [None] * len(texts)
-        unique = list(dict.fromkeys(t if t.strip() else " " for t in texts))
-        vectors = dict(zip(unique, await self.embedder.embed_many(unique), strict=True))
-
-        def score() -> list[float | None]:
-            return [index.similarity(vectors[t if t.strip() else " "], a) for t, a in zip(texts, adapters, strict=True)]
-
-        return await asyncio.to_thread(score) if index.blocks_loop else score()
+        return await self.searcher.similarities(texts, adapters)
 
     async def decide(self, prompt: str, spec: PolicySpec,
                      adapters: Mapping[str, AdapterRecord]) -> RoutingDecision:
         decide_started = time.perf_counter()
-        self.check(spec)
+        _auto_takes_no_params(spec)  # the rest of check() is resolve(), once, below
         learned = self.auto if spec.name == AUTO else None
         policy, effective = self.resolve(spec)
         candidates: tuple[tuple[str, float], ...] = ()
         compositional: bool | None = None
         embed_s = search_s = 0.0
+        tier = ""
+        searcher, detector = self.searcher, self.detector
         # the learned auto always searches: the nearest adapter and the compositional flag are its context
-        if ((learned is not None or policy.search_for(effective)) and prompt.strip() and self.embedder
-                and self.index and self.index.snapshot().size):
-            extra = self.detector.texts(prompt) if self.detector else []
-            started = time.perf_counter()
-            vectors = await self.embedder.embed_many([prompt, *extra])  # one batch: prompt + detector clauses
-            embed_s = time.perf_counter() - started
-            index, detector, k = self.index, self.detector, self.config.candidates
-
-            def search() -> tuple[tuple[tuple[str, float], ...], float, bool | None]:
-                begun = time.perf_counter()
-                found = tuple((n, s) for n, s in index.search(vectors[0], k) if n in adapters)
-                took = time.perf_counter() - begun
-                return found, took, detector.detect(found, vectors[1:], index.search) if detector else None
-
-            # a large exact index searches (and detects) in a thread; a small one inline (index.THREAD_MIN_VECTORS)
-            candidates, search_s, compositional = await asyncio.to_thread(search) if index.blocks_loop else search()
+        if (learned is not None or policy.search_for(effective)) and prompt.strip() and searcher and searcher.size:
+            found = await searcher.find(prompt, detector.texts(prompt) if detector else [], self.config.candidates,
+                                        adapters)
+            candidates, embed_s, search_s, tier = found.candidates, found.embed_s, found.search_s, found.tier
+            compositional = detector.detect(found.detected, found.parts) if detector else None
         query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates,
                              compositional=compositional)
         decision = await (learned.decide(query, self) if learned is not None else policy.decide(query))
         # keep what the client asked for ("auto"), not what it resolved to, in the record
         return replace(decision, policy_asked=spec.text(), compositional=compositional, embed_s=embed_s,
-                       search_s=search_s, decide_s=time.perf_counter() - decide_started)
+                       search_s=search_s, tier=tier, decide_s=time.perf_counter() - decide_started)

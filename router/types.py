@@ -124,6 +124,7 @@ class RoutingDecision:
     fallback: bool = False  # a searching policy found nothing good enough and answered with the base
     embed_s: float = 0.0
     search_s: float = 0.0
+    tier: str = ""  # the embedder whose search decided ("static"/"minilm" in a cascade; "" when nothing searched)
     decide_s: float = 0.0  # the whole decision: resolving the policy, embedding, searching, deciding
     chain: ChainPlan | None = None
     auto: AutoChoice | None = None  # set when the learned auto chose the policy that made this decision

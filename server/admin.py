@@ -22,7 +22,7 @@ from loragate.adapters.sources import AdapterSources
 from loragate.adapters.types import AdapterRecord
 from loragate.auth import BearerAuth
 from loragate.errors import InvalidRequest, PayloadTooLarge
-from loragate.router.index import DescriptorIndex
+from loragate.router.search import Searcher
 from loragate.workers.pool import WorkerPool
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -48,18 +48,18 @@ class AdminService:
     """What the /admin routes and the `loragate adapters` CLI do."""
 
     def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_bytes: int,
-                 index: DescriptorIndex | None = None, sources: AdapterSources | None = None) -> None:
+                 searcher: Searcher | None = None, sources: AdapterSources | None = None) -> None:
         """``sources``: where source URLs are read from (default: S3 through boto3's environment chain)."""
         self.registry = registry
         self.pool = pool
         self.max_bytes = max_bytes
-        self.index = index
+        self.searcher = searcher
         self.sources = sources or AdapterSources(s3_client)
 
     async def _changed(self, record: AdapterRecord) -> AdapterRecord:
-        """Registry changes reach routing at once: the descriptor index re-syncs (only what changed)."""
-        if self.index is not None:
-            await self.index.sync(self.registry.snapshot())
+        """Registry changes reach routing at once: the descriptor indexes re-sync (only what changed)."""
+        if self.searcher is not None:
+            await self.searcher.sync(self.registry.snapshot())
         return record
 
     def limits(self) -> dict[str, object]:

@@ -31,6 +31,7 @@ from loragate.router.compositional import make_detector
 from loragate.router.embedder import Embedder, backend_class, make_backend
 from loragate.router.grammar import parse_policy
 from loragate.router.index import DescriptorIndex, check_aggregate
+from loragate.router.search import CASCADE, CascadeSearcher, Escalation, IndexSearcher, Searcher, Tier
 from loragate.router.service import Router, check_policy
 from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
@@ -64,8 +65,7 @@ class Services:
     admin: AdminService
     auth: AdminAuth
     metrics: GatewayMetrics
-    embedder: Embedder | None
-    index: DescriptorIndex | None
+    searcher: Searcher | None
     adapter_files: AdapterFiles
     outcomes: OutcomeLog
     discovery: WorkerDiscovery | None = None  # with workers_dns: keeps the pool's discovered members current
@@ -131,8 +131,9 @@ def check_config(settings: Settings) -> None:
                          routing=routing)
     auto_config(settings, router_config(settings))
     with config_errors():
+        for backend in embedder_tiers(settings):
+            backend_class(backend, **embedder_options(settings))
         if settings.embedder != "none":
-            backend_class(settings.embedder, **embedder_options(settings))
             make_detector(settings.compositional_detector)
             check_aggregate(settings.index_aggregate)
 
@@ -143,23 +144,43 @@ def router_config(settings: Settings) -> RouterConfig:
                         weight_step=settings.merge_weight_step, candidates=settings.route_candidates)
 
 
-def build_router(settings: Settings, learner: AutoLearner | None = None
-                 ) -> tuple[Router, Embedder | None, DescriptorIndex | None]:
-    """The router with its embedder, descriptor index and compositional detector (unless embedder=none), and the
-    learned auto reading ``learner``'s statistics."""
+def embedder_tiers(settings: Settings) -> tuple[str, ...]:
+    """The embedder backends routing runs: none, one, or the cascade's fast and precise tiers."""
+    if settings.embedder == "none":
+        return ()
+    if settings.embedder == CASCADE:
+        if settings.cascade_fast == settings.cascade_precise:
+            raise ConfigError(f"cascade_fast and cascade_precise are both {settings.cascade_fast!r}: a cascade "
+                              "needs two different embedders", param="cascade_precise")
+        return settings.cascade_fast, settings.cascade_precise
+    return (settings.embedder,)
+
+
+def build_searcher(settings: Settings) -> Searcher | None:
+    """The configured embedders, each with its descriptor index under ``<data_dir>/index/<backend>``."""
+    tiers = []
+    for name in embedder_tiers(settings):
+        embedder = Embedder(make_backend(name, **embedder_options(settings)), max_batch=settings.embed_max_batch,
+                            max_wait_ms=settings.embed_max_wait_ms, cache_size=settings.embed_cache_size)
+        tiers.append(Tier(name, embedder, DescriptorIndex(
+            embedder, settings.data_dir / "index" / name, embedder.identity, exact_max=settings.index_exact_max,
+            aggregate=settings.index_aggregate)))
+    if not tiers:
+        return None
+    if len(tiers) == 1:
+        return IndexSearcher(tiers[0])
+    return CascadeSearcher(tiers[0], tiers[1], Escalation(settings.cascade_margin, settings.cascade_floor))
+
+
+def build_router(settings: Settings, learner: AutoLearner | None = None) -> Router:
+    """The router with its searcher and compositional detector (unless embedder=none), and the learned auto
+    reading ``learner``'s statistics."""
     config = router_config(settings)
     default = parse_policy(settings.default_policy, source="default")
     auto = None if learner is None else AutoPolicy(learner.config, lambda: learner.stats, min_score=config.min_score)
-    if settings.embedder == "none":
-        return Router(default, config, auto=auto), None, None
-    embedder = Embedder(make_backend(settings.embedder, **embedder_options(settings)),
-                        max_batch=settings.embed_max_batch, max_wait_ms=settings.embed_max_wait_ms,
-                        cache_size=settings.embed_cache_size)
-    index = DescriptorIndex(embedder, settings.data_dir / "index", embedder.identity,
-                            exact_max=settings.index_exact_max, aggregate=settings.index_aggregate)
-    router = Router(default, config, embedder=embedder, index=index,
-                    detector=make_detector(settings.compositional_detector), auto=auto)
-    return router, embedder, index
+    searcher = build_searcher(settings)
+    detector = make_detector(settings.compositional_detector) if searcher is not None else None
+    return Router(default, config, searcher=searcher, detector=detector, auto=auto)
 
 
 def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohttp.ClientSession) -> Services:
@@ -190,11 +211,12 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     adapter_files = AdapterFiles(delivery_token, adapter_dirs, store=registry.store)
     auto = auto_config(settings, router_config(settings))
     learner = None if auto is None else AutoLearner(auto, retention_s=settings.outcomes_retention_days * 86400)
-    router, embedder, index = build_router(settings, learner)
+    router = build_router(settings, learner)
+    searcher = router.searcher
     merges = MergeCache(settings.data_dir / "merges", max_bytes=settings.merge_cache_bytes,
                         remote=registry.store.merges() if isinstance(registry.store, S3Store) else None,
                         locks=registry_db if isinstance(registry_db, PostgresDatabase) else None)
-    metrics.watch_components(embedder.stats if embedder is not None else None, merges.stats)
+    metrics.watch_components(searcher.stats if searcher is not None else None, merges.stats)
     outcomes = OutcomeLog(outcomes_db, retention_days=settings.outcomes_retention_days,
                           interval_s=settings.outcomes_flush_interval_s)
     if learner is not None:
@@ -214,11 +236,11 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
     recorder.subscribe(shadows.on_event)
     metrics.shadow_pending.set_function(lambda: shadows.pending)
     return Services(
-        settings=settings, registry=registry, pool=pool, metrics=metrics, embedder=embedder, index=index,
+        settings=settings, registry=registry, pool=pool, metrics=metrics, searcher=searcher,
         outcomes=outcomes,
         completions=completions,
         shadows=shadows,
-        admin=AdminService(registry, pool, settings.max_adapter_bytes, index,
+        admin=AdminService(registry, pool, settings.max_adapter_bytes, searcher,
                            sources=AdapterSources(functools.partial(client_from, settings))),
         auth=AdminAuth(token, settings.allow_unauthenticated_admin),
         adapter_files=adapter_files,
@@ -230,8 +252,8 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
 async def follow_registry(services: Services) -> None:
     """Pick up adapters that another gateway process or replica registered, patched or removed."""
     async def reindex() -> None:
-        if services.index is not None:
-            await services.index.sync(services.registry.snapshot())
+        if services.searcher is not None:
+            await services.searcher.sync(services.registry.snapshot())
 
     await services.registry.follow(reindex, poll_s=services.settings.registry_poll_s,
                                    resync_s=services.settings.registry_resync_s)
@@ -283,8 +305,8 @@ def create_app(settings: Settings) -> FastAPI:
             with config_errors():
                 services = build_services(settings, http, upstream)
             app.state.services = services
-            if services.index is not None:
-                await services.index.sync(services.registry.snapshot())
+            if services.searcher is not None:
+                await services.searcher.sync(services.registry.snapshot())
             if services.auto is not None:  # the statistics as the outcome log left them: a restart loses nothing
                 await services.auto.rebuild(services.outcomes)
             services.outcomes.start()
@@ -309,8 +331,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await services.pool.stop()
                 await services.shadows.close()  # running shadows finish and are recorded
                 await services.outcomes.close()  # drains the queue: nothing recorded is lost
-                if services.embedder is not None:
-                    await services.embedder.close()
+                if services.searcher is not None:
+                    await services.searcher.close()
                 services.registry.close()
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan)

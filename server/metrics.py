@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from loragate.adapters.merge_cache import MergeCacheStats
 from loragate.router.auto import ContextView
-from loragate.router.embedder import EmbedderStats
+from loragate.router.search import TierStats
 from loragate.router.types import AutoChoice, ChainPlan, RoutingDecision, StepChoice
 from loragate.workers.discovery import DiscoverySnapshot
 from loragate.workers.observer import PoolObserver
@@ -79,20 +79,29 @@ class _StatsCollector(Collector):
     """Counters the embedder and the merge cache keep themselves, exported from their snapshots at scrape time
     (one copy of each count: the component's own, which its tests read too)."""
 
-    def __init__(self, embedder: Callable[[], EmbedderStats] | None, merges: Callable[[], MergeCacheStats]) -> None:
+    def __init__(self, embedder: Callable[[], TierStats] | None, merges: Callable[[], MergeCacheStats]) -> None:
         self._embedder = embedder
         self._merges = merges
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         if self._embedder is not None:
-            e = self._embedder()
-            for name, text, value in (
-                    ("loragate_embed_batches", "Embedding backend calls (micro-batches)", e.batches),
-                    ("loragate_embed_texts", "Texts sent to the embedding backend", e.encoded_texts),
-                    ("loragate_embed_cache_hits", "Prompts whose embedding came from the LRU cache", e.cache_hits),
+            stats = self._embedder()
+            # unlabelled totals over every tier (what a one-embedder deployment always exported) ...
+            for name, text, field in (
+                    ("loragate_embed_batches", "Embedding backend calls (micro-batches)", "batches"),
+                    ("loragate_embed_texts", "Texts sent to the embedding backend", "encoded_texts"),
+                    ("loragate_embed_cache_hits", "Prompts whose embedding came from the LRU cache", "cache_hits"),
                     ("loragate_embed_coalesced", "Prompts that shared an identical prompt's pending embedding",
-                     e.coalesced)):
-                yield CounterMetricFamily(name, text, value=float(value))
+                     "coalesced")):
+                yield CounterMetricFamily(name, text, value=float(sum(getattr(e, field)
+                                                                      for e in stats.embedders.values())))
+            # ... and which embedder decided each routed request (a cascade: how often it escalated)
+            decided = CounterMetricFamily("loragate_route_tier", "Routed requests by the embedder whose search "
+                                          "decided them (embedder=cascade: the precise one means escalated)",
+                                          labels=["embedder"])
+            for tier, count in stats.decided.items():
+                decided.add_metric([tier], float(count))
+            yield decided
         m = self._merges()
         yield CounterMetricFamily("loragate_merge_cache_joins", "Merge requests that waited on an identical "
                                   "build already in flight", value=float(m.joins))
@@ -229,7 +238,7 @@ class GatewayMetrics(PoolObserver):
         metrics = cls()
         metrics.watch_pool(list)
         metrics.watch_worker_restarts(dict)
-        metrics.watch_components(lambda: EmbedderStats(0, 0, 0, 0), lambda: MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0))
+        metrics.watch_components(lambda: TierStats({}), lambda: MergeCacheStats(0, 0, 0, 0, 0, 0.0, 0, 0))
         metrics.watch_discovery(lambda: DiscoverySnapshot(""))
         metrics.watch_auto(tuple)
         return metrics
@@ -242,7 +251,7 @@ class GatewayMetrics(PoolObserver):
         """Per-worker gauges read from the pool's snapshots at scrape time (nothing on the request path)."""
         self.registry.register(_PoolCollector(views))
 
-    def watch_components(self, embedder: Callable[[], EmbedderStats] | None,
+    def watch_components(self, embedder: Callable[[], TierStats] | None,
                          merges: Callable[[], MergeCacheStats]) -> None:
         """The embedder's (when routing is on) and the merge cache's own counters, read at scrape time."""
         self.registry.register(_StatsCollector(embedder, merges))

@@ -113,7 +113,16 @@ class Settings(BaseSettings):
     # -- semantic routing -------------------------------------------------------------------------
     embedder: str = Field(
         "minilm", description="Embedding backend for routing: minilm (ONNX Runtime) | minilm-torch (same vectors, "
-                              "2x slower) | static | none (no routing).")
+                              "2x slower) | static | cascade (cascade_fast first, cascade_precise when ambiguous) | "
+                              "none (no routing).")
+    cascade_fast: str = Field("static", description="embedder=cascade: the backend every routed prompt is embedded by.")
+    cascade_precise: str = Field(
+        "minilm", description="embedder=cascade: the backend that re-ranks a prompt the fast one finds ambiguous.")
+    cascade_margin: float = Field(
+        0.05, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
+                                      "than this.")
+    cascade_floor: float = Field(
+        0.5, ge=-1, le=1, description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
     embedder_cache_dir: Path | None = Field(

@@ -13,6 +13,7 @@ import pytest
 
 from loragate.adapters.types import AdapterRecord, Descriptors
 from loragate.router.index import DescriptorIndex, stable_id
+from loragate.router.search import IndexSearcher, Tier
 
 DIM = 16
 
@@ -144,7 +145,8 @@ async def test_a_large_exact_index_is_searched_off_the_event_loop(tmp_path: Path
     encoder = HashEncoder()
     index = DescriptorIndex(encoder, tmp_path, "hash")
     await index.sync(REGISTRY)
-    router = Router(parse_policy("base", source="default"), embedder=encoder, index=index,
+    router = Router(parse_policy("base", source="default"),
+                    searcher=IndexSearcher(Tier("hash", encoder, index)),  # type: ignore[arg-type]
                     detector=make_detector("segments"))
     searched_on: list[int] = []
     search = index.search
@@ -188,7 +190,7 @@ async def test_the_routers_fit_scores_each_text_against_its_own_adapter(tmp_path
     encoder = HashEncoder()
     index = DescriptorIndex(encoder, tmp_path, "hash")
     await index.sync(REGISTRY)
-    router = Router(PolicySpec("base"), embedder=encoder, index=index)  # type: ignore[arg-type]
+    router = Router(PolicySpec("base"), searcher=IndexSearcher(Tier("hash", encoder, index)))  # type: ignore[arg-type]
     fits = await router.fit(["first a", "first a", "x"], ["a", "b", "ghost"])
     assert fits[0] == pytest.approx(1.0, abs=1e-5) and fits[1] < 0.99 and fits[2] == 0.0
     assert await Router(PolicySpec("base")).fit(["first a"], ["a"]) == [0.0]  # no routing: nothing to add
