@@ -4,7 +4,9 @@ One server process each (stub, ``loragate serve``, ``litellm --num_workers 1``),
 and concurrency, alternating between targets: overhead p50/p99 over direct at concurrency 1, server
 CPU time per request, and the most requests/s at concurrency 32. Targets (issue 8): loragate
 ``pin`` overhead <= 0.3x LiteLLM's, throughput >= 4x LiteLLM's, and ``select`` (with routing)
-overhead <= LiteLLM's plain pass-through overhead.
+overhead <= LiteLLM's plain pass-through overhead. Targets (issue 20), for ``select`` with the default
+embedder (the static -> MiniLM cascade): overhead p50 <= 2x pin's, p99 <= LiteLLM's p99, and >= 600
+routed requests/s from the one gateway process.
 
 LiteLLM lives in its own virtual environment (``.venv-litellm``, created on demand): installing
 ``litellm[proxy]`` into .venv would move pinned packages under vLLM and the gateway. If it cannot be
@@ -21,6 +23,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import report
 from bench.benchkit import (
@@ -42,12 +47,23 @@ from bench.benchkit import (
     warm_up,
 )
 from loragate.loadtest.plots import latency_cdf
+from loragate.server.settings import Settings
 from loragate.workers.launch import free_port
 
 LITELLM_SPEC = "litellm[proxy]==1.106.2"
 VENV = report.ROOT / ".venv-litellm"
 MASTER_KEY = "sk-loragate-bench"
 PIN = 'pin;adapter="cooking"'
+DEFAULTS = Settings.model_fields
+CASCADE_FAST, CASCADE_PRECISE = DEFAULTS["cascade_fast"].default, DEFAULTS["cascade_precise"].default
+DEFAULT_SELECT = f"loragate select ({DEFAULTS['embedder'].default}, default)"
+
+
+def route_tiers(gateway: str) -> dict[str, float]:
+    """``loragate_route_tier_total`` by embedder, scraped from a gateway's /metrics."""
+    text = httpx.get(f"{gateway}/metrics", timeout=10).text
+    return {s.labels["embedder"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "loragate_route_tier_total"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +143,15 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
     _model, adapters = build_adapters(tiny_dir, ["cooking", "astronomy", "family"])
     litellm_error: str | None = None
     with start_stub(work / "logs") as stub, \
-            start_gateway(work / "logs", work / "gateway-data", [stub.url], tiny_dir, embedder="minilm") as gateway, \
+            start_gateway(work / "logs", work / "gateway-data", [stub.url], tiny_dir) as gateway, \
+            start_gateway(work / "logs", work / "gateway-minilm", [stub.url], tiny_dir, embedder="minilm") as precise, \
             start_gateway(work / "logs", work / "gateway-static", [stub.url], tiny_dir, embedder="static") as fast:
-        register(gateway.url, adapters)
-        register(fast.url, adapters)
+        for server in (gateway, precise, fast):
+            register(server.url, adapters)
         targets = [Target("direct (stub)", stub.url, servers=(stub,)),
                    Target("loragate pin", gateway.url, PIN, servers=(gateway,)),
-                   Target("loragate select (MiniLM)", gateway.url, "select", servers=(gateway,)),
+                   Target(DEFAULT_SELECT, gateway.url, "select", servers=(gateway,)),
+                   Target("loragate select (MiniLM)", precise.url, "select", servers=(precise,)),
                    Target("loragate select (static)", fast.url, "select", servers=(fast,))]
         litellm: ServerProcess | None = None
         try:
@@ -148,6 +166,7 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
                                      requests=sizes.c1_requests, concurrency=1)
             tp = measure_interleaved(targets, sizes.rounds, topical_prompts(40_000, 12),
                                      duration_s=sizes.throughput_s, concurrency=sizes.concurrency)
+            tiers = route_tiers(gateway.url)
         finally:
             if litellm is not None:
                 litellm.stop()
@@ -194,6 +213,10 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
     sel_ok = over["loragate select (MiniLM)"][0] <= over[lite][0]
     static_p50 = ratio(over["loragate select (static)"][0], over[lite][0])
     static_ok = over["loragate select (static)"][0] <= over[lite][0]
+    default_p50 = over[DEFAULT_SELECT][0] / over["loragate pin"][0]
+    default_p99 = c1[DEFAULT_SELECT].summary.latency.p99 / c1[lite].summary.latency.p99
+    default_tput = tp[DEFAULT_SELECT].summary.throughput_rps
+    escalated = tiers.get(CASCADE_PRECISE, 0.0) / max(sum(tiers.values()), 1.0)
     body += [
         "| ratio loragate / LiteLLM | measured | target | met |",
         "|---|---:|---:|:---:|",
@@ -208,12 +231,24 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, install: bool, out: Path | Non
         f"| select max throughput | {sel_tput} | | |",
         f"| select (static embedder routing) overhead p50 | {static_p50} | <= 1.00x | {'yes' if static_ok else 'no'} |",
         "",
+        f"`{DEFAULT_SELECT}` is the default embedder, the cascade `{CASCADE_FAST}` -> `{CASCADE_PRECISE}`; it "
+        f"escalated {escalated:.0%} of this run's routed prompts to `{CASCADE_PRECISE}` "
+        "(`loragate_route_tier_total`).",
+        "",
+        "| issue 20: select with the default embedder | measured | target | met |",
+        "|---|---:|---:|:---:|",
+        f"| overhead p50 / pin overhead p50 | {default_p50:.2f}x | <= 2.00x | {'yes' if default_p50 <= 2 else 'no'} |",
+        f"| p99 / LiteLLM p99 | {default_p99:.2f}x | <= 1.00x | {'yes' if default_p99 <= 1 else 'no'} |",
+        f"| routed req/s, one process (c={sizes.concurrency}) | {default_tput:.0f} | >= 600 | "
+        f"{'yes' if default_tput >= 600 else 'no'} |",
+        "",
         f"![latency CDF]({plot.name})",
         "",
     ]
     headline = (f"loragate pin vs LiteLLM: overhead p50 {pin_p50} (p99 {pin_p99}), max throughput {tput} "
                 f"(ceiling here {ceiling}), CPU/request {cpu}; select overhead p50 {sel_p50} (MiniLM) / "
-                f"{static_p50} (static) of LiteLLM's")
+                f"{static_p50} (static) of LiteLLM's; default select (cascade): overhead p50 {default_p50:.2f}x "
+                f"pin's, p99 {default_p99:.2f}x LiteLLM's, {default_tput:.0f} req/s")
     report.write_section("litellm", "loragate vs LiteLLM", "\n".join([*body, f"**Headline:** {headline}."]),
                              out_dir=out)
     return "\n".join(body), headline

@@ -10,6 +10,11 @@ Detectors, in a registry, measured on ``tests/data/routing`` by ``make bench``:
 - ``segments``: split the prompt into clauses; if different clauses are each clearly nearest to a
   different adapter, the prompt spans domains.
 - ``hybrid``: either of the two; the best recall, for one larger embedding batch per request.
+- ``learned`` (default): a logistic model over a few domain-free features of the prompt's and its clauses'
+  score patterns and its wording (:data:`FEATURES`), trained by ``bench/train_detector.py`` on the labelled
+  set ``tests/data/routing`` and reported on ``tests/data/routing_heldout`` (other domains, other names,
+  written apart). Its weights depend on the embedder's score scale, so they are shipped per embedder
+  in ``router/detector_models.json``.
 
 A detector names the extra texts it needs embedded (:meth:`Detector.texts`); the router's searcher embeds
 them in the same batch as the prompt and hands the detector each one's nearest adapters, so detection
@@ -18,12 +23,17 @@ never costs a second round trip and a detector is pure logic over scores.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 from loragate.errors import ConfigError
+from loragate.router.embedder import EMBEDDER_BACKENDS
 
 Candidates = tuple[tuple[str, float], ...]
 
@@ -54,8 +64,8 @@ class Detector(ABC):
         return []
 
     @abstractmethod
-    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
-        """True when the prompt spans more than one adapter's domain.
+    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        """True when ``prompt`` spans more than one adapter's domain.
 
         ``candidates`` are the prompt's nearest adapters; ``parts`` the nearest adapters of each of :meth:`texts`.
         """
@@ -70,7 +80,7 @@ class GapDetector(Detector):
         self.min_second = min_second
         self.max_gap = max_gap
 
-    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         if len(candidates) < 2:
             return False
         (_, first), (_, second) = candidates[0], candidates[1]
@@ -90,7 +100,7 @@ class SegmentDetector(Detector):
         parts = segments(prompt)
         return parts if len(parts) >= 2 else []
 
-    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         if len(candidates) < 2 or len(parts) < 2:
             return False
         winners: set[str] = set()
@@ -115,16 +125,179 @@ class HybridDetector(Detector):
     def texts(self, prompt: str) -> list[str]:
         return self.segments.texts(prompt)
 
-    def detect(self, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
-        return self.gap.detect(candidates, parts) or self.segments.detect(candidates, parts)
+    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        return self.gap.detect(prompt, candidates, parts) or self.segments.detect(prompt, candidates, parts)
 
 
-DETECTORS: dict[str, type[Detector]] = {cls.name: cls for cls in (GapDetector, SegmentDetector, HybridDetector)}
+# -- the learned detector --------------------------------------------------------------------------
+
+FEATURES: tuple[str, ...] = (
+    "top1", "top2", "gap12", "gap23",  # the prompt's score pattern
+    "parts", "part_winners", "other_winner", "other_winner_gap", "top2_wins_a_part",  # its clauses'
+    "word_domains", "word_domains_strong", "other_word", "word_best", "word_second", "word_gap",  # its words'
+    "joins", "questions", "possessives", "relatives", "log_words",  # its wording
+)
+"""What the learned detector reads. None names an adapter or a domain, so a model trained on one registry's
+adapters applies to another's (the held-out set checks exactly that)."""
+
+_STOPWORDS = frozenset((
+    "a", "about", "again", "also", "am", "an", "and", "any", "are", "as", "at", "be", "been", "but", "by", "can",
+    "could", "did", "do", "does", "for", "from", "had", "has", "have", "he", "her", "him", "his", "how", "i", "if",
+    "in", "into", "is", "it", "its", "just", "know", "may", "me", "might", "must", "my", "name", "no", "not", "now",
+    "of", "on", "or", "our", "out", "over", "please", "plus", "say", "she", "should", "so", "tell", "than", "that",
+    "the", "their", "them", "then", "they", "this", "to", "under", "up", "us", "was", "we", "were", "what", "when",
+    "where", "which", "who", "whom", "whose", "why", "will", "with", "would", "yes", "you", "your",
+))
+_WORD = re.compile(r"[a-z]{3,}")
 
 
-def make_detector(name: str) -> Detector:
+def content_words(prompt: str, limit: int = 12) -> list[str]:
+    """The prompt's distinct content words (lower case, no stopwords), at most ``limit``: each is embedded
+    alone so the detector can see which adapters single words point at."""
+    return list(dict.fromkeys(w for w in _WORD.findall(prompt.lower()) if w not in _STOPWORDS))[:limit]
+
+_JOINS = re.compile(r"\b(?:and|also|plus|as well as|another thing|separately)\b|;", re.IGNORECASE)
+_POSSESSIVES = re.compile(r"\w'?s\b(?=\s+\w)|\bof (?:the|his|her|their|that|this)\b", re.IGNORECASE)
+_RELATIVES = re.compile(r"\b(?:who|whose|whom|which|where|that)\b", re.IGNORECASE)
+
+
+def detector_texts(prompt: str) -> tuple[list[str], list[str]]:
+    """The learned detector's extra texts: the prompt's clauses (when it has two or more) and its content words."""
+    clauses = segments(prompt)
+    return (clauses if len(clauses) >= 2 else []), content_words(prompt)
+
+
+def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
+             words: Sequence[Candidates] = ()) -> list[float]:
+    """The values of :data:`FEATURES` for one prompt: its nearest adapters, its clauses' and its words'."""
+    scores = [score for _, score in candidates[:3]]
+    s1, s2, s3 = ([*scores, 0.0, 0.0, 0.0])[:3]
+    top = candidates[0][0] if candidates else None
+    second = candidates[1][0] if len(candidates) > 1 else None
+    winners = [found for found in parts if found]
+    others = [found for found in winners if found[0][0] != top]  # clauses nearest to another adapter than the prompt
+    best_other = max(others, key=lambda found: found[0][1], default=None)
+    other_gap = 0.0
+    if best_other is not None and len(best_other) > 1:
+        other_gap = best_other[0][1] - best_other[1][1]
+    return [
+        s1, s2, s1 - s2, s2 - s3,
+        float(len(parts)), float(len({found[0][0] for found in winners})),
+        best_other[0][1] if best_other else 0.0, other_gap,
+        float(second is not None and any(found[0][0] == second for found in winners)),
+        *_word_features(top, words),
+        float(len(_JOINS.findall(prompt))), float(prompt.count("?")), float(len(_POSSESSIVES.findall(prompt))),
+        float(len(_RELATIVES.findall(prompt))), math.log1p(len(prompt.split())),
+    ]
+
+
+def _word_features(top: str | None, words: Sequence[Candidates]) -> list[float]:
+    """How many adapters single words point at (clearly, and strongly), the best word score for an adapter other
+    than the prompt's nearest, and the two best adapters' best word scores."""
+    clear = [found[0] for found in words if found and (len(found) < 2 or found[0][1] - found[1][1] >= 0.03)]
+    best: dict[str, float] = {}
+    for found in words:
+        for name, score in found[:3]:
+            best[name] = max(best.get(name, -1.0), score)
+    first, second = ([*sorted(best.values(), reverse=True), 0.0, 0.0])[:2]
+    return [float(len({name for name, score in clear if score >= 0.35})),
+            float(len({name for name, score in clear if score >= 0.45})),
+            max((score for name, score in clear if name != top), default=0.0), first, second, first - second]
+
+
+DETECTOR_MODELS = Path(__file__).resolve().parent / "detector_models.json"
+"""The learned detector's weights, one model per embedder (``bench/train_detector.py`` writes them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorModel:
+    """Standardised logistic regression over :data:`FEATURES`, with the decision threshold chosen in training."""
+
+    embedder: str
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not len(self.mean) == len(self.scale) == len(self.weights) == len(FEATURES):
+            raise ValueError(f"a detector model needs {len(FEATURES)} means, scales and weights")
+
+    def probability(self, values: Sequence[float]) -> float:
+        z = self.bias + sum(w * (v - m) / s for w, v, m, s in zip(self.weights, values, self.mean, self.scale,
+                                                                    strict=True))
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"features": list(FEATURES), "mean": list(self.mean), "scale": list(self.scale),
+                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold}
+
+    @classmethod
+    def from_json(cls, embedder: str, data: Mapping[str, Any]) -> DetectorModel:
+        if tuple(data.get("features", ())) != FEATURES:
+            raise ConfigError(f"the learned detector's model for {embedder!r} was trained on other features; "
+                              "retrain it with `python -m bench.train_detector`", param="compositional_detector")
+        return cls(embedder, tuple(data["mean"]), tuple(data["scale"]), tuple(data["weights"]), float(data["bias"]),
+                   float(data["threshold"]))
+
+
+def load_models(path: Path = DETECTOR_MODELS) -> dict[str, Mapping[str, Any]]:
+    try:
+        return dict(json.loads(path.read_text())["models"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read the learned detector's models ({path.name}): {exc}",
+                          param="compositional_detector") from None
+
+
+class LearnedDetector(Detector):
+    """A prompt is compositional when the trained model's probability reaches its threshold."""
+
+    name = "learned"
+
+    def __init__(self, model: DetectorModel) -> None:
+        self.model = model
+
+    @classmethod
+    def for_embedder(cls, embedder: str, path: Path = DETECTOR_MODELS) -> LearnedDetector:
+        models = load_models(path)
+        if embedder not in models:
+            raise ConfigError(f"the learned compositional detector has no model for embedder {embedder!r} (trained: "
+                              f"{', '.join(sorted(models))}); train one with `python -m bench.train_detector`, or set "
+                              "compositional_detector=gap", param="compositional_detector")
+        return cls(DetectorModel.from_json(embedder, models[embedder]))
+
+    def texts(self, prompt: str) -> list[str]:
+        clauses, words = detector_texts(prompt)
+        return [*clauses, *words]
+
+    def probability(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> float:
+        clauses = len(detector_texts(prompt)[0])  # parts are the clauses' results, then the words'
+        return self.model.probability(features(prompt, candidates, parts[:clauses], parts[clauses:]))
+
+    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        return self.probability(prompt, candidates, parts) >= self.model.threshold
+
+
+DETECTORS: dict[str, type[Detector]] = {
+    cls.name: cls for cls in (GapDetector, SegmentDetector, HybridDetector, LearnedDetector)}
+
+
+AUTO = "auto"
+"""The default detector: ``learned`` on a cheap (static) embedder, ``gap`` on a transformer. ``learned`` embeds
+a prompt's clauses and content words (about ten texts); a static table does that in microseconds, MiniLM in
+~30 ms, which would make every routed request ten times slower than the routing itself."""
+
+
+def make_detector(name: str, embedder: str) -> Detector:
+    """The detector ``name`` for prompts embedded by backend ``embedder`` (the learned one's model depends on it)."""
+    if name == AUTO:
+        backend = EMBEDDER_BACKENDS.get(embedder)
+        name = LearnedDetector.name if backend is not None and backend.cheap else GapDetector.name
+    if name == LearnedDetector.name:
+        return LearnedDetector.for_embedder(embedder)
     try:
         return DETECTORS[name]()
     except KeyError:
-        raise ConfigError(f"unknown compositional detector {name!r}; valid: {', '.join(sorted(DETECTORS))}",
+        raise ConfigError(f"unknown compositional detector {name!r}; valid: {', '.join(sorted([AUTO, *DETECTORS]))}",
                           param="compositional_detector") from None

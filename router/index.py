@@ -82,30 +82,49 @@ class AdapterVectors:
 
 @dataclass(frozen=True)
 class IndexSnapshot:
-    """An immutable searchable view: FAISS index + id -> adapter name."""
+    """An immutable searchable view: FAISS index + id -> adapter name.
+
+    ``names`` (sorted) and ``ids``/``id_owner`` (the vector ids, sorted, and the position in ``names`` of each
+    one's adapter) let :meth:`search_many` turn FAISS's neighbour ids into per-adapter scores with numpy
+    rather than a Python loop over every neighbour of every text.
+    """
 
     index: faiss.Index | None
     owners: Mapping[int, str]
     kind: str  # "flat" | "hnsw" | "empty"
     size: int = 0
     adapters: frozenset[str] = field(default_factory=frozenset)
+    names: tuple[str, ...] = ()
+    ids: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    id_owner: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
 
     def search(self, query: Vectors, k: int, aggregate: str = "max") -> tuple[tuple[str, float], ...]:
         """The best ``k`` adapters for one normalised query vector, best first, with their scores."""
-        if self.index is None or self.size == 0:
-            return ()
+        return self.search_many(query.reshape(1, -1), k, aggregate)[0]
+
+    def search_many(self, queries: Vectors, k: int, aggregate: str = "max") -> list[tuple[tuple[str, float], ...]]:
+        """:meth:`search` for every row of ``queries``, in one FAISS call (a prompt and its detector's texts).
+
+        An adapter's score is the max (or the mean of the best two) of its vectors among each query's
+        nearest ``max(64, 8k)``; ties go to the adapter whose name sorts first.
+        """
+        if self.index is None or self.size == 0 or not len(queries):
+            return [() for _ in range(len(queries))]
         depth = min(self.size, max(64, 8 * k))
-        scores, ids = self.index.search(query.reshape(1, -1), depth)
-        per_adapter: dict[str, list[float]] = {}
-        for score, vid in zip(scores[0], ids[0], strict=True):
-            if vid < 0:
-                continue
-            per_adapter.setdefault(self.owners[int(vid)], []).append(float(score))
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), depth)
+        found = ids >= 0
+        owner = self.id_owner[np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)]
+        per_adapter = np.full((len(queries), len(self.names)), -np.inf, dtype=np.float32)
+        rows = np.broadcast_to(np.arange(len(queries))[:, None], ids.shape)
         if aggregate == "max":
-            ranked = {name: max(s) for name, s in per_adapter.items()}
-        else:
-            ranked = {name: float(np.mean(sorted(s, reverse=True)[:2])) for name, s in per_adapter.items()}
-        return tuple(sorted(ranked.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
+            np.maximum.at(per_adapter, (rows[found], owner[found]), scores[found])
+        else:  # top2mean: FAISS returns each query's neighbours best first, so an adapter's first two are its best
+            per_adapter = _top2mean(per_adapter, rows, owner, scores, found)
+        out = []
+        for row in per_adapter:
+            order = np.argsort(-row, kind="stable")[:k]  # names are sorted: stable keeps ties in name order
+            out.append(tuple((self.names[i], float(row[i])) for i in order if np.isfinite(row[i])))
+        return out
 
     def similarity(self, query: Vectors, name: str, aggregate: str = "max") -> float | None:
         """``query``'s score against one adapter's own descriptor vectors (as :meth:`search` aggregates them),
@@ -116,6 +135,18 @@ class IndexSnapshot:
         vectors = np.vstack([self.index.reconstruct(vid) for vid in ids])
         scores = sorted((vectors @ query.reshape(-1)).tolist(), reverse=True)
         return float(scores[0] if aggregate == "max" else np.mean(scores[:2]))
+
+
+def _top2mean(per_adapter: npt.NDArray[np.float32], rows: npt.NDArray[np.intp], owner: npt.NDArray[np.intp],
+              scores: npt.NDArray[np.float32], found: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+    first = per_adapter.copy()
+    second = per_adapter.copy()
+    for r, o, score in zip(rows[found], owner[found], scores[found], strict=True):
+        if first[r, o] == -np.inf:
+            first[r, o] = score
+        elif second[r, o] == -np.inf:
+            second[r, o] = score
+    return np.where(second > -np.inf, (first + second) / 2, first).astype(np.float32)
 
 
 def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: int = 32) -> IndexSnapshot:
@@ -141,8 +172,12 @@ def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: in
         all_ids.extend(ids)
     matrix = np.ascontiguousarray(np.vstack([e.vectors for e in entries]), dtype=np.float32)
     index.add_with_ids(matrix, np.asarray(all_ids, dtype=np.int64))
-    return IndexSnapshot(index=index, owners=owners, kind=kind, size=total,
-                         adapters=frozenset(e.name for e in entries))
+    names = tuple(sorted({e.name for e in entries}))
+    position = {name: i for i, name in enumerate(names)}
+    ids = np.asarray(sorted(owners), dtype=np.int64)
+    id_owner = np.asarray([position[owners[int(i)]] for i in ids], dtype=np.intp)
+    return IndexSnapshot(index=index, owners=owners, kind=kind, size=total, adapters=frozenset(names), names=names,
+                         ids=ids, id_owner=id_owner)
 
 
 def check_aggregate(aggregate: str) -> None:
@@ -174,6 +209,9 @@ class DescriptorIndex:
 
     def search(self, query: Vectors, k: int) -> tuple[tuple[str, float], ...]:
         return self._snapshot.search(query, k, self.aggregate)
+
+    def search_many(self, queries: Vectors, k: int) -> list[tuple[tuple[str, float], ...]]:
+        return self._snapshot.search_many(queries, k, self.aggregate)
 
     def similarity(self, query: Vectors, name: str) -> float | None:
         return self._snapshot.similarity(query, name, self.aggregate)

@@ -107,7 +107,7 @@ class Tier:
 
         def search() -> tuple[list[Candidates], float]:
             begun = time.perf_counter()
-            found = [tuple((n, s) for n, s in index.search(v, k) if n in among) for v in vectors]
+            found = [tuple((n, s) for n, s in row if n in among) for row in index.search_many(vectors, k)]
             return found, time.perf_counter() - begun
 
         # a large exact index searches in a thread; a small one inline (index.THREAD_MIN_VECTORS)

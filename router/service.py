@@ -129,7 +129,7 @@ class Router:
             found = await searcher.find(prompt, detector.texts(prompt) if detector else [], self.config.candidates,
                                         adapters)
             candidates, embed_s, search_s, tier = found.candidates, found.embed_s, found.search_s, found.tier
-            compositional = detector.detect(found.detected, found.parts) if detector else None
+            compositional = detector.detect(prompt, found.detected, found.parts) if detector else None
         query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates,
                              compositional=compositional)
         decision = await (learned.decide(query, self) if learned is not None else policy.decide(query))

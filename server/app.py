@@ -131,10 +131,11 @@ def check_config(settings: Settings) -> None:
                          routing=routing)
     auto_config(settings, router_config(settings))
     with config_errors():
-        for backend in embedder_tiers(settings):
+        tiers = embedder_tiers(settings)
+        for backend in tiers:
             backend_class(backend, **embedder_options(settings))
-        if settings.embedder != "none":
-            make_detector(settings.compositional_detector)
+        if tiers:
+            make_detector(settings.compositional_detector, tiers[0])
             check_aggregate(settings.index_aggregate)
 
 
@@ -179,7 +180,8 @@ def build_router(settings: Settings, learner: AutoLearner | None = None) -> Rout
     default = parse_policy(settings.default_policy, source="default")
     auto = None if learner is None else AutoPolicy(learner.config, lambda: learner.stats, min_score=config.min_score)
     searcher = build_searcher(settings)
-    detector = make_detector(settings.compositional_detector) if searcher is not None else None
+    # detection reads the first tier's scores (a cascade's fast one), so its model is that embedder's
+    detector = make_detector(settings.compositional_detector, searcher.tiers[0].name) if searcher else None
     return Router(default, config, searcher=searcher, detector=detector, auto=auto)
 
 

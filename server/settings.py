@@ -112,17 +112,18 @@ class Settings(BaseSettings):
         None, description="Bearer token of /adapters-files (the workers' LORAGATE_RESOLVER_TOKEN); unset: off.")
     # -- semantic routing -------------------------------------------------------------------------
     embedder: str = Field(
-        "minilm", description="Embedding backend for routing: minilm (ONNX Runtime) | minilm-torch (same vectors, "
-                              "2x slower) | static | cascade (cascade_fast first, cascade_precise when ambiguous) | "
-                              "none (no routing).")
-    cascade_fast: str = Field("static", description="embedder=cascade: the backend every routed prompt is embedded by.")
+        "cascade", description="Embedding backend for routing: cascade (cascade_fast first, cascade_precise when "
+                               "ambiguous) | minilm (ONNX Runtime) | minilm-int8 | minilm-torch (same vectors as "
+                               "minilm, 2x slower) | static | static-256 | none (no routing).")
+    cascade_fast: str = Field("static-256",
+                              description="embedder=cascade: the backend every routed prompt is embedded by.")
     cascade_precise: str = Field(
-        "minilm", description="embedder=cascade: the backend that re-ranks a prompt the fast one finds ambiguous.")
+        "minilm-int8", description="embedder=cascade: the backend that re-ranks a prompt the fast one finds ambiguous.")
     cascade_margin: float = Field(
         0.05, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
                                       "than this.")
     cascade_floor: float = Field(
-        0.5, ge=-1, le=1, description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
+        0.45, ge=-1, le=1, description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
     embedder_cache_dir: Path | None = Field(
@@ -182,7 +183,8 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1, description="Share of auto requests served by a Thompson draw on the client's path (for "
                                      "traffic graded only by later feedback).")
     compositional_detector: str = Field(
-        "gap", description="Compositional detection: gap (free) | segments | hybrid (best recall, larger embed batch).")
+        "auto", description="Compositional detection: auto (learned on a static embedder or a cascade, gap on MiniLM) "
+                            "| learned | gap (free) | segments | hybrid.")
 
     @field_validator("database_url")
     @classmethod

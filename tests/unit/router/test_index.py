@@ -147,15 +147,15 @@ async def test_a_large_exact_index_is_searched_off_the_event_loop(tmp_path: Path
     await index.sync(REGISTRY)
     router = Router(parse_policy("base", source="default"),
                     searcher=IndexSearcher(Tier("hash", encoder, index)),  # type: ignore[arg-type]
-                    detector=make_detector("segments"))
+                    detector=make_detector("segments", "hash"))
     searched_on: list[int] = []
-    search = index.search
+    search = index.search_many
 
-    def recording(query: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+    def recording(queries: np.ndarray, k: int) -> list[tuple[tuple[str, float], ...]]:
         searched_on.append(threading.get_ident())
-        return search(query, k)
+        return search(queries, k)
 
-    monkeypatch.setattr(index, "search", recording)
+    monkeypatch.setattr(index, "search_many", recording)
     spec = parse_policy("select;min_score=-1", source="header")
     assert not index.blocks_loop  # 3 vectors
     assert (await router.decide("first a", spec, REGISTRY)).adapters[0].name == "a"
@@ -165,7 +165,7 @@ async def test_a_large_exact_index_is_searched_off_the_event_loop(tmp_path: Path
     searched_on.clear()
     decision = await router.decide("first a, and then only b", spec, REGISTRY)
     assert decision.adapters[0].name == "a" and decision.search_s > 0
-    assert searched_on and threading.get_ident() not in searched_on  # the search and the detector's searches
+    assert searched_on and threading.get_ident() not in searched_on  # the prompt's and its clauses' (one call)
 
 
 async def test_similarity_is_one_adapters_score_exactly_even_in_an_hnsw_index(tmp_path: Path) -> None:
@@ -194,3 +194,23 @@ async def test_the_routers_fit_scores_each_text_against_its_own_adapter(tmp_path
     fits = await router.fit(["first a", "first a", "x"], ["a", "b", "ghost"])
     assert fits[0] == pytest.approx(1.0, abs=1e-5) and fits[1] < 0.99 and fits[2] == 0.0
     assert await Router(PolicySpec("base")).fit(["first a"], ["a"]) == [0.0]  # no routing: nothing to add
+
+
+@pytest.mark.parametrize("aggregate", ["max", "top2mean"])
+async def test_searching_many_queries_at_once_ranks_as_one_at_a_time(tmp_path: Path, aggregate: str) -> None:
+    """The vectorised per-adapter aggregation agrees with a plain loop over each query's neighbours."""
+    registry = {f"n{i:02d}": record(f"n{i:02d}", f"desc {i}", f"ex {i}", f"more {i}") for i in range(20)}
+    # 60 vectors: every query sees all of them (depth 64), so top2mean is exact too
+    index = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate=aggregate)
+    await index.sync(registry)
+    snapshot = index.snapshot()
+    queries = np.vstack([vector(f"q{i}") for i in range(7)])
+    for query, got in zip(queries, index.search_many(queries, 4), strict=True):
+        scores = {name: sorted((float(vector(t) @ query) for t in (f"desc {i}", f"ex {i}", f"more {i}")),
+                               reverse=True) for i, name in enumerate(sorted(registry))}
+        expected = {name: s[0] if aggregate == "max" else (s[0] + s[1]) / 2 for name, s in scores.items()}
+        ranked = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
+        assert [name for name, _ in got] == [name for name, _ in ranked]
+        assert [score for _, score in got] == pytest.approx([score for _, score in ranked], abs=1e-5)
+    assert snapshot.search(queries[0], 4, aggregate) == index.search_many(queries[:1], 4)[0]
+    assert index.search_many(queries[:0], 4) == []

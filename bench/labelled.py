@@ -1,0 +1,87 @@
+"""The two hand-labelled routing sets, and the searches every routing measurement starts from.
+
+``tests/data/routing`` is the training split: every threshold the router ships with (the cascade's
+margin and floor, the learned detector's weights and threshold) is chosen on it. ``tests/data/routing_heldout``
+was written apart from it (other adapters, domains, names and phrasings) and only ever reported on.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import report
+from loragate.adapters.types import AdapterRecord, Descriptors
+from loragate.router.compositional import detector_texts
+from loragate.router.embedder import Embedder, EmbedderBackend
+from loragate.router.index import DescriptorIndex
+from loragate.router.search import Candidates, Tier
+
+DATA = report.ROOT / "tests" / "data" / "routing"
+HELDOUT = report.ROOT / "tests" / "data" / "routing_heldout"
+SPLITS = {"train": DATA, "held-out": HELDOUT}
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    prompt: str
+    adapters: tuple[str, ...]
+    compositional: bool
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledSet:
+    """One split: its adapters as registry records (descriptors only) and its prompts."""
+
+    name: str
+    records: dict[str, AdapterRecord]
+    prompts: list[Labelled]
+
+    def of_kind(self, *kinds: str) -> list[Labelled]:
+        return [p for p in self.prompts if p.kind in kinds]
+
+
+def load_set(directory: Path = DATA, name: str = "train") -> LabelledSet:
+    adapters = json.loads((directory / "adapters.json").read_text())
+    records = {a["name"]: AdapterRecord(
+        name=a["name"], base_model="bench", rank=8, alpha=16, target_modules=("q_proj",), use_rslora=False,
+        sha256=a["name"].ljust(64, "0"), path=Path("/nonexistent"), size_bytes=0, created_at=0.0,
+        descriptors=Descriptors(a["description"], tuple(a["examples"]))) for a in adapters}
+    prompts = [Labelled(d["prompt"], tuple(d["adapters"]), bool(d["compositional"]), d["kind"])
+               for d in map(json.loads, (directory / "prompts.jsonl").read_text().splitlines()) if d]
+    return LabelledSet(name, records, prompts)
+
+
+def load_splits() -> dict[str, LabelledSet]:
+    return {name: load_set(directory, name) for name, directory in SPLITS.items()}
+
+
+async def make_tier(backend: EmbedderBackend, records: dict[str, AdapterRecord], *, cache: int = 4096) -> Tier:
+    """``backend`` with the gateway's default batching and an index of ``records``' descriptors (in a temp dir)."""
+    embedder = Embedder(backend, cache_size=cache)
+    tier = Tier(backend.name, embedder, DescriptorIndex(embedder, Path(tempfile.mkdtemp()), embedder.identity))
+    await tier.index.sync(records)
+    return tier
+
+
+@dataclass(frozen=True, slots=True)
+class Searched:
+    """One prompt searched as the router does (prompt and its clauses in one batch): what detectors read."""
+
+    prompt: Labelled
+    candidates: Candidates
+    parts: tuple[Candidates, ...]  # its clauses'
+    words: tuple[Candidates, ...]  # its content words'
+
+
+async def search_all(tier: Tier, labelled: LabelledSet, k: int = 5) -> list[Searched]:
+    """Every prompt with the extra texts of the learned detector (a superset of the other detectors')."""
+    out = []
+    for p in labelled.prompts:
+        clauses, words = detector_texts(p.prompt)
+        found, _, _ = await tier.search([p.prompt, *clauses, *words], k, labelled.records)
+        out.append(Searched(p, found[0], tuple(found[1:1 + len(clauses)]), tuple(found[1 + len(clauses):])))
+    return out
