@@ -174,10 +174,10 @@ def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: in
     index.add_with_ids(matrix, np.asarray(all_ids, dtype=np.int64))
     names = tuple(sorted({e.name for e in entries}))
     position = {name: i for i, name in enumerate(names)}
-    ids = np.asarray(sorted(owners), dtype=np.int64)
-    id_owner = np.asarray([position[owners[int(i)]] for i in ids], dtype=np.intp)
+    sorted_ids = np.asarray(sorted(owners), dtype=np.int64)
+    id_owner = np.asarray([position[owners[int(i)]] for i in sorted_ids], dtype=np.intp)
     return IndexSnapshot(index=index, owners=owners, kind=kind, size=total, adapters=frozenset(names), names=names,
-                         ids=ids, id_owner=id_owner)
+                         ids=sorted_ids, id_owner=id_owner)
 
 
 def check_aggregate(aggregate: str) -> None:

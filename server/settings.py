@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         0.05, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
                                       "than this.")
     cascade_floor: float = Field(
-        0.45, ge=-1, le=1, description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
+        0.45, ge=-1, le=1,
+        description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
     embedder_cache_dir: Path | None = Field(
