@@ -49,7 +49,7 @@ clean:
 # writes its section of docs/BENCHMARKS.md (docs/bench/<name>.md + PNGs) and prints its headline figure last.
 # Timed expectations live here, never in `make test`. BENCH_ARGS=--quick for a fast dry run (add --out DIR to
 # keep docs/ untouched). bench_litellm creates .venv-litellm on demand.
-BENCH_SCRIPTS := bench_routing bench_merge bench_shadow bench_workers bench_processes bench_fleet bench_overhead bench_litellm bench_kit bench_chain bench_chain_scores bench_auto
+BENCH_SCRIPTS := bench_routing bench_mixed bench_merge bench_shadow bench_workers bench_processes bench_fleet bench_overhead bench_litellm bench_kit bench_chain bench_chain_scores bench_auto
 BENCH_ARGS ?=
 
 bench: install

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("module", "section", "headline"), [
-    ("bench_routing", "routing.md", "routing p50"),
+    ("bench_routing", "routing.md", "nearest = label"),
+    ("bench_mixed", "mixed.md", "pin p99 while select saturates"),
     ("bench_merge", "merge.md", "cat merge"),
     ("bench_shadow", "shadow.md", "shadow runs change"),
     ("bench_processes", "processes.md", "2 gateway processes"),
@@ -37,3 +38,14 @@ def test_fleet_benchmark_quick_run(tmp_path: Path) -> None:
     for row in ("| 201 -> listed by replica 2 |", "| 32 | PostgreSQL |", "| 3 replicas via LB |"):
         assert row in text
     assert (tmp_path / "fleet_propagation.png").stat().st_size > 0
+
+
+def test_the_detector_trainer_writes_a_model_the_gateway_loads(tmp_path: Path) -> None:
+    from loragate.router.compositional import LearnedDetector
+
+    out = tmp_path / "models.json"
+    result = subprocess.run([sys.executable, "-m", "bench.train_detector", "--embedders", "static", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    detector = LearnedDetector.for_embedder("static", out)
+    assert 0 < detector.model.threshold < 1 and any(w != 0 for w in detector.model.weights)

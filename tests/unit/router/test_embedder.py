@@ -225,3 +225,21 @@ def test_batching_limits_are_bounded(fake: CountingBackend) -> None:
         Embedder(fake, max_wait_ms=1000)
     with pytest.raises(ValueError, match="max_batch"):
         Embedder(fake, max_batch=0)
+
+
+async def test_a_cheap_backend_embeds_inline_with_the_same_cache_and_counters(fake: CountingBackend) -> None:
+    """Static tables are cheaper to run than to hand to a thread: inline, one backend call per embed_many,
+    the cache and the counters as on the worker path; transformers stay off the loop by default."""
+    embedder = Embedder(fake, inline=True)
+    vectors = await embedder.embed_many(["a", "b", "a", "c"])
+    assert fake.calls == [["a", "b", "c"]] and fake.threads == {threading.get_ident()}
+    np.testing.assert_array_equal(vectors[2], fake.vector("a"))
+    assert (embedder.batches, embedder.encoded_texts, embedder.coalesced) == (1, 3, 1)
+    again = await embedder.embed("b")
+    assert fake.calls == [["a", "b", "c"]] and embedder.cache_hits == 1  # from the LRU, no backend call
+    again[0] = 99.0  # callers get their own copy
+    np.testing.assert_array_equal(await embedder.embed("b"), fake.vector("b"))
+    await embedder.close()
+    with pytest.raises(EmbedderClosed):
+        await embedder.embed_many(["d"])
+    assert Embedder(fake).inline is False and StaticBackend.cheap and not MiniLMBackend.cheap
