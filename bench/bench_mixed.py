@@ -103,8 +103,10 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[str
     results: dict[str, dict[str, object]] = {}
     escalated = 0.0
     with start_stub(work / "logs") as stub:
-        for label, settings in (("default (cascade)", {}), ("embedder=minilm", {"embedder": "minilm"})):
-            with start_gateway(work / "logs", work / label.split()[0], [stub.url], tiny_dir, **settings) as gateway:
+        for label, settings in (("default (cascade)", {}), ("cascade, no routing gate", {"route_max_concurrency": 0}),
+                                ("embedder=minilm", {"embedder": "minilm"})):
+            data = work / f"gateway-{len(results)}"
+            with start_gateway(work / "logs", data, [stub.url], tiny_dir, **settings) as gateway:
                 register(gateway.url, adapters)
                 warm_up([Target("pin", gateway.url, PIN), Target("select", gateway.url, "select")])
                 results[label] = measure(gateway.url, sizes, seed=len(results) + 1)
@@ -134,11 +136,13 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[str
              f"{sizes.pin_s:g} s alone, then {sizes.pin_s:g} s while a second process keeps `select` at concurrency "
              f"{sizes.concurrency} with distinct prompts (the embedding cache never answers); {sizes.rounds} rounds, "
              "alternating which phase goes first. `max_tokens` 16, non-streamed `/v1/completions`. The default "
-             f"gateway's cascade escalated {escalated:.0%} of its routed prompts to MiniLM.")
+             f"gateway's cascade escalated {escalated:.0%} of its routed prompts to MiniLM; its routing gate "
+             "admits `route_max_concurrency` (4) routed requests at a time.")
     body = "\n".join([intro, "", *rows, "", f"![pinned latency CDF]({plot.name})", ""])
     default = "default (cascade)"
     headline = (f"pin p99 while select saturates: {ratios[default]:.2f}x of pin p99 alone with the default cascade "
-                f"(target <= 1.5x), {ratios['embedder=minilm']:.2f}x with embedder=minilm")
+                f"(target <= 1.5x), {ratios['cascade, no routing gate']:.2f}x without the routing gate, "
+                f"{ratios['embedder=minilm']:.2f}x with embedder=minilm")
     report.write_section("mixed", "Pinned requests while routing saturates",
                          "\n".join([body, f"**Headline:** {headline}."]), out_dir=out)
     return body, headline

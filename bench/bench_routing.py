@@ -226,6 +226,9 @@ async def overhead_section(split: LabelledSet, rule: Escalation, rounds: int) ->
                     f"{tput:.0f} | {escalated:.0%} |" if kind == "cascade" else
                     f"| `{kind}` | `{detector_name}` | {out[f'{key}_p50']:.2f} | {out[f'{key}_p99']:.2f} | "
                     f"{tput:.0f} | - |")
+    long_rows, long_out = await long_prompt_rows(split, rule)
+    rows += long_rows
+    out.update(long_out)
     body = ("A `select` decision (embed the prompt and the detector's texts, search, detect, decide) through the "
             f"real `Router` on the {len(prompts)} training-split prompts x {rounds}, made unique so the embedding "
             "cache never answers: one at a time, then 32 in flight. The gateway around it is measured in "
@@ -233,8 +236,43 @@ async def overhead_section(split: LabelledSet, rule: Escalation, rounds: int) ->
             "| embedder | detector | p50 ms | p99 ms | decisions/s (c=32) | escalated |\n|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n\n"
             "`learned` embeds the prompt's clauses and content words too (about ten short texts for most prompts), "
-            "where `gap` reads the prompt's own scores.\n")
+            "where `gap` reads the prompt's own scores. The last two rows put 600 words of chat history (other "
+            "prompts of the set) before each `single` prompt: routing reads the last `route_max_words` (128) "
+            "words, or, untruncated, all of it; nearest = label on those prompts is in the last column.\n")
     return body, out
+
+
+async def long_prompt_rows(split: LabelledSet, rule: Escalation) -> tuple[list[str], dict[str, float]]:
+    """The default cascade on `single` prompts behind 600 words of history, truncated (default) or not."""
+    rng = random.Random(7)
+    single = split.of_kind("single")
+    others = [p.prompt for p in split.prompts if p.kind != "single"]
+
+    def history() -> str:
+        words: list[str] = []
+        while len(words) < 600:
+            words += rng.choice(others).split()
+        return " ".join(words[:600])
+
+    prompts = [(f"{history()}\n{p.prompt}", p.adapters[0]) for p in single]
+    spec = parse_policy("select;min_score=-1", source="bench")
+    rows, out = [], {}
+    for label, max_words in (("128 words (default)", RouterConfig().max_words), ("untruncated", 100_000)):
+        searcher = await searcher_for("cascade", split, rule)
+        router = Router(PolicySpec("base"), RouterConfig(max_words=max_words), searcher=searcher,
+                        detector=make_detector("learned", searcher.tiers[0].name))
+        times, right = [], 0
+        for text, adapter in tqdm(prompts, desc=f"long prompts ({label})", leave=False):
+            started = time.perf_counter()
+            decision = await router.decide(text, spec, split.records)
+            times.append(time.perf_counter() - started)
+            right += bool(decision.adapters) and decision.adapters[0].name == adapter
+        await searcher.close()
+        key = "long_truncated" if max_words < 100_000 else "long_full"
+        out[f"{key}_p50"], out[f"{key}_accuracy"] = statistics.median(times) * 1e3, right / len(prompts)
+        rows.append(f"| `cascade`, 600-word history, {label} | `learned` | {out[f'{key}_p50']:.2f} | "
+                    f"{pct(times, 99) * 1e3:.2f} | - | nearest = label {right / len(prompts):.1%} |")
+    return rows, out
 
 
 # -- 3. compositional detection on both splits ---------------------------------------------------------

@@ -44,6 +44,20 @@ def check_policy(spec: PolicySpec, config: RouterConfig, *, routing: bool) -> No
     resolve_policy({name: cls(config) for name, cls in POLICIES.items()}, spec, routing=routing)
 
 
+def tail_words(text: str, max_words: int) -> str:
+    """The last ``max_words`` words of ``text``: what routing reads of a long prompt.
+
+    A chat's routing text is every message joined, system prompt first, and what a request is about sits
+    at its end (the latest user turn). MiniLM reads only its first 256 word pieces, so without this a long
+    history would be routed by its system prompt; and embedding cost grows with length while the
+    question does not. Shorter texts pass unchanged.
+    """
+    if len(text) <= max_words * 2:  # fewer characters than words x 2: cannot have too many words
+        return text
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[-max_words:])
+
+
 def _auto_takes_no_params(spec: PolicySpec) -> None:
     if spec.name == AUTO and spec.params:
         raise InvalidRequest(f"auto takes no parameters, got {sorted(spec.params)}", param="X-Adapter-Policy",
@@ -82,6 +96,17 @@ class Router:
         """What :meth:`decide` would refuse of ``spec`` before routing (a request's policy: a 400 while parsing)."""
         _auto_takes_no_params(spec)
         self.resolve(spec)
+
+    def searches(self, spec: PolicySpec) -> bool:
+        """Whether deciding ``spec`` embeds and searches here (the learned auto always does: it needs the
+        nearest adapter and the compositional flag); the pipeline's routing gate admits only these."""
+        if self.searcher is None:
+            return False
+        if spec.name == AUTO and self.auto is not None:
+            return True
+        policy = self._policies.get(self.default_policy.name if spec.name == AUTO else spec.name)
+        return policy is not None and policy.searches and policy.search_for(
+            self.default_policy if spec.name == AUTO else spec)
 
     def needs_candidates(self, spec: PolicySpec) -> bool:
         policy = self._policies[spec.name]
@@ -124,12 +149,12 @@ class Router:
         embed_s = search_s = 0.0
         tier = ""
         searcher, detector = self.searcher, self.detector
-        # the learned auto always searches: the nearest adapter and the compositional flag are its context
-        if (learned is not None or policy.search_for(effective)) and prompt.strip() and searcher and searcher.size:
-            found = await searcher.find(prompt, detector.texts(prompt) if detector else [], self.config.candidates,
+        if self.searches(spec) and prompt.strip() and searcher and searcher.size:
+            text = tail_words(prompt, self.config.max_words)
+            found = await searcher.find(text, detector.texts(text) if detector else [], self.config.candidates,
                                         adapters)
             candidates, embed_s, search_s, tier = found.candidates, found.embed_s, found.search_s, found.tier
-            compositional = detector.detect(prompt, found.detected, found.parts) if detector else None
+            compositional = detector.detect(text, found.detected, found.parts) if detector else None
         query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates,
                              compositional=compositional)
         decision = await (learned.decide(query, self) if learned is not None else policy.decide(query))

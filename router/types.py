@@ -151,3 +151,4 @@ class RouterConfig:
     weight_step: float = 0.05
     max_k: int = 8
     candidates: int = 5
+    max_words: int = 128  # routing reads a prompt's last this-many words (tail_words)

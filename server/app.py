@@ -37,6 +37,7 @@ from loragate.router.types import RouterConfig
 from loragate.server.admin import AdminAuth, AdminService
 from loragate.server.auto import AutoLearner, auto_config
 from loragate.server.calls import CallParser
+from loragate.server.gate import RoutingGate
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeLog
 from loragate.server.pipeline import CompletionService
@@ -142,7 +143,8 @@ def check_config(settings: Settings) -> None:
 def router_config(settings: Settings) -> RouterConfig:
     return RouterConfig(min_score=settings.select_min_score, k=settings.average_k, method=settings.average_method,
                         weights=settings.average_weights, temperature=settings.average_temperature,
-                        weight_step=settings.merge_weight_step, candidates=settings.route_candidates)
+                        weight_step=settings.merge_weight_step, candidates=settings.route_candidates,
+                        max_words=settings.route_max_words)
 
 
 def embedder_tiers(settings: Settings) -> tuple[str, ...]:
@@ -226,11 +228,14 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         metrics.watch_auto(learner.views)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     recorder = OutcomeRecorder(metrics, outcomes)
+    gate = RoutingGate(settings.route_max_concurrency)
+    metrics.route_waiting.set_function(lambda: gate.waiting)
     dispatcher = Dispatcher(pool, upstream, attempts=settings.upstream_attempts, retried=metrics.request_retried)
     completions = CompletionService(
         model=settings.model, registry=registry, router=router, recorder=recorder, dispatcher=dispatcher,
         calls=CallParser(settings.model, registry, router.check, unknown_ttl_s=settings.registry_poll_s),
-        resolver=Resolver(registry, merges, default_method=settings.average_method, max_rank=settings.max_lora_rank))
+        resolver=Resolver(registry, merges, default_method=settings.average_method, max_rank=settings.max_lora_rank),
+        gate=gate)
     shadows = ShadowScheduler(ShadowConfig(settings.shadow_policy, settings.shadow_rate,
                                            settings.shadow_max_concurrency, settings.shadow_max_pending,
                                            settings.shadow_max_wait_s), completions.run, dispatcher.in_flight, metrics,

@@ -1,6 +1,7 @@
 """The completion request path, one straight line of stages, each in the package that owns it:
 
-    parse (server/calls) -> decide (router) -> execute (server/executors, per decision):
+    parse (server/calls) -> admit (server/gate, routed calls only) -> decide (router)
+    -> execute (server/executors, per decision):
       single: resolve (adapters) -> dispatch (workers) -> stream back with X-* headers
       chain:  per step, resolve + dispatch every candidate, keep the best (server/chain)
     -> one frozen completion event (server/recorder)
@@ -21,6 +22,7 @@ from loragate.router.types import RoutingDecision, StepChoice
 from loragate.server.calls import CallParser, CompletionCall, CompletionRequest
 from loragate.server.chain import ChainExecutor
 from loragate.server.executors import Dispatches, Executors, ProxiedResponse, SingleShot
+from loragate.server.gate import RoutingGate
 from loragate.server.recorder import NO_ATTEMPT, CompletionEvent, OutcomeRecorder, status_of
 from loragate.workers.dispatch import Attempt
 
@@ -31,7 +33,8 @@ class CompletionService:
     """The stages composed; built once at startup with each of them."""
 
     def __init__(self, *, model: str, registry: AdapterRegistry, calls: CallParser, router: Router,
-                 resolver: Resolver, dispatcher: Dispatches, recorder: OutcomeRecorder) -> None:
+                 resolver: Resolver, dispatcher: Dispatches, recorder: OutcomeRecorder,
+                 gate: RoutingGate | None = None) -> None:
         self.model = model
         self.registry = registry
         self.calls = calls
@@ -39,6 +42,7 @@ class CompletionService:
         self.resolver = resolver
         self.dispatcher = dispatcher
         self.recorder = recorder
+        self.gate = gate or RoutingGate(0)
         self.executors = Executors({"single": SingleShot(model, resolver, dispatcher),
                                     "chain": ChainExecutor(model, resolver, dispatcher, router)})
 
@@ -52,7 +56,12 @@ class CompletionService:
         return await self.run(call)
 
     async def run(self, call: CompletionCall) -> ProxiedResponse:
-        """One call end to end: decide, then the decision's executor answers (whole or as a stream)."""
+        """One call end to end: admitted (routed calls wait for a slot until their first byte), decided, then
+        the decision's executor answers (whole or as a stream)."""
+        async with self.gate.admit(self.router.searches(call.policy)):
+            return await self._run(call)
+
+    async def _run(self, call: CompletionCall) -> ProxiedResponse:
         try:
             decision = await self.router.decide(call.prompt, call.policy, self.registry.snapshot())
             executor = self.executors(decision)

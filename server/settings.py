@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     index_exact_max: int = Field(50_000, gt=0, description="Descriptor vectors searched exactly; HNSW above.")
     index_aggregate: str = Field("max", description="Adapter score from its descriptor vectors: max | top2mean.")
     route_candidates: int = Field(5, gt=0, le=64, description="Nearest adapters reported per routed request.")
+    route_max_concurrency: int = Field(
+        4, ge=0, le=4096, description="Routed requests (those that embed) from routing to their first response byte "
+                                      "at once; more wait, requests that do not route never do. 0: no limit.")
+    route_max_words: int = Field(
+        128, ge=8, le=100_000, description="Routing reads a prompt's last this-many words (a chat's latest turns).")
     select_min_score: float = Field(0.3, ge=-1, le=1, description="Default min_score of select and average.")
     average_k: int = Field(2, ge=1, le=8, description="Default k of average.")
     average_method: str = Field("cat", description="Default merge method of average: linear | cat | svd | ties | "

@@ -12,7 +12,8 @@ from loragate.router.compositional import SegmentDetector
 from loragate.router.grammar import parse_policy
 from loragate.router.index import DescriptorIndex
 from loragate.router.search import CascadeSearcher, Escalation, IndexSearcher, Tier
-from loragate.router.service import Router
+from loragate.router.service import Router, tail_words
+from loragate.router.types import RouterConfig
 from tests.unit.router.test_index import record
 
 
@@ -119,3 +120,19 @@ async def test_one_tier_searches_prompt_and_clauses_in_one_batch(tmp_path: Path)
     encoder.asked.clear()
     found = await searcher.find("tie", ["part b"], 5, REGISTRY)
     assert encoder.asked == ["tie", "part b"] and found.tier == "static" and found.parts[0][0][0] == "b"
+
+
+def test_routing_reads_the_tail_of_a_long_prompt() -> None:
+    assert tail_words("short prompt", 4) == "short prompt"
+    assert tail_words("system: be nice. " * 10 + "who is X married to?", 6) == "nice. who is X married to?"
+    assert tail_words("a" * 500, 4) == "a" * 500  # one long word is one word
+    exactly = " ".join(["w"] * 20)
+    assert tail_words(exactly, 20) == exactly
+
+
+async def test_the_router_searches_and_detects_on_the_tail(tmp_path: Path) -> None:
+    searcher, fast, _ = await cascade(tmp_path, Escalation(margin=0.1, floor=0.5))
+    fast.table = {**fast.table, "history the end": (1.0, 0.05)}
+    router = Router(parse_policy("base", source="default"), RouterConfig(max_words=3), searcher=searcher)
+    decision = await router.decide("long long history the end", parse_policy("select", source="h"), REGISTRY)
+    assert fast.asked == ["history the end"] and decision.adapters[0].name == "a"
