@@ -124,6 +124,9 @@ class IndexSnapshot:
             return self._ranked(per_adapter, k)
         depth = min(self.size, max(64, 8 * k))
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), depth)
+        if len(self.names) > 4 * depth:  # many adapters: rank only the few among each query's neighbours
+            return [self._ranked_neighbours(row_scores, row_ids, k, aggregate)
+                    for row_scores, row_ids in zip(scores, ids, strict=True)]
         found = ids >= 0
         owner = self.id_owner[np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)]
         per_adapter = np.full((len(queries), len(self.names)), -np.inf, dtype=np.float32)
@@ -133,6 +136,18 @@ class IndexSnapshot:
         else:  # top2mean: FAISS returns each query's neighbours best first, so an adapter's first two are its best
             per_adapter = _top2mean(per_adapter, rows, owner, scores, found)
         return self._ranked(per_adapter, k)
+
+    def _ranked_neighbours(self, scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int,
+                           aggregate: str) -> tuple[tuple[str, float], ...]:
+        """One query's best ``k`` adapters from its neighbours alone: with 100k adapters a row per adapter
+        would cost more than the search itself."""
+        per_adapter: dict[str, list[float]] = {}
+        for score, vid in zip(scores.tolist(), ids.tolist(), strict=True):
+            if vid >= 0:
+                per_adapter.setdefault(self.owners[vid], []).append(score)
+        ranked = {name: max(s) if aggregate == "max" else float(np.mean(sorted(s, reverse=True)[:2]))
+                  for name, s in per_adapter.items()}
+        return tuple(sorted(ranked.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
 
     def _ranked(self, per_adapter: npt.NDArray[np.float32], k: int) -> list[tuple[tuple[str, float], ...]]:
         """The best ``k`` of each row's adapter scores (``-inf``: the adapter was not among the neighbours)."""
@@ -193,7 +208,7 @@ def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: in
     sorted_ids = np.asarray(sorted(owners), dtype=np.int64)
     id_owner = np.asarray([position[owners[int(i)]] for i in sorted_ids], dtype=np.intp)
     dense, starts = None, np.zeros(0, np.intp)
-    if total <= DENSE_MAX_VECTORS:
+    if kind == "flat" and total <= DENSE_MAX_VECTORS:
         grouped = sorted(entries, key=lambda e: e.name)
         dense = np.ascontiguousarray(np.vstack([e.vectors for e in grouped]), dtype=np.float32)
         starts = np.cumsum([0] + [len(e.vectors) for e in grouped[:-1]]).astype(np.intp)

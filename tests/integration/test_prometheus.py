@@ -8,7 +8,7 @@ Setup (once per module, every step bounded by a timeout, every process stopped a
    with one change: loading the adapter ``gamma`` fails the way vLLM fails a bad path (404), so
    adapter-load errors are real events of the gateway's worker pool.
 3. ``loragate serve`` runs as a subprocess with three registered adapters (``write_lora``), the
-   MiniLM embedder and the ``hybrid`` compositional detector.
+   default embedder (the static -> MiniLM cascade) and the ``hybrid`` compositional detector.
 4. Prometheus starts with the deploy config's jobs pointed at the gateway and the stub, a 1 s scrape
    and rule-evaluation interval, and ``deploy/prometheus/rules.yml`` loaded.
 5. The same traffic is sent twice, a few scrapes apart (pins, select hits and fallbacks, a

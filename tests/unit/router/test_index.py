@@ -214,3 +214,21 @@ async def test_searching_many_queries_at_once_ranks_as_one_at_a_time(tmp_path: P
         assert [score for _, score in got] == pytest.approx([score for _, score in ranked], abs=1e-5)
     assert snapshot.search(queries[0], 4, aggregate) == index.search_many(queries[:1], 4)[0]
     assert index.search_many(queries[:0], 4) == []
+
+
+@pytest.mark.parametrize("aggregate", ["max", "top2mean"])
+async def test_an_index_of_many_adapters_ranks_each_querys_neighbours_alone(tmp_path: Path, aggregate: str) -> None:
+    """Past 4x the search depth in adapters (here 300, depth 64) no row per adapter is built; the ranking is
+    the same as the per-adapter arrays give."""
+    registry = {f"m{i:03d}": record(f"m{i:03d}", f"about {i}", f"ask {i}") for i in range(300)}
+    index = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate=aggregate, exact_max=100)  # HNSW: no dense
+    await index.sync(registry)
+    snapshot = index.snapshot()
+    assert snapshot.kind == "hnsw" and snapshot.dense is None and len(snapshot.names) > 4 * 64
+    queries = np.vstack([vector(f"ask {i}") for i in (3, 150, 299)])
+    many = index.search_many(queries, 3)
+    assert [found[0][0] for found in many] == ["m003", "m150", "m299"]
+    scores, ids = snapshot.index.search(queries, 64)
+    for found, row_scores, row_ids in zip(many, scores, ids, strict=True):
+        assert found == snapshot._ranked_neighbours(row_scores, row_ids, 3, aggregate)
+        assert [s for _, s in found] == sorted((s for _, s in found), reverse=True)

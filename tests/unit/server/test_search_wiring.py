@@ -28,6 +28,7 @@ def test_the_default_is_the_static_then_minilm_cascade(tmp_path: Path) -> None:
     ({"cascade_fast": "static", "cascade_precise": "static"}, "cascade_precise", "two different embedders"),
     ({"cascade_fast": "word2vec"}, "embedder", "unknown embedder backend 'word2vec'"),
     ({"embedder": "static", "compositional_detector": "psychic"}, "compositional_detector", "unknown compositional"),
+    ({"embedder_model_dir": "/models/mine"}, "embedder_model_dir", "cascade runs two"),
 ])
 def test_configuration_mistakes_stop_startup_with_the_setting_named(tmp_path: Path, fields: dict[str, object],
                                                                    param: str, message: str) -> None:
