@@ -152,6 +152,9 @@ def embedder_tiers(settings: Settings) -> tuple[str, ...]:
     if settings.embedder == "none":
         return ()
     if settings.embedder == CASCADE:
+        if settings.embedder_model_dir:
+            raise ConfigError("embedder_model_dir names one model, and embedder=cascade runs two: leave it unset, or "
+                              "set embedder to the one backend it is for", param="embedder_model_dir")
         if settings.cascade_fast == settings.cascade_precise:
             raise ConfigError(f"cascade_fast and cascade_precise are both {settings.cascade_fast!r}: a cascade "
                               "needs two different embedders", param="cascade_precise")
