@@ -5,16 +5,19 @@ Two layers, because they fail and scale differently:
 * :class:`EmbedderBackend` is a plain, synchronous ``encode(texts) -> (n, dim) float32`` with L2-normalised
   rows (so inner product is cosine, which is what the FAISS index searches). Backends are strategies in
   the name -> class registry :data:`EMBEDDER_BACKENDS`; :func:`make_backend` builds one by name.
-  ``minilm`` (default) is all-MiniLM-L6-v2 as an ONNX Runtime graph exported from the sentence-transformers
+  ``minilm`` is all-MiniLM-L6-v2 as an ONNX Runtime graph exported from the sentence-transformers
   model (~7 ms for one prompt on one CPU thread, ~5 ms each in batches; one thread by default);
-  ``minilm-torch`` is the same model on torch (~14 ms; identical vectors); ``static`` is a
-  model2vec table distilled from the same MiniLM (shipped in ``router/static_model/``; ~100x faster,
-  ranks some prompts worse). Models load from local directories only: this gateway never downloads weights.
-* :class:`Embedder` is the async service the router calls. Encoding is CPU-bound and would stall every
-  request if run on the event loop, and a transformer amortises its overhead over a batch, so concurrent
+  ``minilm-int8`` the same graph with int8 weights (~3 ms, its own vectors); ``minilm-torch`` the model on
+  torch (~14 ms; identical vectors to ``minilm``); ``static`` and ``static-256`` model2vec tables distilled
+  from the same MiniLM (shipped in ``router/static_model*/``; ~50x faster, rank unfamiliar prompts worse).
+  The default routing uses two of them as a cascade (``router/search.py``). Models load from local
+  directories only: this gateway never downloads weights.
+* :class:`Embedder` is the async service the router calls. Encoding a transformer is CPU-bound and would
+  stall every request if run on the event loop, and it amortises its overhead over a batch, so concurrent
   ``embed`` calls are queued and flushed together (at ``max_batch`` or after ``max_wait_ms``) to one
-  worker thread. Repeated prompts (retries, load tests, shadow policies) come from an LRU cache, and
-  identical prompts already waiting share one slot of the batch.
+  worker thread; a cheap (static) backend runs inline instead, which costs less than the hop. Repeated
+  prompts (retries, load tests, shadow policies) come from an LRU cache, and identical prompts already
+  waiting share one slot of the batch.
 """
 
 from __future__ import annotations
