@@ -104,9 +104,9 @@ class Router:
             return False
         if spec.name == AUTO and self.auto is not None:
             return True
-        policy = self._policies.get(self.default_policy.name if spec.name == AUTO else spec.name)
-        return policy is not None and policy.searches and policy.search_for(
-            self.default_policy if spec.name == AUTO else spec)
+        effective = self.default_policy if spec.name == AUTO else spec
+        policy = self._policies.get(effective.name)
+        return policy is not None and policy.search_for(effective)  # chain searches for its candidates too
 
     def needs_candidates(self, spec: PolicySpec) -> bool:
         policy = self._policies[spec.name]

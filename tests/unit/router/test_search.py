@@ -136,3 +136,15 @@ async def test_the_router_searches_and_detects_on_the_tail(tmp_path: Path) -> No
     router = Router(parse_policy("base", source="default"), RouterConfig(max_words=3), searcher=searcher)
     decision = await router.decide("long long history the end", parse_policy("select", source="h"), REGISTRY)
     assert fast.asked == ["history the end"] and decision.adapters[0].name == "a"
+
+
+async def test_chain_searches_for_its_candidates_unless_given_a_list(tmp_path: Path) -> None:
+    """chain is not a searching policy (it runs without routing) but ranks its candidates by the index."""
+    searcher, _, _ = await cascade(tmp_path, Escalation())
+    router = Router(parse_policy("base", source="default"), searcher=searcher)
+    assert router.searches(parse_policy("chain", source="h"))
+    assert not router.searches(parse_policy('chain;adapters="a b"', source="h"))
+    assert not router.searches(parse_policy("pin;adapter=a", source="h"))
+    assert router.searches(parse_policy("select", source="h"))
+    decision = await router.decide("clearly a", parse_policy("chain;k=1", source="h"), REGISTRY)
+    assert decision.chain is not None and decision.chain.candidates == ("a",)
