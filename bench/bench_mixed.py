@@ -36,6 +36,7 @@ from bench.benchkit import (
 )
 from loragate.loadtest.loadgen import run_load
 from loragate.loadtest.plots import latency_cdf
+from loragate.loadtest.stats import percentile as p
 from loragate.loadtest.stats import summarize
 
 PIN = 'pin;adapter="cooking"'
@@ -91,11 +92,6 @@ def measure(url: str, sizes: Sizes, seed: int) -> dict[str, object]:
             rates.append(rate)
             errors += failed
     return {"alone": alone, "loaded": loaded, "select_rps": sum(rates) / len(rates), "errors": errors}
-
-
-def p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 def run(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[str, str]:

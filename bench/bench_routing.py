@@ -29,6 +29,7 @@ from bench import report
 from bench.benchkit import bench_parser, output_dir
 from bench.labelled import Labelled, LabelledSet, load_set, load_splits, make_tier
 from loragate.adapters.types import AdapterRecord
+from loragate.loadtest.stats import percentile as pct
 from loragate.router.compositional import DETECTORS, Detector, make_detector
 from loragate.router.embedder import Embedder, EmbedderBackend, backend_names, make_backend
 from loragate.router.grammar import parse_policy
@@ -45,10 +46,6 @@ DEFAULTS = Settings.model_fields
 CASCADE_FAST, CASCADE_PRECISE = DEFAULTS["cascade_fast"].default, DEFAULTS["cascade_precise"].default
 MARGINS = tuple(round(0.01 * i, 2) for i in range(0, 13))
 FLOORS = (-1.0, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 async def make_router(backend: EmbedderBackend, records: dict[str, AdapterRecord], detector: str,

@@ -61,14 +61,16 @@ class Policy(ABC):
 
     name: ClassVar[str]
     params: ClassVar[frozenset[str]] = frozenset()
-    searches: ClassVar[bool] = False  # needs the prompt embedded and the index searched
+    # only means something with nearest adapters found (select, average): refused without routing, skipped
+    # by the learned auto when nothing was found. Whether the router searches at all is :meth:`search_for`.
+    needs_candidates: ClassVar[bool] = False
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
 
     def search_for(self, spec: PolicySpec) -> bool:
         """Whether the router should embed and search for ``spec`` (when routing is configured at all)."""
-        return self.searches
+        return self.needs_candidates
 
     def check_params(self, spec: PolicySpec) -> None:
         unknown = sorted(set(spec.params) - self.params)
@@ -81,7 +83,7 @@ class Policy(ABC):
         return RoutingDecision(policy_asked=query.policy.text(), policy_applied=self.name, adapters=adapters,
                                candidates=query.candidates, method=method,
                                merge_params=MappingProxyType(dict(merge_params or {})),
-                               fallback=self.searches and not adapters)
+                               fallback=self.needs_candidates and not adapters)
 
     @abstractmethod
     async def decide(self, query: RoutingQuery) -> RoutingDecision:
@@ -121,7 +123,7 @@ class SelectPolicy(Policy):
 
     name = "select"
     params = frozenset({"min_score"})
-    searches = True
+    needs_candidates = True
 
     def check_params(self, spec: PolicySpec) -> None:
         super().check_params(spec)
@@ -188,7 +190,7 @@ class AveragePolicy(Policy):
 
     name = "average"
     params = frozenset({"k", "min_score", "method", "weights", "temperature", "adapters", *MERGE_PARAMS})
-    searches = True
+    needs_candidates = True
 
     def check_params(self, spec: PolicySpec) -> None:
         super().check_params(spec)

@@ -29,7 +29,7 @@ def resolve_policy(policies: Mapping[str, Policy], spec: PolicySpec, *, routing:
     if policy is None:
         raise InvalidRequest(f"unsupported adapter policy {spec.name!r}; supported: {', '.join(policy_names())}",
                              param="X-Adapter-Policy", code="unsupported_policy")
-    if policy.searches and not routing:
+    if policy.needs_candidates and not routing:
         raise InvalidRequest(f"policy {spec.name!r} needs semantic routing, which is not configured here",
                              param="X-Adapter-Policy", code="unsupported_policy")
     policy.check_params(spec)
@@ -109,8 +109,9 @@ class Router:
         return policy is not None and policy.search_for(effective)  # chain searches for its candidates too
 
     def needs_candidates(self, spec: PolicySpec) -> bool:
-        policy = self._policies[spec.name]
-        return policy.searches and policy.search_for(spec)
+        """Whether ``spec`` (an arm of the learned auto) can only run with nearest adapters found: ``select`` and
+        ``average``. Not :meth:`searches`: ``chain`` searches for its candidates but runs without them."""
+        return self._policies[spec.name].needs_candidates
 
     async def run(self, query: RoutingQuery) -> RoutingDecision:
         """An arm of the learned auto: its policy decides on the query the router already searched for."""

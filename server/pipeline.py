@@ -1,6 +1,6 @@
 """The completion request path, one straight line of stages, each in the package that owns it:
 
-    parse (server/calls) -> admit (server/gate, routed calls only) -> decide (router)
+    parse (server/calls) -> decide (router; a routed call holds a slot of server/gate meanwhile)
     -> execute (server/executors, per decision):
       single: resolve (adapters) -> dispatch (workers) -> stream back with X-* headers
       chain:  per step, resolve + dispatch every candidate, keep the best (server/chain)
@@ -56,14 +56,11 @@ class CompletionService:
         return await self.run(call)
 
     async def run(self, call: CompletionCall) -> ProxiedResponse:
-        """One call end to end: admitted (routed calls wait for a slot until their first byte), decided, then
-        the decision's executor answers (whole or as a stream)."""
-        async with self.gate.admit(self.router.searches(call.policy)):
-            return await self._run(call)
-
-    async def _run(self, call: CompletionCall) -> ProxiedResponse:
+        """One call end to end: decided (a routed call waits for a slot of the gate to do so), then the
+        decision's executor answers (whole or as a stream)."""
         try:
-            decision = await self.router.decide(call.prompt, call.policy, self.registry.snapshot())
+            async with self.gate.admit(self.router.searches(call.policy)):
+                decision = await self.router.decide(call.prompt, call.policy, self.registry.snapshot())
             executor = self.executors(decision)
         except BaseException as exc:
             self._ended(call, None, None, NO_ATTEMPT, status_of(exc))

@@ -141,8 +141,8 @@ class Settings(BaseSettings):
     index_aggregate: str = Field("max", description="Adapter score from its descriptor vectors: max | top2mean.")
     route_candidates: int = Field(5, gt=0, le=64, description="Nearest adapters reported per routed request.")
     route_max_concurrency: int = Field(
-        4, ge=0, le=4096, description="Routed requests (those that embed) from routing to their first response byte "
-                                      "at once; more wait, requests that do not route never do. 0: no limit.")
+        4, ge=0, le=4096, description="Routed requests (those that embed) deciding at once; more wait for a slot, "
+                                      "requests that do not route never do. 0: no limit.")
     route_max_words: int = Field(
         128, ge=8, le=100_000, description="Routing reads a prompt's last this-many words (a chat's latest turns).")
     select_min_score: float = Field(0.3, ge=-1, le=1, description="Default min_score of select and average.")

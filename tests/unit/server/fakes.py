@@ -15,6 +15,7 @@ from loragate.errors import LoragateError
 from loragate.router.service import Router
 from loragate.router.types import PolicySpec
 from loragate.server.calls import CallParser, CompletionRequest
+from loragate.server.gate import RoutingGate
 from loragate.server.metrics import GatewayMetrics
 from loragate.server.outcomes import OutcomeRecord
 from loragate.server.pipeline import CompletionService
@@ -125,10 +126,11 @@ class Stages:
     events: list[CompletionEvent]
 
 
-def build(dispatcher: FakeDispatcher, adapters: tuple[str, ...] = ("alpha",)) -> Stages:
+def build(dispatcher: FakeDispatcher, adapters: tuple[str, ...] = ("alpha",), *, router: Router | None = None,
+          gate: RoutingGate | None = None) -> Stages:
     registry = FakeRegistry({n: record(n) for n in adapters})
     registry._snapshot = MappingProxyType(dict(registry.known))
-    router = Router(PolicySpec("base"))
+    router = router or Router(PolicySpec("base"))
     metrics, outcomes = GatewayMetrics(), FakeOutcomes()
     recorder = OutcomeRecorder(metrics, outcomes)  # type: ignore[arg-type]
     events: list[CompletionEvent] = []
@@ -137,7 +139,7 @@ def build(dispatcher: FakeDispatcher, adapters: tuple[str, ...] = ("alpha",)) ->
         model=MODEL, registry=registry, router=router, recorder=recorder,  # type: ignore[arg-type]
         calls=CallParser(MODEL, registry, router.resolve),  # type: ignore[arg-type]
         resolver=Resolver(registry, None, default_method="cat", max_rank=64),  # type: ignore[arg-type]
-        dispatcher=dispatcher)  # type: ignore[arg-type]
+        dispatcher=dispatcher, gate=gate)  # type: ignore[arg-type]
     return Stages(service, dispatcher, registry, outcomes, metrics, events)
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 import pytest
 from starlette.requests import ClientDisconnect
 
 from loragate.errors import InvalidRequest, NotFound, WorkerRejected
+from loragate.router.service import Router
+from loragate.router.types import PolicySpec
+from loragate.server.gate import RoutingGate
 from loragate.server.routes.openai import RelayResponse
-from loragate.workers.dispatch import CLIENT_CLOSED
+from loragate.workers.dispatch import CLIENT_CLOSED, Dispatched, Job
 from tests.unit.server.fakes import (
     MODEL,
     WORKER,
@@ -142,3 +146,40 @@ async def test_a_cancelled_request_is_one_event() -> None:
     with pytest.raises(asyncio.CancelledError):
         await stages.service.complete(request())
     assert [e.status for e in stages.events] == [CLIENT_CLOSED]
+
+
+class EveryCallRoutes(Router):
+    """A router whose every call counts as routed, so a gate of one slot applies to pinned fakes."""
+
+    def searches(self, spec: PolicySpec) -> bool:
+        return True
+
+
+@dataclass
+class HeldDispatcher(FakeDispatcher):
+    """Holds every job until ``release`` is set, like a vLLM worker still generating; ``both`` is set once
+    two jobs are upstream."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    both: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def dispatch(self, job: Job) -> Dispatched:
+        self.jobs.append(job)
+        if len(self.jobs) == 2:
+            self.both.set()
+        await self.release.wait()
+        assert self.reply is not None
+        return self.reply
+
+
+async def test_the_routing_gate_covers_the_decision_not_the_upstream_call() -> None:
+    gate = RoutingGate(1)
+    held = HeldDispatcher(whole())
+    stages = build(held, router=EveryCallRoutes(PolicySpec("base")), gate=gate)
+    first = asyncio.create_task(stages.service.complete(request(policy='pin;adapter="alpha"')))
+    second = asyncio.create_task(stages.service.complete(request(policy='pin;adapter="alpha"')))
+    async with asyncio.timeout(2):
+        await held.both.wait()  # both decided and upstream while the first is still waiting for its answer
+    assert gate.waiting == 0 and not first.done()
+    held.release.set()
+    assert [r.status for r in await asyncio.gather(first, second)] == [200, 200]
