@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import itertools
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -262,8 +263,13 @@ class StaticBackend(EmbedderBackend):
 
     Defaults to the artifact distilled from the same MiniLM and shipped in ``router/static_model/``
     (128-d). It ignores word order, so its routing accuracy must be measured before relying on it.
-    Rows are re-normalised in float32 because model2vec returns the table's dtype (float16 tables
-    give float16 vectors); a text with no known token embeds to the zero vector.
+    A text with no known token embeds to the zero vector.
+
+    model2vec loads and tokenizes; :meth:`encode` then reads the table itself. ``StaticModel.encode``
+    spends two thirds of a routed request's ~13 short texts in its batching, progress bar and
+    truncation wrappers (0.3 of 0.45 ms per decision); a summed lookup over one flat id array does the
+    same arithmetic (model2vec's mean, up to float rounding: the rows are normalised, so a sum and a mean
+    point the same way; ``test_static_encode_matches_model2vec``) in a fraction of it.
     """
 
     name = "static"
@@ -276,14 +282,32 @@ class StaticBackend(EmbedderBackend):
         from model2vec import StaticModel
 
         self._model: StaticModel = StaticModel.from_pretrained(path, normalize=True)
+        if self._model.token_mapping is not None or self._model.weights is not None:
+            raise ConfigError(f"embedder {self.name!r}: {str(path)!r} is a model2vec model with token weights or a "
+                              "token mapping, which loragate does not read", param="embedder_model_dir")
         self.dim = int(self._model.dim)
         self.identity = f"{self.name}:{path.name}:{self.dim}:{_model_fingerprint(path)}"
+        self._table = np.asarray(self._model.embedding, dtype=np.float32)  # int8/float16 tables read as float32
+        self._tokenizer = self._model.tokenizer  # model2vec leaves it truncating at the model's max_length
+        self._unknown = self._model.unk_token_id
+        max_length = self._model.max_length
+        self._max_chars = None if max_length is None else max_length * self._model.median_token_length
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        # multiprocessing would fork/thread inside our worker thread for large inputs: keep it serial
-        return normalise_rows(self._model.encode(list(texts), use_multiprocessing=False))
+        batch = [t[:self._max_chars] for t in texts] if self._max_chars is not None else list(texts)
+        ids = [e.ids for e in self._tokenizer.encode_batch_fast(batch, add_special_tokens=False)]
+        if self._unknown is not None:
+            ids = [[i for i in row if i != self._unknown] for row in ids]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        known = lengths > 0
+        if known.any():
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+            starts = np.concatenate(([0], np.cumsum(lengths[known])[:-1]))
+            out[known] = np.add.reduceat(self._table[flat], starts, axis=0)
+        return normalise_rows(out)
 
 
 STATIC_256_MODEL_DIR = Path(__file__).resolve().parent / "static_model_256"

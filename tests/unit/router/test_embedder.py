@@ -243,3 +243,20 @@ async def test_a_cheap_backend_embeds_inline_with_the_same_cache_and_counters(fa
     with pytest.raises(EmbedderClosed):
         await embedder.embed_many(["d"])
     assert Embedder(fake).inline is False and StaticBackend.cheap and not MiniLMBackend.cheap
+
+
+@pytest.mark.parametrize("backend_name", ["static", "static-256"])
+def test_static_encode_matches_model2vec(backend_name: str) -> None:
+    """The table lookup reads the same vectors model2vec's own ``encode`` makes, for every kind of text the
+    router sends: prompts, clauses, single words, no known token, empty, and longer than the model reads."""
+    backend = make_backend(backend_name)
+    assert isinstance(backend, StaticBackend)
+    texts = [ANCHOR, PARAPHRASE, UNRELATED, "dough", "and then the oven", "", "   ", "\u2603\u2603",
+             "Z" * 50, " ".join(["knead the bread dough"] * 1200)]
+    ours = backend.encode(texts)
+    theirs = backend._model.encode(texts, use_multiprocessing=False).astype(np.float32)
+    norms = np.linalg.norm(theirs, axis=1, keepdims=True)
+    expected = np.divide(theirs, norms, out=np.zeros_like(theirs), where=norms > 0)
+    assert ours.dtype == np.float32 and ours.shape == (len(texts), backend.dim)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    assert not ours[5].any()  # nothing to read: the zero vector, as model2vec gives
