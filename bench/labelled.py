@@ -16,7 +16,7 @@ from bench import report
 from loragate.adapters.types import AdapterRecord, Descriptors
 from loragate.router.compositional import detector_texts
 from loragate.router.embedder import Embedder, EmbedderBackend
-from loragate.router.index import DescriptorIndex
+from loragate.router.index import CENTROID, DescriptorIndex
 from loragate.router.search import Candidates, Tier
 
 DATA = report.ROOT / "tests" / "data" / "routing"
@@ -59,10 +59,12 @@ def load_splits() -> dict[str, LabelledSet]:
     return {name: load_set(directory, name) for name, directory in SPLITS.items()}
 
 
-async def make_tier(backend: EmbedderBackend, records: dict[str, AdapterRecord], *, cache: int = 4096) -> Tier:
+async def make_tier(backend: EmbedderBackend, records: dict[str, AdapterRecord], *, cache: int = 4096,
+                    aggregate: str = CENTROID) -> Tier:
     """``backend`` with the gateway's default batching and an index of ``records``' descriptors (in a temp dir)."""
     embedder = Embedder(backend, cache_size=cache)
-    tier = Tier(backend.name, embedder, DescriptorIndex(embedder, Path(tempfile.mkdtemp()), embedder.identity))
+    tier = Tier(backend.name, embedder, DescriptorIndex(embedder, Path(tempfile.mkdtemp()), embedder.identity,
+                                                        aggregate=aggregate))
     await tier.index.sync(records)
     return tier
 

@@ -1,7 +1,8 @@
 """Train the learned compositional detector (``compositional_detector=learned``) for each embedder.
 
-Run: ``python -m bench.train_detector [--embedders static minilm ...]``. For each embedder it searches every
-prompt of the training split (``tests/data/routing``) as the router does, computes the detector's
+Run: ``python -m bench.train_detector [--embedders static minilm ...] [--aggregate max]``. For each embedder it
+searches every prompt of the training split (``tests/data/routing``) as the router does (with the index
+aggregate given, default the gateway's), computes the detector's
 domain-free features (:data:`loragate.router.compositional.FEATURES`), fits a standardised logistic
 regression (scikit-learn; its regularisation C by 5-fold cross-validation on the training split), and
 picks the decision threshold on the training split's out-of-fold probabilities (the one with the best
@@ -26,8 +27,9 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from bench.labelled import Searched, load_set, make_tier, search_all
-from loragate.router.compositional import DETECTOR_MODELS, FEATURES, DetectorModel, features
+from loragate.router.compositional import DETECTOR_MODELS, FEATURES, DetectorModel, features, model_key
 from loragate.router.embedder import make_backend
+from loragate.router.index import AGGREGATES, CENTROID
 
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SEED = 0
@@ -65,17 +67,18 @@ def fit(x: np.ndarray, y: np.ndarray, embedder: str) -> tuple[DetectorModel, dic
                    "cv_recall": tp / max(float(y.sum()), 1.0)}
 
 
-async def train(embedders: Sequence[str]) -> dict[str, dict[str, object]]:
+async def train(embedders: Sequence[str], aggregate: str = CENTROID) -> dict[str, dict[str, object]]:
     labelled = load_set()
     models: dict[str, dict[str, object]] = {}
     for name in tqdm(embedders, desc="embedders", unit="embedder"):
-        tier = await make_tier(make_backend(name), labelled.records)
+        tier = await make_tier(make_backend(name), labelled.records, aggregate=aggregate)
         x, y = matrix(await search_all(tier, labelled))
         await tier.embedder.close()
         model, chosen = fit(x, y, name)
-        models[name] = {**model.to_json(), "training": {"split": "tests/data/routing", "prompts": len(y),
-                                                        "compositional": int(y.sum()), **chosen}}
-        print(f"{name}: C={chosen['C']} threshold={model.threshold:.3f} out-of-fold precision "
+        models[model_key(name, aggregate)] = {**model.to_json(), "training": {
+            "split": "tests/data/routing", "index_aggregate": aggregate, "prompts": len(y),
+            "compositional": int(y.sum()), **chosen}}
+        print(f"{model_key(name, aggregate)}: C={chosen['C']} threshold={model.threshold:.3f} out-of-fold precision "
               f"{chosen['cv_precision']:.2f} recall {chosen['cv_recall']:.2f} (training split only)")
     return models
 
@@ -84,9 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embedders", nargs="+", default=["static", "minilm"],
                         help="embedder backends to train a model for (default: %(default)s)")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=CENTROID,
+                        help="the index aggregate the features are read with (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DETECTOR_MODELS, help="where to write (default: %(default)s)")
     args = parser.parse_args(argv)
-    models = asyncio.run(train(args.embedders))
+    models = asyncio.run(train(args.embedders, args.aggregate))
     existing = json.loads(args.out.read_text())["models"] if args.out.exists() else {}
     payload = {"about": "The learned compositional detector's models, one per embedder; written by "
                         "`python -m bench.train_detector` from the training split tests/data/routing only.",

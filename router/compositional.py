@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from loragate.errors import ConfigError
 from loragate.router.embedder import EMBEDDER_BACKENDS
+from loragate.router.index import CENTROID
 
 Candidates = tuple[tuple[str, float], ...]
 
@@ -242,6 +243,12 @@ class DetectorModel:
                    float(data["threshold"]))
 
 
+def model_key(embedder: str, aggregate: str = CENTROID) -> str:
+    """A model's name in the file: its features read the scores one embedder's index gives with one aggregate
+    (``static-256`` for the default centroid, ``static-256+max`` otherwise)."""
+    return embedder if aggregate == CENTROID else f"{embedder}+{aggregate}"
+
+
 def load_models(path: Path = DETECTOR_MODELS) -> dict[str, Mapping[str, Any]]:
     try:
         return dict(json.loads(path.read_text())["models"])
@@ -259,13 +266,14 @@ class LearnedDetector(Detector):
         self.model = model
 
     @classmethod
-    def for_embedder(cls, embedder: str, path: Path = DETECTOR_MODELS) -> LearnedDetector:
-        models = load_models(path)
-        if embedder not in models:
-            raise ConfigError(f"the learned compositional detector has no model for embedder {embedder!r} (trained: "
-                              f"{', '.join(sorted(models))}); train one with `python -m bench.train_detector`, or set "
-                              "compositional_detector=gap", param="compositional_detector")
-        return cls(DetectorModel.from_json(embedder, models[embedder]))
+    def for_embedder(cls, embedder: str, path: Path = DETECTOR_MODELS, aggregate: str = CENTROID) -> LearnedDetector:
+        models, key = load_models(path), model_key(embedder, aggregate)
+        if key not in models:
+            raise ConfigError(f"the learned compositional detector has no model for embedder {embedder!r} with "
+                              f"index_aggregate={aggregate} (trained: {', '.join(sorted(models))}); train one with "
+                              "`python -m bench.train_detector`, or set compositional_detector=gap",
+                              param="compositional_detector")
+        return cls(DetectorModel.from_json(embedder, models[key]))
 
     def texts(self, prompt: str) -> list[str]:
         clauses, words = detector_texts(prompt)
@@ -289,13 +297,14 @@ a prompt's clauses and content words (about ten texts); a static table does that
 ~30 ms, which would make every routed request ten times slower than the routing itself."""
 
 
-def make_detector(name: str, embedder: str) -> Detector:
-    """The detector ``name`` for prompts embedded by backend ``embedder`` (the learned one's model depends on it)."""
+def make_detector(name: str, embedder: str, aggregate: str = CENTROID) -> Detector:
+    """The detector ``name`` for prompts embedded by backend ``embedder`` and scored with ``aggregate`` (the
+    learned one's model depends on both)."""
     if name == AUTO:
         backend = EMBEDDER_BACKENDS.get(embedder)
         name = LearnedDetector.name if backend is not None and backend.cheap else GapDetector.name
     if name == LearnedDetector.name:
-        return LearnedDetector.for_embedder(embedder)
+        return LearnedDetector.for_embedder(embedder, aggregate=aggregate)
     try:
         return DETECTORS[name]()
     except KeyError:

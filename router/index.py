@@ -1,8 +1,16 @@
 """The descriptor index: FAISS inner-product search over every adapter's descriptor vectors.
 
 Each adapter contributes one vector for its description and one per example prompt. Vectors are
-L2-normalised, so inner product is cosine similarity. An adapter's score for a prompt is the max
-(or the mean of the best two) over its vectors among the nearest ones found.
+L2-normalised, so inner product is cosine similarity. An adapter's score for a prompt is the cosine to
+its centroid (the normalised mean of its vectors), or the max (or the mean of the best two) over its
+vectors among the nearest ones found.
+
+The centroid is the default (``index_aggregate``). With the max, one example written broadly (a "hub":
+"How do I delete duplicate rows in PostgreSQL but keep one of each?") is nearest to prompts of other
+domains and wins them; the mean of an adapter's examples is where its topic is. Measured on both
+labelled sets (docs/BENCHMARKS.md, "Routing accuracy"): static-256 alone 90.0% -> 95.8% nearest = label
+on the training split and 71.7% -> 90.8% held out, MiniLM 98.3% / 93.3% -> 96.7% / 97.5%. A centroid
+snapshot indexes one vector per adapter, so every search path below serves it as a max over one vector.
 
 Concurrency model: the FAISS index and its id -> adapter map are wrapped in an immutable
 :class:`IndexSnapshot`. Updates (register/patch/delete) build a new snapshot off the event loop and
@@ -36,7 +44,8 @@ from loragate.files import replaced_atomically
 Vectors = npt.NDArray[np.float32]
 #: The saved index in its directory: vectors plus the names and fingerprints they belong to.
 INDEX_FILE = "index.npz"
-AGGREGATES = ("max", "top2mean")
+CENTROID = "centroid"
+AGGREGATES = (CENTROID, "max", "top2mean")
 
 THREAD_MIN_VECTORS = 10_000
 """Exact (flat) searches over at least this many vectors run in a thread, off the event loop.
@@ -180,8 +189,23 @@ def _top2mean(per_adapter: npt.NDArray[np.float32], rows: npt.NDArray[np.intp], 
     return np.where(second > -np.inf, (first + second) / 2, first).astype(np.float32)
 
 
-def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: int = 32) -> IndexSnapshot:
-    """A new FAISS index over all vectors: exact (flat) up to ``exact_max`` vectors, HNSW above."""
+def centroids(entries: Sequence[AdapterVectors]) -> list[AdapterVectors]:
+    """Each adapter's one normalised mean vector (what a ``centroid`` snapshot indexes)."""
+    out = []
+    for entry in entries:
+        mean = entry.vectors.mean(axis=0, dtype=np.float64)
+        norm = float(np.linalg.norm(mean))
+        vector = (mean / norm if norm > 0 else mean).astype(np.float32).reshape(1, -1)
+        out.append(AdapterVectors(entry.name, entry.fingerprint, vector))
+    return out
+
+
+def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: int = 32, *,
+                   aggregate: str = "max") -> IndexSnapshot:
+    """A new FAISS index over all vectors (``centroid``: one per adapter): exact (flat) up to ``exact_max``
+    vectors, HNSW above."""
+    if aggregate == CENTROID:
+        entries = centroids([e for e in entries if len(e.vectors)])
     total = sum(len(e.vectors) for e in entries)
     if total == 0:
         return IndexSnapshot(index=None, owners={}, kind="empty")
@@ -227,13 +251,14 @@ class DescriptorIndex:
     """Keeps the snapshot in step with the registry; built once at startup."""
 
     def __init__(self, encoder: TextEncoder, directory: Path, embedder_id: str, *, exact_max: int = 50_000,
-                 aggregate: str = "max") -> None:
+                 aggregate: str = CENTROID) -> None:
         check_aggregate(aggregate)
         self._encoder = encoder
         self._dir = directory
         self._embedder_id = embedder_id
         self.exact_max = exact_max
         self.aggregate = aggregate
+        self._scored = "max" if aggregate == CENTROID else aggregate  # over the one vector a centroid snapshot has
         self._entries: dict[str, AdapterVectors] = {}
         self._snapshot = IndexSnapshot(index=None, owners={}, kind="empty")
         self._lock = asyncio.Lock()
@@ -244,13 +269,13 @@ class DescriptorIndex:
         return self._snapshot
 
     def search(self, query: Vectors, k: int) -> tuple[tuple[str, float], ...]:
-        return self._snapshot.search(query, k, self.aggregate)
+        return self._snapshot.search(query, k, self._scored)
 
     def search_many(self, queries: Vectors, k: int) -> list[tuple[tuple[str, float], ...]]:
-        return self._snapshot.search_many(queries, k, self.aggregate)
+        return self._snapshot.search_many(queries, k, self._scored)
 
     def similarity(self, query: Vectors, name: str) -> float | None:
-        return self._snapshot.similarity(query, name, self.aggregate)
+        return self._snapshot.similarity(query, name, self._scored)
 
     @property
     def blocks_loop(self) -> bool:
@@ -271,9 +296,12 @@ class DescriptorIndex:
             self.embedded_on_last_sync = len(stale)
             if stale or len(entries) != len(self._entries):
                 ordered = [entries[name] for name in sorted(entries) if len(entries[name].vectors)]
-                self._snapshot = await asyncio.to_thread(build_snapshot, ordered, self.exact_max)
+                self._snapshot = await asyncio.to_thread(self._build, ordered)
                 self._entries = entries
                 await asyncio.to_thread(self._save)
+
+    def _build(self, entries: Sequence[AdapterVectors]) -> IndexSnapshot:
+        return build_snapshot(entries, self.exact_max, aggregate=self.aggregate)
 
     # -- persistence -----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -312,4 +340,4 @@ class DescriptorIndex:
             self._entries = {}
             return
         ordered = [self._entries[n] for n in sorted(self._entries) if len(self._entries[n].vectors)]
-        self._snapshot = build_snapshot(ordered, self.exact_max)
+        self._snapshot = self._build(ordered)

@@ -136,8 +136,8 @@ def check_config(settings: Settings) -> None:
         for backend in tiers:
             backend_class(backend, **embedder_options(settings))
         if tiers:
-            make_detector(settings.compositional_detector, tiers[0])
-            check_aggregate(settings.index_aggregate)
+            check_aggregate(settings.index_aggregate)  # first: the detector's model is looked up by it
+            make_detector(settings.compositional_detector, tiers[0], settings.index_aggregate)
 
 
 def router_config(settings: Settings) -> RouterConfig:
@@ -186,7 +186,8 @@ def build_router(settings: Settings, learner: AutoLearner | None = None) -> Rout
     auto = None if learner is None else AutoPolicy(learner.config, lambda: learner.stats, min_score=config.min_score)
     searcher = build_searcher(settings)
     # detection reads the first tier's scores (a cascade's fast one), so its model is that embedder's
-    detector = make_detector(settings.compositional_detector, searcher.tiers[0].name) if searcher else None
+    detector = (make_detector(settings.compositional_detector, searcher.tiers[0].name, settings.index_aggregate)
+                if searcher else None)
     return Router(default, config, searcher=searcher, detector=detector, auto=auto)
 
 

@@ -302,9 +302,11 @@ class OutcomeLog:
                             getattr(exc, "message", exc), self._interval)
 
     async def flush(self) -> None:
-        """Write everything queued so far (in a thread); also applies retention once an hour."""
+        """Write everything queued so far (in a thread), including a batch the writer already has in flight;
+        also applies retention once an hour. (Waiting only when the queue was non-empty let a read right after
+        an outage miss the batch the writer had taken and was still writing.)"""
         due = time.time() - self._last_prune > 3600
-        if self._pending or due:
+        if self._pending or due or self._writing.locked():
             await self._write_pending(prune=due)
 
     async def prune(self) -> int:

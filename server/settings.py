@@ -120,10 +120,10 @@ class Settings(BaseSettings):
     cascade_precise: str = Field(
         "minilm-int8", description="embedder=cascade: the backend that re-ranks a prompt the fast one finds ambiguous.")
     cascade_margin: float = Field(
-        0.05, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
+        0.02, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
                                       "than this.")
     cascade_floor: float = Field(
-        0.45, ge=-1, le=1,
+        0.40, ge=-1, le=1,
         description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
@@ -138,7 +138,8 @@ class Settings(BaseSettings):
                                        "while one batch encodes still form the next.")
     embed_cache_size: int = Field(4096, ge=0, description="Prompts whose embeddings are kept (LRU).")
     index_exact_max: int = Field(50_000, gt=0, description="Descriptor vectors searched exactly; HNSW above.")
-    index_aggregate: str = Field("max", description="Adapter score from its descriptor vectors: max | top2mean.")
+    index_aggregate: str = Field("centroid", description="Adapter score from its descriptor vectors: centroid (cosine "
+                                                         "to their normalised mean) | max | top2mean.")
     route_candidates: int = Field(5, gt=0, le=64, description="Nearest adapters reported per routed request.")
     route_max_concurrency: int = Field(
         4, ge=0, le=4096, description="Routed requests (those that embed) deciding at once; more wait for a slot, "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loragate.adapters.types import AdapterRecord, Descriptors
-from loragate.router.index import DescriptorIndex, stable_id
+from loragate.router.index import AdapterVectors, DescriptorIndex, build_snapshot, centroids, stable_id
 from loragate.router.search import IndexSearcher, Tier
 
 DIM = 16
@@ -47,7 +47,7 @@ REGISTRY = {"a": record("a", "alpha things", "first a", "second a"), "b": record
 
 
 async def test_scores_are_the_max_over_an_adapters_vectors(tmp_path: Path) -> None:
-    index = DescriptorIndex(HashEncoder(), tmp_path, "hash")
+    index = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate="max")
     await index.sync(REGISTRY)
     found = dict(index.search(vector("second a"), 5))
     assert found["a"] == pytest.approx(1.0, abs=1e-5)
@@ -57,7 +57,7 @@ async def test_scores_are_the_max_over_an_adapters_vectors(tmp_path: Path) -> No
 
 async def test_register_patch_delete_take_effect_without_restart(tmp_path: Path) -> None:
     encoder = HashEncoder()
-    index = DescriptorIndex(encoder, tmp_path, "hash")
+    index = DescriptorIndex(encoder, tmp_path, "hash", aggregate="max")
     await index.sync(REGISTRY)
     assert index.search(vector("new c"), 1) != (("c", pytest.approx(1.0)),)
     await index.sync({**REGISTRY, "c": record("c", "new c")})
@@ -71,22 +71,22 @@ async def test_register_patch_delete_take_effect_without_restart(tmp_path: Path)
 
 async def test_persisted_index_is_reused_and_rebuilt_when_stale(tmp_path: Path) -> None:
     first = HashEncoder()
-    await DescriptorIndex(first, tmp_path, "hash").sync(REGISTRY)
+    await DescriptorIndex(first, tmp_path, "hash", aggregate="max").sync(REGISTRY)
     again = HashEncoder()
-    reopened = DescriptorIndex(again, tmp_path, "hash")
+    reopened = DescriptorIndex(again, tmp_path, "hash", aggregate="max")
     assert reopened.search(vector("only b"), 1)[0][0] == "b"  # usable before any sync
     await reopened.sync(REGISTRY)
     assert again.texts == 0  # nothing re-embedded
     other_embedder = HashEncoder()
-    switched = DescriptorIndex(other_embedder, tmp_path, "another-model")
+    switched = DescriptorIndex(other_embedder, tmp_path, "another-model", aggregate="max")
     await switched.sync(REGISTRY)
     assert other_embedder.texts == 5  # a different embedder invalidates every vector
 
 
 async def test_hnsw_above_the_exact_limit_finds_the_same_best(tmp_path: Path) -> None:
     registry = {f"n{i}": record(f"n{i}", f"desc {i}", f"ex {i}") for i in range(200)}
-    exact = DescriptorIndex(HashEncoder(), tmp_path / "e", "hash", exact_max=10_000)
-    approx = DescriptorIndex(HashEncoder(), tmp_path / "h", "hash", exact_max=100)
+    exact = DescriptorIndex(HashEncoder(), tmp_path / "e", "hash", exact_max=10_000, aggregate="max")
+    approx = DescriptorIndex(HashEncoder(), tmp_path / "h", "hash", exact_max=100, aggregate="max")
     await exact.sync(registry)
     await approx.sync(registry)
     assert approx.snapshot().kind == "hnsw" and exact.snapshot().kind == "flat"
@@ -101,6 +101,40 @@ def test_stable_ids_do_not_depend_on_order_or_process() -> None:
     assert 0 <= stable_id("zzz", 3) < 2**63
 
 
+async def test_the_centroid_aggregate_scores_the_mean_of_an_adapters_vectors(tmp_path: Path) -> None:
+    """The default: one normalised mean vector per adapter is indexed and searched, and chain's similarity reads
+    the same score; a restart builds the same centroids from the saved descriptor vectors."""
+    index = DescriptorIndex(HashEncoder(), tmp_path, "hash")
+    await index.sync(REGISTRY)
+    mean = np.mean([vector(t) for t in ("alpha things", "first a", "second a")], axis=0)
+    mean /= np.linalg.norm(mean)
+    query = vector("second a")
+    found = dict(index.search(query, 5))
+    assert found["a"] == pytest.approx(float(mean @ query), abs=1e-5) and found["a"] < 0.99
+    b = vector("beta things") + vector("only b")
+    assert found["b"] == pytest.approx(float(b @ query / np.linalg.norm(b)), abs=1e-5)
+    assert index.similarity(query, "a") == pytest.approx(found["a"], abs=1e-5)
+    assert index.snapshot().size == 2  # one vector per adapter
+    reopened = DescriptorIndex(HashEncoder(), tmp_path, "hash")
+    assert dict(reopened.search(query, 5)) == pytest.approx(found, abs=1e-6)
+
+
+def test_a_centroid_snapshot_serves_every_search_path() -> None:
+    """Dense, flat FAISS and HNSW answer a centroid snapshot alike (it is a max over one vector per adapter)."""
+    registry = {f"n{i}": [vector(f"d {i}"), vector(f"e {i}")] for i in range(300)}
+    entries = [AdapterVectors(name, name, np.vstack(vs)) for name, vs in sorted(registry.items())]
+    dense = build_snapshot(entries, exact_max=10_000, aggregate="centroid")
+    approx = build_snapshot(entries, exact_max=100, aggregate="centroid")
+    assert dense.dense is not None and approx.kind == "hnsw" and dense.size == approx.size == 300
+    assert [e.vectors.shape for e in centroids(entries[:2])] == [(1, DIM), (1, DIM)]
+    np.testing.assert_allclose(np.linalg.norm(dense.dense, axis=1), 1.0, atol=1e-5)
+    queries = np.vstack([e.vectors for e in centroids(entries)])
+    best_dense = [r[0][0] for r in dense.search_many(queries, 1)]
+    best_approx = [r[0][0] for r in approx.search_many(queries, 1)]
+    assert sum(a == b for a, b in zip(best_dense, best_approx, strict=True)) >= 290
+    assert best_dense == [f"n{i}" for i in sorted(range(300), key=lambda i: f"n{i}")]  # itself, exact
+
+
 async def test_top2mean_aggregate(tmp_path: Path) -> None:
     index = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate="top2mean")
     await index.sync(REGISTRY)
@@ -110,7 +144,8 @@ async def test_top2mean_aggregate(tmp_path: Path) -> None:
 
 async def test_two_processes_saving_one_dir_never_collide(tmp_path: Path) -> None:
     """Gateway processes share ``<data_dir>/index``: concurrent saves must not trip over each other's files."""
-    first, second = DescriptorIndex(HashEncoder(), tmp_path, "hash"), DescriptorIndex(HashEncoder(), tmp_path, "hash")
+    first = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate="max")
+    second = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate="max")
     await first.sync(REGISTRY)
     await second.sync({**REGISTRY, "c": record("c", "gamma things")})
     errors: list[BaseException] = []
@@ -128,7 +163,8 @@ async def test_two_processes_saving_one_dir_never_collide(tmp_path: Path) -> Non
     for thread in threads:
         thread.join()
     assert errors == []
-    reopened = DescriptorIndex(HashEncoder(), tmp_path, "hash")  # whichever saved last, vectors match names
+    # whichever saved last, vectors match names
+    reopened = DescriptorIndex(HashEncoder(), tmp_path, "hash", aggregate="max")
     assert set(reopened.snapshot().adapters) in ({"a", "b"}, {"a", "b", "c"})
     assert reopened.search(vector("only b"), 1)[0] == ("b", pytest.approx(1.0, abs=1e-5))
     assert os.listdir(tmp_path) == ["index.npz"]  # no temp files left behind
@@ -143,7 +179,7 @@ async def test_a_large_exact_index_is_searched_off_the_event_loop(tmp_path: Path
     from loragate.router.service import Router
 
     encoder = HashEncoder()
-    index = DescriptorIndex(encoder, tmp_path, "hash")
+    index = DescriptorIndex(encoder, tmp_path, "hash", aggregate="max")
     await index.sync(REGISTRY)
     router = Router(parse_policy("base", source="default"),
                     searcher=IndexSearcher(Tier("hash", encoder, index)),  # type: ignore[arg-type]
@@ -173,7 +209,7 @@ async def test_similarity_is_one_adapters_score_exactly_even_in_an_hnsw_index(tm
     or not that adapter would be among the nearest."""
     registry = {f"n{i}": record(f"n{i}", f"desc {i}", f"ex {i}") for i in range(200)}
     for kind, exact_max in (("flat", 10_000), ("hnsw", 100)):
-        index = DescriptorIndex(HashEncoder(), tmp_path / kind, "hash", exact_max=exact_max)
+        index = DescriptorIndex(HashEncoder(), tmp_path / kind, "hash", exact_max=exact_max, aggregate="max")
         await index.sync(registry)
         assert index.snapshot().kind == kind
         query = vector("ex 7")
@@ -188,7 +224,7 @@ async def test_the_routers_fit_scores_each_text_against_its_own_adapter(tmp_path
     from loragate.router.service import Router
 
     encoder = HashEncoder()
-    index = DescriptorIndex(encoder, tmp_path, "hash")
+    index = DescriptorIndex(encoder, tmp_path, "hash", aggregate="max")
     await index.sync(REGISTRY)
     router = Router(PolicySpec("base"), searcher=IndexSearcher(Tier("hash", encoder, index)))  # type: ignore[arg-type]
     fits = await router.fit(["first a", "first a", "x"], ["a", "b", "ghost"])

@@ -271,3 +271,32 @@ async def _once_reachable(log: OutcomeLog) -> list[dict[str, Any]]:
         except StorageUnavailable:
             await asyncio.sleep(0.5)
     raise AssertionError("the outcome log did not reconnect within 30 s")
+
+
+async def test_a_read_waits_for_the_batch_the_writer_has_in_flight(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer has taken the queue and is still writing it (a slow database) when a read comes: the read
+    must wait for that batch, not answer from a database it has not reached yet."""
+    log = OutcomeLog(SQLiteDatabase(tmp_path / "outcomes.sqlite3"))
+    await log.flush()  # the first flush also applies retention; after it, only records make a flush write
+    writing, release = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    slow_write = log._write
+
+    def write(batch: list[OutcomeRecord], prune: bool) -> int:
+        if batch:
+            loop.call_soon_threadsafe(writing.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return slow_write(batch, prune)
+
+    monkeypatch.setattr(log, "_write", write)
+    log.add(record("in-flight"))
+    writer = asyncio.create_task(log.flush())  # the background writer's round
+    await writing.wait()
+    reader = asyncio.create_task(log.records())
+    await asyncio.sleep(0.05)
+    assert not reader.done()  # it waits for the batch in flight
+    release.set()
+    await writer
+    assert [r["outcome_id"] for r in await reader] == ["in-flight"]
+    await log.close()
