@@ -232,7 +232,7 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         metrics.watch_auto(learner.views)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     recorder = OutcomeRecorder(metrics, outcomes)
-    gate = RoutingGate(settings.route_max_concurrency)
+    gate = RoutingGate(settings.route_max_concurrency, yield_lag_s=settings.route_yield_lag_ms / 1000)
     metrics.route_waiting.set_function(lambda: gate.waiting)
     dispatcher = Dispatcher(pool, upstream, attempts=settings.upstream_attempts, retried=metrics.request_retried)
     completions = CompletionService(
@@ -342,6 +342,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await services.pool.stop()
                 await services.shadows.close()  # running shadows finish and are recorded
                 await services.outcomes.close()  # drains the queue: nothing recorded is lost
+                await services.completions.gate.close()
                 if services.searcher is not None:
                     await services.searcher.close()
                 services.registry.close()

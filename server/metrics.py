@@ -197,7 +197,7 @@ class GatewayMetrics(PoolObserver):
                                    ["result"], registry=r)
         self.shadow_pending = Gauge("loragate_shadow_pending", "Shadow runs scheduled and not finished", registry=r)
         self.route_waiting = Gauge("loragate_route_waiting", "Routed requests waiting for a slot of the routing gate "
-                                   "(route_max_concurrency)", registry=r)
+                                   "(route_max_concurrency) or yielding to pinned traffic", registry=r)
         self.worker_transitions = Counter("loragate_worker_health_transitions_total",
                                           "Workers leaving (to=down) or re-entering (to=up) rotation",
                                           ["worker", "to"], registry=r)

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     route_max_concurrency: int = Field(
         4, ge=0, le=4096, description="Routed requests (those that embed) deciding at once; more wait for a slot, "
                                       "requests that do not route never do. 0: no limit.")
+    route_yield_lag_ms: float = Field(
+        2.0, ge=0, le=1000, description="While requests that do not route are arriving, routed ones wait to decide "
+                                        "while the event loop lags more than this (at most 0.5 s). 0: never.")
     route_max_words: int = Field(
         128, ge=8, le=100_000, description="Routing reads a prompt's last this-many words (a chat's latest turns).")
     select_min_score: float = Field(0.3, ge=-1, le=1, description="Default min_score of select and average.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -57,3 +58,37 @@ async def test_no_limit_and_bad_limits() -> None:
         assert gate.waiting == 0
     with pytest.raises(ValueError):
         RoutingGate(-1)
+
+
+async def test_routing_yields_a_lagging_loop_to_pinned_traffic_and_only_then() -> None:
+    """A stalled loop (a CPU-bound step) with pinned requests arriving: a routed request waits for the loop to
+    catch up. The same stall with routed traffic alone, or with yielding off, makes nobody wait."""
+    for pinned, yield_lag_s, expected in ((True, 0.002, 1), (False, 0.002, 0), (True, 0.0, 0)):
+        gate = RoutingGate(4, yield_lag_s=yield_lag_s, probe_s=0.2)
+        async with gate.admit(True):  # starts the lag watcher: its first probe wakes in 0.2 s
+            pass
+        await asyncio.sleep(0.01)  # the watcher is asleep in its probe
+        if pinned:
+            async with gate.admit(False):
+                pass
+        time.sleep(0.25)  # noqa: ASYNC251 (on purpose: the loop stalls past the probe, which wakes 50 ms late)
+        await asyncio.sleep(0.001)  # the watcher measures the stall; its next probe is 0.2 s away
+        async with asyncio.timeout(1), gate.admit(True):
+            pass
+        assert gate.yielded == expected, (pinned, yield_lag_s)
+        assert gate.waiting == 0
+        await gate.close()
+
+
+async def test_a_yielding_request_decides_anyway_when_the_loop_never_catches_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loragate.server.gate.MAX_YIELD_S", 0.05)
+    gate = RoutingGate(1, yield_lag_s=0.002, probe_s=0.005)
+    gate._calm.clear()  # as if every probe came back late
+    async with gate.admit(False):
+        pass
+    async with asyncio.timeout(1), gate.admit(True):
+        assert gate.yielded == 1
+    await gate.close()
+    with pytest.raises(ValueError):
+        RoutingGate(1, yield_lag_s=-1)
