@@ -8,8 +8,8 @@ vectors among the nearest ones found.
 The centroid is the default (``index_aggregate``). With the max, one example written broadly (a "hub":
 "How do I delete duplicate rows in PostgreSQL but keep one of each?") is nearest to prompts of other
 domains and wins them; the mean of an adapter's examples is where its topic is. Measured on both
-labelled sets (docs/BENCHMARKS.md, "Routing accuracy"): static-256 alone 90.0% -> 95.8% nearest = label
-on the training split and 71.7% -> 90.8% held out, MiniLM 98.3% / 93.3% -> 96.7% / 97.5%. A centroid
+labelled sets (docs/BENCHMARKS.md, "Semantic routing"): static-256 alone 90.0% -> 95.8% nearest = label
+on the training split and 71.7% -> 90.8% held out, minilm-int8 98.3% / 93.3% -> 96.7% / 97.5%. A centroid
 snapshot indexes one vector per adapter, so every search path below serves it as a max over one vector.
 
 Concurrency model: the FAISS index and its id -> adapter map are wrapped in an immutable
