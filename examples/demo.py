@@ -43,11 +43,13 @@ POLICIES = (
     ("pin birthplaces", 'pin;adapter="birthplaces"'),
     ("pin oracle", 'pin;adapter="oracle"'),
     ("select", "select"),
-    ("average linear", "average;k=2;method=linear;weights=uniform"),
-    ("average cat", "average;k=2;method=cat;weights=uniform"),
-    ("average svd", "average;k=2;method=svd;weights=uniform"),
-    ("average ties", "average;k=2;method=ties;weights=uniform;density=0.5"),
-    ("average dare_ties", "average;k=2;method=dare_ties;weights=uniform;density=0.5;seed=0"),  # seeded: one merge
+    # the averages merge both hop adapters, as uniform routing does: min_score=-1, or the one scoring below the
+    # default min_score (0.3; often, with centroid scores) is left out and the row measures select instead
+    ("average linear", "average;k=2;min_score=-1;method=linear;weights=uniform"),
+    ("average cat", "average;k=2;min_score=-1;method=cat;weights=uniform"),
+    ("average svd", "average;k=2;min_score=-1;method=svd;weights=uniform"),
+    ("average ties", "average;k=2;min_score=-1;method=ties;weights=uniform;density=0.5"),
+    ("average dare_ties", "average;k=2;min_score=-1;method=dare_ties;weights=uniform;density=0.5;seed=0"),  # one merge
     ("chain", "chain;k=2"),  # the adapter chosen again at every step (score=contrastive)
     ("chain route", "chain;k=2;choose=route"),  # ... by the router from the text so far, one generation a step
     ("auto (learned)", "auto"),  # the policy per context learned from graded outcomes (measured after a warm-up)
