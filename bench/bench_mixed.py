@@ -133,7 +133,9 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[str
              f"{sizes.concurrency} with distinct prompts (the embedding cache never answers); {sizes.rounds} rounds, "
              "alternating which phase goes first. `max_tokens` 16, non-streamed `/v1/completions`. The default "
              f"gateway's cascade escalated {escalated:.0%} of its routed prompts to MiniLM; its routing gate "
-             "admits `route_max_concurrency` (4) routed requests at a time.")
+             "lets `route_max_concurrency` (4) routed requests decide at once and, while pinned requests arrive, "
+             "holds routed ones back while the event loop lags more than `route_yield_lag_ms` (2 ms); "
+             "`route_max_concurrency=0` turns both off.")
     body = "\n".join([intro, "", *rows, "", f"![pinned latency CDF]({plot.name})", ""])
     default = "default (cascade)"
     headline = (f"pin p99 while select saturates: {ratios[default]:.2f}x of pin p99 alone with the default cascade "
