@@ -32,6 +32,10 @@ PRESENT_S = 1.0
 MAX_YIELD_S = 0.5
 """The longest a routed request yields to a lagging loop before it decides anyway."""
 
+IDLE_S = 5.0
+"""The lag watcher stops this long after the last routed request (the next one starts it again), so an idle
+gateway does not wake 200 times a second."""
+
 
 class RoutingGate:
     """``limit`` routed decisions at once (0: no gate at all); :attr:`waiting` counts those queued for a slot
@@ -52,6 +56,7 @@ class RoutingGate:
         self._calm = asyncio.Event()
         self._calm.set()
         self._others_at = -PRESENT_S  # loop time a request that does not route was last admitted
+        self._routed_at = 0.0  # ... and a routed one
         self._watcher: asyncio.Task[None] | None = None
 
     @asynccontextmanager
@@ -62,6 +67,7 @@ class RoutingGate:
                 self._others_at = loop.time()
             yield
             return
+        self._routed_at = loop.time()
         self._watch()
         self.waiting += 1
         try:
@@ -91,7 +97,7 @@ class RoutingGate:
 
     async def _measure(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while loop.time() - self._routed_at < IDLE_S:
             started = loop.time()
             await asyncio.sleep(self.probe_s)
             self.lag_s = max(0.0, loop.time() - started - self.probe_s)
@@ -99,6 +105,7 @@ class RoutingGate:
                 self._calm.clear()
             else:
                 self._calm.set()
+        self._calm.set()  # no routed traffic to hold back; the next routed request measures afresh
 
     async def close(self) -> None:
         if self._watcher is not None:

@@ -92,3 +92,17 @@ async def test_a_yielding_request_decides_anyway_when_the_loop_never_catches_up(
     await gate.close()
     with pytest.raises(ValueError):
         RoutingGate(1, yield_lag_s=-1)
+
+
+async def test_the_lag_watcher_stops_when_routing_goes_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loragate.server.gate.IDLE_S", 0.05)
+    gate = RoutingGate(2, probe_s=0.005)
+    async with gate.admit(True):
+        pass
+    watcher = gate._watcher
+    assert watcher is not None
+    async with asyncio.timeout(1):
+        await watcher  # ends on its own once no routed request came for IDLE_S
+    async with gate.admit(True):  # the next routed request starts it again
+        assert gate._watcher is not watcher and not gate._watcher.done()
+    await gate.close()

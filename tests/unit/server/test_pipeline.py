@@ -183,3 +183,4 @@ async def test_the_routing_gate_covers_the_decision_not_the_upstream_call() -> N
     assert gate.waiting == 0 and not first.done()
     held.release.set()
     assert [r.status for r in await asyncio.gather(first, second)] == [200, 200]
+    await gate.close()
