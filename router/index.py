@@ -179,14 +179,20 @@ class IndexSnapshot:
 
 def _top2mean(per_adapter: npt.NDArray[np.float32], rows: npt.NDArray[np.intp], owner: npt.NDArray[np.intp],
               scores: npt.NDArray[np.float32], found: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
-    first = per_adapter.copy()
-    second = per_adapter.copy()
-    for r, o, score in zip(rows[found], owner[found], scores[found], strict=True):
-        if first[r, o] == -np.inf:
-            first[r, o] = score
-        elif second[r, o] == -np.inf:
-            second[r, o] = score
-    return np.where(second > -np.inf, (first + second) / 2, first).astype(np.float32)
+    """Each (query, adapter)'s mean of its two best neighbours (its best alone if it has one), vectorised: a
+    stable sort groups each pair's neighbours and keeps FAISS's best-first order within the group."""
+    out = per_adapter.copy()
+    key = rows[found].astype(np.int64) * per_adapter.shape[1] + owner[found]
+    if not len(key):
+        return out
+    order = np.argsort(key, kind="stable")
+    key, ranked = key[order], scores[found][order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    has_second = np.r_[starts[1:], len(key)] - starts > 1
+    best = ranked[starts]
+    second = np.where(has_second, ranked[np.minimum(starts + 1, len(ranked) - 1)], best)
+    out.reshape(-1)[key[starts]] = (best + second) / 2
+    return out
 
 
 def centroids(entries: Sequence[AdapterVectors]) -> list[AdapterVectors]:
