@@ -99,7 +99,9 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[str
     results: dict[str, dict[str, object]] = {}
     escalated = 0.0
     with start_stub(work / "logs") as stub:
-        for label, settings in (("default (cascade)", {}), ("cascade, no routing gate", {"route_max_concurrency": 0}),
+        for label, settings in (("default (cascade)", {}),
+                                ("cascade, slots without yielding", {"route_yield_lag_ms": 0}),
+                                ("cascade, no routing gate", {"route_max_concurrency": 0}),
                                 ("embedder=minilm", {"embedder": "minilm"})):
             data = work / f"gateway-{len(results)}"
             with start_gateway(work / "logs", data, [stub.url], tiny_dir, **settings) as gateway:
@@ -139,7 +141,8 @@ def run(sizes: Sizes, work: Path, tiny_dir: Path, out: Path | None) -> tuple[str
     body = "\n".join([intro, "", *rows, "", f"![pinned latency CDF]({plot.name})", ""])
     default = "default (cascade)"
     headline = (f"pin p99 while select saturates: {ratios[default]:.2f}x of pin p99 alone with the default cascade "
-                f"(target <= 1.5x), {ratios['cascade, no routing gate']:.2f}x without the routing gate, "
+                f"(target <= 1.5x), {ratios['cascade, slots without yielding']:.2f}x without yielding, "
+                f"{ratios['cascade, no routing gate']:.2f}x without the routing gate, "
                 f"{ratios['embedder=minilm']:.2f}x with embedder=minilm")
     report.write_section("mixed", "Pinned requests while routing saturates",
                          "\n".join([body, f"**Headline:** {headline}."]), out_dir=out)
