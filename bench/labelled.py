@@ -7,7 +7,9 @@ was written apart from it (other adapters, domains, names and phrasings) and onl
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +65,9 @@ async def make_tier(backend: EmbedderBackend, records: dict[str, AdapterRecord],
                     aggregate: str = CENTROID) -> Tier:
     """``backend`` with the gateway's default batching and an index of ``records``' descriptors (in a temp dir)."""
     embedder = Embedder(backend, cache_size=cache)
-    tier = Tier(backend.name, embedder, DescriptorIndex(embedder, Path(tempfile.mkdtemp()), embedder.identity,
-                                                        aggregate=aggregate))
+    directory = Path(tempfile.mkdtemp(prefix="loragate-bench-index-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # a bench run makes dozens of these
+    tier = Tier(backend.name, embedder, DescriptorIndex(embedder, directory, embedder.identity, aggregate=aggregate))
     await tier.index.sync(records)
     return tier
 
