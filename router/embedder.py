@@ -287,7 +287,7 @@ class StaticBackend(EmbedderBackend):
                               "token mapping, which loragate does not read", param="embedder_model_dir")
         self.dim = int(self._model.dim)
         self.identity = f"{self.name}:{path.name}:{self.dim}:{_model_fingerprint(path)}"
-        self._table = np.asarray(self._model.embedding, dtype=np.float32)  # int8/float16 tables read as float32
+        self._table = self._model.embedding  # as stored (int8 for the shipped tables); summed in float32
         self._tokenizer = self._model.tokenizer  # model2vec leaves it truncating at the model's max_length
         self._unknown = self._model.unk_token_id
         max_length = self._model.max_length
@@ -306,7 +306,7 @@ class StaticBackend(EmbedderBackend):
         if known.any():
             flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
             starts = np.concatenate(([0], np.cumsum(lengths[known])[:-1]))
-            out[known] = np.add.reduceat(self._table[flat], starts, axis=0)
+            out[known] = np.add.reduceat(self._table[flat], starts, axis=0, dtype=np.float32)
         return normalise_rows(out)
 
 

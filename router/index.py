@@ -40,6 +40,7 @@ import numpy.typing as npt
 from loragate.adapters.types import AdapterRecord
 from loragate.errors import ConfigError
 from loragate.files import replaced_atomically
+from loragate.router.embedder import normalise_rows
 
 Vectors = npt.NDArray[np.float32]
 #: The saved index in its directory: vectors plus the names and fingerprints they belong to.
@@ -197,13 +198,8 @@ def _top2mean(per_adapter: npt.NDArray[np.float32], rows: npt.NDArray[np.intp], 
 
 def centroids(entries: Sequence[AdapterVectors]) -> list[AdapterVectors]:
     """Each adapter's one normalised mean vector (what a ``centroid`` snapshot indexes)."""
-    out = []
-    for entry in entries:
-        mean = entry.vectors.mean(axis=0, dtype=np.float64)
-        norm = float(np.linalg.norm(mean))
-        vector = (mean / norm if norm > 0 else mean).astype(np.float32).reshape(1, -1)
-        out.append(AdapterVectors(entry.name, entry.fingerprint, vector))
-    return out
+    return [AdapterVectors(e.name, e.fingerprint, normalise_rows(e.vectors.mean(axis=0, keepdims=True)))
+            for e in entries]
 
 
 def build_snapshot(entries: Sequence[AdapterVectors], exact_max: int, hnsw_m: int = 32, *,
