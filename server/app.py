@@ -175,7 +175,8 @@ def build_searcher(settings: Settings) -> Searcher | None:
         return None
     if len(tiers) == 1:
         return IndexSearcher(tiers[0])
-    return CascadeSearcher(tiers[0], tiers[1], Escalation(settings.cascade_margin, settings.cascade_floor))
+    return CascadeSearcher(tiers[0], tiers[1], Escalation(settings.cascade_margin, settings.cascade_floor,
+                                                       settings.cascade_floor_gap))
 
 
 def build_router(settings: Settings, learner: AutoLearner | None = None) -> Router:

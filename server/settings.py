@@ -120,11 +120,16 @@ class Settings(BaseSettings):
     cascade_precise: str = Field(
         "minilm-int8", description="embedder=cascade: the backend that re-ranks a prompt the fast one finds ambiguous.")
     cascade_margin: float = Field(
-        0.02, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
-                                      "than this.")
+        0.0, ge=0, le=2, description="embedder=cascade: escalate when the fast tier's two best adapters score closer "
+                                      "than this (0 = never).")
     cascade_floor: float = Field(
-        0.40, ge=-1, le=1,
+        0.50, ge=-1, le=1,
         description="embedder=cascade: escalate when the fast tier's best adapter scores below this.")
+    cascade_floor_gap: float = Field(
+        0.11, ge=0, le=2,
+        description="embedder=cascade: cascade_floor applies only when the fast tier's best adapter also scores less "
+                    "than this above the mean of the other candidates (an unrelated prompt matches all about "
+                    "equally); 2 = always.")
     embedder_model_dir: Path | None = Field(
         None, description="Local model dir for the embedder (default: the packaged MiniLM / shipped static model).")
     embedder_cache_dir: Path | None = Field(

@@ -50,7 +50,8 @@ async def test_the_default_cascade_routes_close_to_minilm(backends, splits, spli
     fast, precise = [await make_tier(backends[DEFAULTS[name].default], labelled.records)
                      for name in ("cascade_fast", "cascade_precise")]
     searcher = CascadeSearcher(fast, precise, Escalation(DEFAULTS["cascade_margin"].default,
-                                                         DEFAULTS["cascade_floor"].default))
+                                                         DEFAULTS["cascade_floor"].default,
+                                                         DEFAULTS["cascade_floor_gap"].default))
     router = Router(PolicySpec("base"), RouterConfig(), searcher=searcher)
     assert await nearest_is_label(router, labelled) >= floor
     decided = searcher.decided

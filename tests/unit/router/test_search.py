@@ -57,9 +57,18 @@ def test_escalation_rule() -> None:
     assert not rule.ambiguous((("a", 0.45),))  # one adapter only: no margin to read
     assert not rule.ambiguous(())  # nothing has descriptors: the precise tier has nothing either
     assert not Escalation().ambiguous((("a", 0.1), ("b", 0.1)))  # margin 0, floor -1: never escalates
-    for bad in ({"margin": -0.1}, {"margin": 3.0}, {"floor": 1.5}):
+    for bad in ({"margin": -0.1}, {"margin": 3.0}, {"floor": 1.5}, {"floor_gap": -0.1}, {"floor_gap": 2.5}):
         with pytest.raises(ValueError):
             Escalation(**bad)
+
+
+def test_the_floor_applies_only_to_a_best_adapter_no_clearer_than_the_rest() -> None:
+    rule = Escalation(floor=0.5, floor_gap=0.1)
+    assert rule.ambiguous((("a", 0.35), ("b", 0.3), ("c", 0.28)))  # weak and flat: maybe no adapter applies
+    assert not rule.ambiguous((("a", 0.35), ("b", 0.2), ("c", 0.2)))  # weak but singled out: the fast tier decides
+    assert not rule.ambiguous((("a", 0.6), ("b", 0.59)))  # above the floor, and no margin set
+    assert rule.ambiguous((("a", 0.35),))  # one adapter: no gap to read, the floor alone decides
+    assert Escalation(floor=0.5).ambiguous((("a", 0.35), ("b", 0.0)))  # gap 2 (the default): the floor alone
 
 
 async def test_a_clear_prompt_never_reaches_the_precise_tier(tmp_path: Path) -> None:
