@@ -13,7 +13,9 @@ from loragate.server.app import Services
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """The app's services. ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool,
+    which cost every request a thread round trip (and the GIL hand-offs with it) to read one attribute."""
     svc: Services = request.app.state.services
     return svc
 
