@@ -80,13 +80,16 @@ class Searched:
     candidates: Candidates
     parts: tuple[Candidates, ...]  # its clauses'
     words: tuple[Candidates, ...]  # its content words'
+    requests: tuple[Candidates, ...]  # its separate requests' (compositional.asks), when it has two or more
 
 
 async def search_all(tier: Tier, labelled: LabelledSet, k: int = 5) -> list[Searched]:
     """Every prompt with the extra texts of the learned detector (a superset of the other detectors')."""
     out = []
     for p in labelled.prompts:
-        clauses, words = detector_texts(p.prompt)
-        found, _, _ = await tier.search([p.prompt, *clauses, *words], k, labelled.records)
-        out.append(Searched(p, found[0], tuple(found[1:1 + len(clauses)]), tuple(found[1 + len(clauses):])))
+        clauses, words, requests = detector_texts(p.prompt)
+        found, _, _ = await tier.search([p.prompt, *clauses, *words, *requests], k, labelled.records)
+        ends = 1 + len(clauses), 1 + len(clauses) + len(words)
+        out.append(Searched(p, found[0], tuple(found[1:ends[0]]), tuple(found[ends[0]:ends[1]]),
+                            tuple(found[ends[1]:])))
     return out

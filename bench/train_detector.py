@@ -36,7 +36,8 @@ SEED = 0
 
 
 def matrix(searched: Sequence[Searched]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray([features(s.prompt.prompt, s.candidates, s.parts, s.words) for s in searched], dtype=np.float64)
+    x = np.asarray([features(s.prompt.prompt, s.candidates, s.parts, s.words, s.requests) for s in searched],
+                   dtype=np.float64)
     y = np.asarray([s.prompt.compositional for s in searched], dtype=np.int64)
     return x, y
 

@@ -137,6 +137,8 @@ FEATURES: tuple[str, ...] = (
     "parts", "part_winners", "other_winner", "other_winner_gap", "top2_wins_a_part",  # its clauses'
     "word_domains", "word_domains_strong", "other_word", "word_best", "word_second", "word_gap",  # its words'
     "joins", "questions", "possessives", "relatives", "log_words",  # its wording
+    "asks", "ask_winners", "ask_cross", "ask_cross_top",  # its separate requests' (see :func:`asks`)
+    "question_winners", "question_cross", "question_cross_top",  # the same over those phrased as questions
 )
 """What the learned detector reads. None names an adapter or a domain, so a model trained on one registry's
 adapters applies to another's (the held-out set checks exactly that)."""
@@ -162,15 +164,59 @@ _POSSESSIVES = re.compile(r"\w'?s\b(?=\s+\w)|\bof (?:the|his|her|their|that|this
 _RELATIVES = re.compile(r"\b(?:who|whose|whom|which|where|that)\b", re.IGNORECASE)
 
 
-def detector_texts(prompt: str) -> tuple[list[str], list[str]]:
-    """The learned detector's extra texts: the prompt's clauses (when it has two or more) and its content words."""
-    clauses = segments(prompt)
-    return (clauses if len(clauses) >= 2 else []), content_words(prompt)
+_ASK_WORDS = ("what|what's|whats|who|who's|whos|whom|whose|where|which|why|how|when|is|are|was|were|do|does|did|can|"
+              "could|should|would|will|tell|give|explain|write|find|name|list|show|define|help|remind|describe")
+_ASK_SPLIT = re.compile(
+    r"(?<=[?!])\s*|(?<=\.)\s+|\n+|\s*;\s*|\s+\+\s+|\s*\((?:[a-z]|\d)\)\s*|(?:^|\s)\d[.)]\s+|(?:^|\n)\s*-\s+"
+    rf"|,?\s+(?:and then|and also|also|plus|besides|as well as|and|then)\s*,?\s+(?=(?:{_ASK_WORDS})\b)"
+    rf"|:\s+(?=(?:{_ASK_WORDS})\b)",
+    re.IGNORECASE)
+_ASK_LEAD = re.compile(r"^(?:also|and|plus|besides|separately|unrelated|then|second|first|question \w+)\W+",
+                       re.IGNORECASE)
+_QUESTION = re.compile(rf"^(?:{_ASK_WORDS})\b", re.IGNORECASE)
+
+
+def asks(prompt: str) -> list[str]:
+    """The prompt's separate requests: split at sentence ends, semicolons, list markers, and at a join ("and",
+    "also", "plus", ...) or colon followed by a question word or an imperative. Coarser than :func:`segments`
+    (which also cuts at "of", "who", ...): a conjunction is two requests each nearest its own adapter, while a
+    near-miss's second domain usually sits inside one request."""
+    pieces = (_ASK_LEAD.sub("", piece.strip(" ,.-")) for piece in _ASK_SPLIT.split(prompt) if piece)
+    return [piece for piece in pieces if len(piece.split()) >= 2]
+
+
+def detector_texts(prompt: str) -> tuple[list[str], list[str], list[str]]:
+    """The learned detector's extra texts: the prompt's clauses and its requests (each when it has two or more),
+    and its content words."""
+    clauses, requests = segments(prompt), asks(prompt)
+    return (clauses if len(clauses) >= 2 else []), content_words(prompt), (requests if len(requests) >= 2 else [])
+
+
+def _score_of(found: Candidates, name: str) -> float:
+    """``name``'s score in ``found``, or at most the last one's when it is not among them."""
+    return next((score for n, score in found if n == name), found[-1][1] if found else 0.0)
+
+
+def _ask_features(requests: Sequence[tuple[str, Candidates]]) -> list[float]:
+    """How many requests, how many adapters they are clearly nearest to, and the pair of requests nearest to
+    different adapters that most prefer their own: each one's margin over the other's adapter (the smaller of
+    the two), and the lower of their top scores."""
+    found = [f for _, f in requests if f]
+    winners = {f[0][0] for f in found if len(f) < 2 or f[0][1] - f[1][1] >= 0.03}
+    cross = top = 0.0
+    for i, first in enumerate(found):
+        for other in found[i + 1:]:
+            if first[0][0] != other[0][0]:
+                both = min(first[0][1] - _score_of(first, other[0][0]), other[0][1] - _score_of(other, first[0][0]))
+                if both > cross:
+                    cross, top = both, min(first[0][1], other[0][1])
+    return [float(len(found)), float(len(winners)), cross, top]
 
 
 def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
-             words: Sequence[Candidates] = ()) -> list[float]:
-    """The values of :data:`FEATURES` for one prompt: its nearest adapters, its clauses' and its words'."""
+             words: Sequence[Candidates] = (), requests: Sequence[Candidates] = ()) -> list[float]:
+    """The values of :data:`FEATURES` for one prompt: its nearest adapters, its clauses', its words' and its
+    requests' (those of :func:`detector_texts`)."""
     scores = [score for _, score in candidates[:3]]
     s1, s2, s3 = ([*scores, 0.0, 0.0, 0.0])[:3]
     top = candidates[0][0] if candidates else None
@@ -178,6 +224,8 @@ def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
     winners = [found for found in parts if found]
     others = [found for found in winners if found[0][0] != top]  # clauses nearest to another adapter than the prompt
     best_other = max(others, key=lambda found: found[0][1], default=None)
+    texts = asks(prompt)
+    paired = list(zip(texts, requests, strict=True)) if requests else []
     other_gap = 0.0
     if best_other is not None and len(best_other) > 1:
         other_gap = best_other[0][1] - best_other[1][1]
@@ -189,7 +237,13 @@ def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
         *_word_features(top, words),
         float(len(_JOINS.findall(prompt))), float(prompt.count("?")), float(len(_POSSESSIVES.findall(prompt))),
         float(len(_RELATIVES.findall(prompt))), math.log1p(len(prompt.split())),
+        *_ask_features(paired), *_ask_features([(t, f) for t, f in paired if _is_question(t, prompt)])[1:],
     ]
+
+
+def _is_question(request: str, prompt: str) -> bool:
+    """A request phrased as a question or an instruction, not a statement of context ("I think she works at ...")."""
+    return bool(_QUESTION.match(request)) or f"{request}?" in prompt
 
 
 def _word_features(top: str | None, words: Sequence[Candidates]) -> list[float]:
@@ -276,12 +330,13 @@ class LearnedDetector(Detector):
         return cls(DetectorModel.from_json(embedder, models[key]))
 
     def texts(self, prompt: str) -> list[str]:
-        clauses, words = detector_texts(prompt)
-        return [*clauses, *words]
+        clauses, words, requests = detector_texts(prompt)
+        return [*clauses, *words, *requests]
 
     def probability(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> float:
-        clauses = len(detector_texts(prompt)[0])  # parts are the clauses' results, then the words'
-        return self.model.probability(features(prompt, candidates, parts[:clauses], parts[clauses:]))
+        clauses, words, _ = map(len, detector_texts(prompt))  # parts: the clauses' results, the words', the requests'
+        return self.model.probability(features(prompt, candidates, parts[:clauses], parts[clauses:clauses + words],
+                                               parts[clauses + words:]))
 
     def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         return self.probability(prompt, candidates, parts) >= self.model.threshold

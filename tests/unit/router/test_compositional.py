@@ -16,6 +16,7 @@ from loragate.router.compositional import (
     HybridDetector,
     LearnedDetector,
     SegmentDetector,
+    asks,
     content_words,
     detector_texts,
     features,
@@ -59,8 +60,28 @@ def test_content_words_and_detector_texts() -> None:
         "spouse", "maren", "quillfeather", "born", "employs"]
     assert content_words("is it a or the") == []
     assert len(content_words(" ".join(f"word{chr(97 + i)}x" for i in range(20)))) == 12  # bounded per prompt
-    clauses, words = detector_texts("hello there")
-    assert clauses == [] and words == ["hello", "there"]  # one clause: nothing to compare it with
+    clauses, words, requests = detector_texts("hello there")
+    assert clauses == [] and words == ["hello", "there"] and requests == []  # one clause: nothing to compare it with
+
+
+def test_asks_split_requests_not_the_clauses_of_one() -> None:
+    assert asks("Who is Rurik Halden married to, and what's the pH of pure water?") == [
+        "Who is Rurik Halden married to", "what's the pH of pure water?"]
+    assert asks("1. Balance the equation\n2. Which company does Perrin work for?") == [
+        "Balance the equation", "Which company does Perrin work for?"]
+    assert asks("Who is Iver's wife? I think she works at Tidewell Bank.") == [
+        "Who is Iver's wife?", "I think she works at Tidewell Bank"]
+    assert asks("Which company employs the husband of Rosalind Quarrow?") == [
+        "Which company employs the husband of Rosalind Quarrow?"]  # one request, though several clauses
+
+
+def test_request_features_need_requests_that_prefer_different_adapters() -> None:
+    prompt = "Who is Iver's wife? I think she works at Tidewell Bank."
+    requests = ((("spouses", 0.6), ("employers", 0.4)), (("employers", 0.7), ("spouses", 0.5)))
+    values = dict(zip(FEATURES, features(prompt, (("spouses", 0.5),), (), (), requests), strict=True))
+    assert values["asks"] == 2 and values["ask_winners"] == 2
+    assert values["ask_cross"] == pytest.approx(0.2) and values["ask_cross_top"] == 0.6
+    assert values["question_winners"] == 1 and values["question_cross"] == 0  # the second is a statement
 
 
 def test_features_read_score_patterns_and_wording_but_no_names() -> None:
@@ -101,7 +122,7 @@ def test_the_learned_detector_thresholds_its_models_probability() -> None:
     assert detector.detect(prompt, (("a", 0.5),), (two[0], two[0])) is False  # one domain: sigmoid(-1)
     # parts arrive as the clauses' results, then the words': the detector splits them the way texts() made them
     prompt = "Where was the spouse of Maren born?"
-    assert detector.texts(prompt) == [*segments(prompt), *content_words(prompt)]
+    assert detector.texts(prompt) == [*segments(prompt), *content_words(prompt)]  # one request: none of them
     words_only = LearnedDetector(model({"word_domains": 5.0}, bias=-7.5))
     clauses = len(segments(prompt))
     strong = (("a", 0.9), ("b", 0.1))
