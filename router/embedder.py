@@ -27,6 +27,8 @@ import hashlib
 import inspect
 import itertools
 import os
+import sys
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -364,6 +366,17 @@ def make_backend(name: str = DEFAULT_BACKEND, **options: Any) -> EmbedderBackend
     return backend_class(name, **options)(**options)
 
 
+MAX_NICE = 19
+"""The lowest scheduling priority Linux gives a thread (an unprivileged process may only raise niceness)."""
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by ``nice`` (Linux schedules threads one by one; a no-op elsewhere
+    and for 0). A thread pool's initializer, so it runs on the worker thread itself."""
+    if nice and sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+
 @dataclass(slots=True)
 class _Pending:
     key: bytes
@@ -410,8 +423,13 @@ class Embedder:
     """
 
     def __init__(self, backend: EmbedderBackend, *, max_batch: int = 32, max_wait_ms: float = 0.0,
-                 cache_size: int = 4096, inline: bool | None = None) -> None:
+                 cache_size: int = 4096, inline: bool | None = None, nice: int = 0) -> None:
         """``inline`` (default: the backend is :attr:`~EmbedderBackend.cheap`): encode on the caller's thread.
+
+        ``nice`` (0-19): the worker thread's scheduling niceness (Linux; elsewhere ignored). The event loop
+        serves every request, routed or not, and competes with this thread for the same cores; a nicer
+        worker hands the loop the CPU first when both want it, so a burst of embedding delays pinned
+        requests less and routed ones more (``bench_mixed`` measures both).
 
         A static table embeds a prompt and a dozen detector texts in ~0.05 ms, less than handing them to a
         worker thread and waking the loop again costs (~0.2 ms of latency and the CPU of two context switches
@@ -423,6 +441,8 @@ class Embedder:
             raise ValueError(f"max_wait_ms must be in [0, {MAX_WAIT_MS_LIMIT}], got {max_wait_ms}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if not 0 <= nice <= MAX_NICE:
+            raise ValueError(f"nice must be in [0, {MAX_NICE}], got {nice}")
         self.backend = backend
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -436,7 +456,9 @@ class Embedder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Pending | None] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragate-embed")
+        self.nice = nice
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragate-embed",
+                                            initializer=lower_priority, initargs=(nice,))
         self._closed = False
         self.inline = backend.cheap if inline is None else inline
 

@@ -167,7 +167,8 @@ def build_searcher(settings: Settings) -> Searcher | None:
     tiers = []
     for name in embedder_tiers(settings):
         embedder = Embedder(make_backend(name, **embedder_options(settings)), max_batch=settings.embed_max_batch,
-                            max_wait_ms=settings.embed_max_wait_ms, cache_size=settings.embed_cache_size)
+                            max_wait_ms=settings.embed_max_wait_ms, cache_size=settings.embed_cache_size,
+                            nice=settings.embed_nice)
         tiers.append(Tier(name, embedder, DescriptorIndex(
             embedder, settings.data_dir / "index" / name, embedder.identity, exact_max=settings.index_exact_max,
             aggregate=settings.index_aggregate)))
@@ -233,7 +234,8 @@ def build_services(settings: Settings, http: httpx.AsyncClient, upstream: aiohtt
         metrics.watch_auto(learner.views)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     recorder = OutcomeRecorder(metrics, outcomes)
-    gate = RoutingGate(settings.route_max_concurrency, yield_lag_s=settings.route_yield_lag_ms / 1000)
+    gate = RoutingGate(settings.route_max_concurrency, shared_limit=settings.route_shared_concurrency,
+                       yield_lag_s=settings.route_yield_lag_ms / 1000)
     metrics.route_waiting.set_function(lambda: gate.waiting)
     dispatcher = Dispatcher(pool, upstream, attempts=settings.upstream_attempts, retried=metrics.request_retried)
     completions = CompletionService(

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
                           "$XDG_CACHE_HOME/loragate/embedders, shared by every gateway of this user).")
     embed_threads: int = Field(1, ge=1, le=256, description="CPU threads the embedder's model may use "
                                "(1 keeps routing latency steady when the gateway shares its cores).")
+    embed_nice: int = Field(
+        0, ge=0, le=19, description="Scheduling niceness of the embedder's worker thread (Linux): above 0, the event "
+                                    "loop, which serves pinned requests too, gets the CPU first when both want it.")
     embed_max_batch: int = Field(32, gt=0, description="Largest micro-batch of prompts embedded together.")
     embed_max_wait_ms: float = Field(
         0.0, ge=0, le=100, description="Longest wait to fill a micro-batch (ms). 0: never wait; prompts that arrive "
@@ -149,6 +152,9 @@ class Settings(BaseSettings):
     route_max_concurrency: int = Field(
         4, ge=0, le=4096, description="Routed requests (those that embed) deciding at once; more wait for a slot, "
                                       "requests that do not route never do. 0: no limit.")
+    route_shared_concurrency: int = Field(
+        1, ge=1, le=4096, description="Routed requests deciding at once while requests that do not route (pin, base) "
+                                      "are arriving (at most route_max_concurrency).")
     route_yield_lag_ms: float = Field(
         2.0, ge=0, le=1000, description="While requests that do not route are arriving, routed ones wait to decide "
                                         "while the event loop lags more than this (at most 0.5 s). 0: never.")

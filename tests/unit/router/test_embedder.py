@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 
@@ -18,6 +20,7 @@ import pytest
 from loragate.errors import ConfigError
 from loragate.router.embedder import (
     EMBEDDER_BACKENDS,
+    MAX_NICE,
     STATIC_MODEL_DIR,
     Embedder,
     EmbedderBackend,
@@ -225,6 +228,36 @@ def test_batching_limits_are_bounded(fake: CountingBackend) -> None:
         Embedder(fake, max_wait_ms=1000)
     with pytest.raises(ValueError, match="max_batch"):
         Embedder(fake, max_batch=0)
+
+
+class NicenessBackend(CountingBackend):
+    """Records the niceness of the thread each encode runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.niceness: list[int] = []
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread, on Linux
+        return super().encode(texts)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+async def test_a_nice_worker_thread_runs_at_lower_priority_and_the_loop_does_not() -> None:
+    backend = NicenessBackend()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = Embedder(backend, nice=5)
+    plain = Embedder(backend)
+    try:
+        await nice.embed("a prompt")
+        await plain.embed("another prompt")
+    finally:
+        await nice.close()
+        await plain.close()
+    assert backend.niceness == [min(base + 5, MAX_NICE), base]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's thread (the event loop) is untouched
+    with pytest.raises(ValueError, match="nice"):
+        Embedder(backend, nice=MAX_NICE + 1)
 
 
 async def test_a_cheap_backend_embeds_inline_with_the_same_cache_and_counters(fake: CountingBackend) -> None:

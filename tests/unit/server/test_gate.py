@@ -106,3 +106,45 @@ async def test_the_lag_watcher_stops_when_routing_goes_idle(monkeypatch: pytest.
     async with gate.admit(True):  # the next routed request starts it again
         assert gate._watcher is not watcher and not gate._watcher.done()
     await gate.close()
+
+
+async def test_routed_requests_take_turns_while_pinned_traffic_arrives_and_get_their_slots_back_after() -> None:
+    """Four slots for routed traffic alone; one while requests that do not route are arriving (FIFO); when the
+    pinned traffic has gone, the next release hands the grown capacity on."""
+    gate = RoutingGate(4, shared_limit=1, yield_lag_s=0.0)
+    holding = asyncio.Event()
+
+    async def routed() -> None:
+        async with gate.admit(True):
+            await holding.wait()
+
+    first = [asyncio.create_task(routed()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert gate._deciding == 2 and gate.waiting == 0  # alone: both decide at once
+    async with gate.admit(False):  # a pinned request arrives
+        pass
+    later = [asyncio.create_task(routed()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert gate._deciding == 2 and gate.waiting == 3  # over the shared limit: they queue
+    gate._others_at -= 10  # the pinned traffic stopped long ago
+    holding.set()
+    async with asyncio.timeout(1):
+        await asyncio.gather(*first, *later)
+    assert gate._deciding == 0 and gate.waiting == 0
+
+
+async def test_a_waiter_given_a_slot_and_cancelled_before_taking_it_hands_it_on() -> None:
+    gate = RoutingGate(1)
+    async with gate.admit(True):
+        first = asyncio.create_task(gate.admit(True).__aenter__())
+        second = asyncio.create_task(gate.admit(True).__aenter__())
+        await asyncio.sleep(0)
+        assert gate.waiting == 2
+    first.cancel()  # the release above gave it the slot; it is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    async with asyncio.timeout(1):
+        await second  # the slot went on to the next waiter instead of leaking
+    assert gate._deciding == 1
+    with pytest.raises(ValueError):
+        RoutingGate(4, shared_limit=0)
