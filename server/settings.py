@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     embed_nice: int = Field(
         0, ge=0, le=19, description="Scheduling niceness of the embedder's worker thread (Linux): above 0, the event "
                                     "loop, which serves pinned requests too, gets the CPU first when both want it.")
+    gil_switch_interval_ms: float = Field(
+        1.0, gt=0, le=100, description="How long the event loop may keep the GIL from a thread that waits for it "
+                                       "(sys.setswitchinterval; Python's default is 5): the embedder's worker "
+                                       "thread needs it a few times per prompt.")
     embed_max_batch: int = Field(32, gt=0, description="Largest micro-batch of prompts embedded together.")
     embed_max_wait_ms: float = Field(
         0.0, ge=0, le=100, description="Longest wait to fill a micro-batch (ms). 0: never wait; prompts that arrive "

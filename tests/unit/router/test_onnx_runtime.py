@@ -113,3 +113,26 @@ def test_a_graph_that_disagrees_with_the_model_is_refused(cache_dir: Path, monke
     with pytest.raises(LoragateError, match="disagrees with the model") as info:
         MiniLMBackend(cache_dir=cache_dir)
     assert "minilm-torch" in info.value.message  # the message names the way out
+
+
+def test_the_direct_tokenizer_gives_the_models_own_token_arrays(onnx_backend: MiniLMBackend) -> None:
+    """The Rust tokenizer called directly must feed the graph exactly what the model's preprocessing would, on
+    every labelled routing prompt, one at a time and as one padded batch (else routing vectors would move)."""
+    from bench.labelled import load_splits
+
+    encoder = onnx_backend._onnx
+    assert encoder.direct
+    texts = [p.prompt for split in load_splits().values() for p in split.prompts]
+    for batch in [*([t] for t in texts[::7]), texts[:64]]:
+        want, got = encoder._preprocessed(batch), encoder._features(batch)
+        assert want.keys() == got.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_a_tokenizer_that_disagrees_on_the_probes_falls_back_to_preprocessing(
+        onnx_backend: MiniLMBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(onnx_runtime._TOKEN_ARRAYS, "attention_mask", "type_ids")  # a wrong mask
+    encoder = onnx_runtime.OnnxEncoder(onnx_backend._model, onnx_backend._onnx._graph)
+    assert not encoder.direct
+    np.testing.assert_array_equal(encoder(["a prompt"]), onnx_backend._onnx(["a prompt"]))
