@@ -61,9 +61,10 @@ class Escalation:
     of the other candidates'. An unrelated prompt matches every adapter about equally (on the training split
     no `none` prompt's best stands more than 0.15 above the rest), where a weak but on-topic one still singles
     its adapter out. Escalating those too cost accuracy (MiniLM re-ranked some right static answers wrong) and
-    most of the escalations: on the training split floor 0.5 alone escalates 46% of prompts at 95.8% nearest =
-    label, with gap 0.11 13% at 97.5%. The gap reads the k candidates, so a registry much larger than the
-    labelled sets' eight adapters has closer runners-up and escalates more (CPU, not accuracy); 2 turns it off.
+    most of the escalations: on the training split (bench_routing, 2026-12-07) floor 0.5 alone escalates 42% of
+    prompts at 95.8% nearest = label, with gap 0.11 11% at 97.5%. The gap reads the k candidates, so a registry
+    much larger than the labelled sets' eight adapters has closer runners-up and escalates more (CPU, not
+    accuracy); 2 turns it off.
     """
 
     margin: float = 0.0
