@@ -237,22 +237,25 @@ def test_cat_equals_peft_add_weighted_adapter_cat(tmp_path: Path) -> None:
     assert compared == 4  # q_proj and v_proj in two layers
 
 
-def test_peft_cat_copies_rslora_from_the_first_adapter(tmp_path: Path) -> None:
-    """PEFT builds the merged config with ``replace(config_of_first_adapter, r=R, lora_alpha=R)``.
+def test_peft_cat_of_rslora_adapters_against_ours(tmp_path: Path) -> None:
+    """PEFT before 0.22 built the merged config with ``replace(config_of_first_adapter, r=R, lora_alpha=R)``.
 
-    If the first adapter is rsLoRA the merged one is too, so its scaling is R/sqrt(R) = sqrt(R) and
-    its update is sqrt(R) times the weighted sum. Ours always writes use_rslora false (scaling 1).
+    If the first adapter was rsLoRA the merged one was too, so its scaling was R/sqrt(R) = sqrt(R) and its
+    update sqrt(R) times the weighted sum. PEFT 0.22 writes use_rslora false (scaling 1), as ours always
+    has, and then the two updates are equal. Either way the factors and our update are what they were.
     """
     torch, peft, model = _peft_model_with_two_loras(first_rslora=True)
     one = _export(peft, model, "one", tmp_path / "one", rank=4, alpha=8, targets=("q_proj", "v_proj"), rslora=True)
     two = _export(peft, model, "two", tmp_path / "two", rank=2, alpha=3, targets=("q_proj",), rslora=True)
     model.add_weighted_adapter(["one", "two"], [0.5, 0.5], "mix", combination_type="cat")
-    assert model.peft_config["mix"].use_rslora
+    config = model.peft_config["mix"]
+    assert (config.r, config.lora_alpha) == (6, 6)
     ours = merge_factors([one, two], [0.5, 0.5], "cat", max_rank=16)
     module = model.base_model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         theirs = module.get_delta_weight("mix").numpy()
-    np.testing.assert_allclose(theirs, math.sqrt(6) * product(ours.modules[Q0.removeprefix("model.")]),
+    peft_scale = math.sqrt(6) if config.use_rslora else 1.0  # PEFT < 0.22 copied rsLoRA from the first adapter
+    np.testing.assert_allclose(theirs, peft_scale * product(ours.modules[Q0.removeprefix("model.")]),
                                rtol=1e-5, atol=1e-4)
 
 
