@@ -456,7 +456,6 @@ class Embedder:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Pending | None] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self.nice = nice
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragate-embed",
                                             initializer=lower_priority, initargs=(nice,))
         self._closed = False
