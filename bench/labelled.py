@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import report
 from loragate.adapters.types import AdapterRecord, Descriptors
-from loragate.router.compositional import detector_texts
+from loragate.router.compositional import Probe, learned_probe
 from loragate.router.embedder import Embedder, EmbedderBackend
 from loragate.router.index import CENTROID, DescriptorIndex
 from loragate.router.search import Candidates, Tier
@@ -78,18 +78,15 @@ class Searched:
 
     prompt: Labelled
     candidates: Candidates
-    parts: tuple[Candidates, ...]  # its clauses'
-    words: tuple[Candidates, ...]  # its content words'
-    requests: tuple[Candidates, ...]  # its separate requests' (compositional.asks), when it has two or more
+    probe: Probe  # the learned detector's (compositional.learned_probe)
+    parts: tuple[Candidates, ...]  # its texts' nearest adapters, in order
 
 
 async def search_all(tier: Tier, labelled: LabelledSet, k: int = 5) -> list[Searched]:
     """Every prompt with the extra texts of the learned detector (a superset of the other detectors')."""
     out = []
     for p in labelled.prompts:
-        clauses, words, requests = detector_texts(p.prompt)
-        found, _, _ = await tier.search([p.prompt, *clauses, *words, *requests], k, labelled.records)
-        ends = 1 + len(clauses), 1 + len(clauses) + len(words)
-        out.append(Searched(p, found[0], tuple(found[1:ends[0]]), tuple(found[ends[0]:ends[1]]),
-                            tuple(found[ends[1]:])))
+        probe = learned_probe(p.prompt)
+        found, _, _ = await tier.search([p.prompt, *probe.texts], k, labelled.records)
+        out.append(Searched(p, found[0], probe, tuple(found[1:])))
     return out

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from bench.labelled import Searched, load_set, make_tier, search_all
-from loragate.router.compositional import DETECTOR_MODELS, FEATURES, DetectorModel, features, model_key
+from loragate.router.compositional import DETECTOR_MODELS, FEATURES, DetectorModel, model_key, probe_features
 from loragate.router.embedder import make_backend
 from loragate.router.index import AGGREGATES, CENTROID
 
@@ -36,7 +36,7 @@ SEED = 0
 
 
 def matrix(searched: Sequence[Searched]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray([features(s.prompt.prompt, s.candidates, s.parts, s.words, s.requests) for s in searched],
+    x = np.asarray([probe_features(s.probe, s.candidates, s.parts) for s in searched],
                    dtype=np.float64)
     y = np.asarray([s.prompt.compositional for s in searched], dtype=np.int64)
     return x, y

@@ -16,9 +16,10 @@ Detectors, in a registry, measured on ``tests/data/routing`` by ``make bench``:
   written apart). Its weights depend on the embedder's score scale, so they are shipped per embedder
   in ``router/detector_models.json``.
 
-A detector names the extra texts it needs embedded (:meth:`Detector.texts`); the router's searcher embeds
-them in the same batch as the prompt and hands the detector each one's nearest adapters, so detection
-never costs a second round trip and a detector is pure logic over scores.
+A detector names the extra texts it needs embedded (:meth:`Detector.probe`, a :class:`Probe`); the router's
+searcher embeds them in the same batch as the prompt and hands the detector the probe back with each text's
+nearest adapters, so detection never costs a second round trip, the prompt is split once, and a detector is
+pure logic over scores.
 """
 
 from __future__ import annotations
@@ -57,18 +58,43 @@ def segments(prompt: str, window: int = 6, stride: int = 3) -> list[str]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A prompt and the extra texts a detector wants embedded beside it, in the detector's groups (the learned
+    one's: clauses, words, requests). The router embeds :attr:`texts` as one flat batch; the detector gets the
+    probe back and cuts the results along its groups, so the prompt is parsed once per request."""
+
+    prompt: str
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for group in self.groups for text in group]
+
+    def results(self, parts: Sequence[Candidates]) -> list[Sequence[Candidates]]:
+        """``parts`` (the nearest adapters of each of :attr:`texts`, in order) cut back into the groups."""
+        if len(parts) != sum(map(len, self.groups)):
+            raise ValueError(f"{len(parts)} results for a probe of {sum(map(len, self.groups))} texts")
+        out, start = [], 0
+        for group in self.groups:
+            out.append(parts[start:start + len(group)])
+            start += len(group)
+        return out
+
+
 class Detector(ABC):
     name: ClassVar[str]
 
-    def texts(self, prompt: str) -> list[str]:
-        """Extra texts to embed together with the prompt (none by default)."""
-        return []
+    def probe(self, prompt: str) -> Probe:
+        """The prompt with the extra texts to embed together with it (none by default)."""
+        return Probe(prompt)
 
     @abstractmethod
-    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
-        """True when ``prompt`` spans more than one adapter's domain.
+    def detect(self, probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        """True when ``probe.prompt`` spans more than one adapter's domain.
 
-        ``candidates`` are the prompt's nearest adapters; ``parts`` the nearest adapters of each of :meth:`texts`.
+        ``candidates`` are the prompt's nearest adapters; ``parts`` the nearest adapters of each of
+        ``probe.texts``.
         """
 
 
@@ -81,7 +107,7 @@ class GapDetector(Detector):
         self.min_second = min_second
         self.max_gap = max_gap
 
-    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+    def detect(self, probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         if len(candidates) < 2:
             return False
         (_, first), (_, second) = candidates[0], candidates[1]
@@ -97,11 +123,11 @@ class SegmentDetector(Detector):
         self.min_score = min_score
         self.margin = margin
 
-    def texts(self, prompt: str) -> list[str]:
+    def probe(self, prompt: str) -> Probe:
         parts = segments(prompt)
-        return parts if len(parts) >= 2 else []
+        return Probe(prompt, (tuple(parts),) if len(parts) >= 2 else ())
 
-    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+    def detect(self, probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
         if len(candidates) < 2 or len(parts) < 2:
             return False
         winners: set[str] = set()
@@ -123,11 +149,11 @@ class HybridDetector(Detector):
         self.gap = GapDetector()
         self.segments = SegmentDetector()
 
-    def texts(self, prompt: str) -> list[str]:
-        return self.segments.texts(prompt)
+    def probe(self, prompt: str) -> Probe:
+        return self.segments.probe(prompt)
 
-    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
-        return self.gap.detect(prompt, candidates, parts) or self.segments.detect(prompt, candidates, parts)
+    def detect(self, probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        return self.gap.detect(probe, candidates, parts) or self.segments.detect(probe, candidates, parts)
 
 
 # -- the learned detector --------------------------------------------------------------------------
@@ -185,11 +211,12 @@ def asks(prompt: str) -> list[str]:
     return [piece for piece in pieces if len(piece.split()) >= 2]
 
 
-def detector_texts(prompt: str) -> tuple[list[str], list[str], list[str]]:
-    """The learned detector's extra texts: the prompt's clauses and its requests (each when it has two or more),
-    and its content words."""
+def learned_probe(prompt: str) -> Probe:
+    """The learned detector's extra texts, in three groups: the prompt's clauses, its content words, and its
+    requests (clauses and requests only when there are two or more)."""
     clauses, requests = segments(prompt), asks(prompt)
-    return (clauses if len(clauses) >= 2 else []), content_words(prompt), (requests if len(requests) >= 2 else [])
+    return Probe(prompt, (tuple(clauses) if len(clauses) >= 2 else (), tuple(content_words(prompt)),
+                          tuple(requests) if len(requests) >= 2 else ()))
 
 
 def _score_of(found: Candidates, name: str) -> float:
@@ -214,9 +241,9 @@ def _ask_features(requests: Sequence[tuple[str, Candidates]]) -> list[float]:
 
 
 def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
-             words: Sequence[Candidates] = (), requests: Sequence[Candidates] = ()) -> list[float]:
+             words: Sequence[Candidates] = (), requests: Sequence[tuple[str, Candidates]] = ()) -> list[float]:
     """The values of :data:`FEATURES` for one prompt: its nearest adapters, its clauses', its words' and its
-    requests' (those of :func:`detector_texts`)."""
+    requests' (each request's text with its nearest adapters)."""
     scores = [score for _, score in candidates[:3]]
     s1, s2, s3 = ([*scores, 0.0, 0.0, 0.0])[:3]
     top = candidates[0][0] if candidates else None
@@ -224,8 +251,6 @@ def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
     winners = [found for found in parts if found]
     others = [found for found in winners if found[0][0] != top]  # clauses nearest to another adapter than the prompt
     best_other = max(others, key=lambda found: found[0][1], default=None)
-    texts = asks(prompt)
-    paired = list(zip(texts, requests, strict=True)) if requests else []
     other_gap = 0.0
     if best_other is not None and len(best_other) > 1:
         other_gap = best_other[0][1] - best_other[1][1]
@@ -237,8 +262,15 @@ def features(prompt: str, candidates: Candidates, parts: Sequence[Candidates],
         *_word_features(top, words),
         float(len(_JOINS.findall(prompt))), float(prompt.count("?")), float(len(_POSSESSIVES.findall(prompt))),
         float(len(_RELATIVES.findall(prompt))), math.log1p(len(prompt.split())),
-        *_ask_features(paired), *_ask_features([(t, f) for t, f in paired if _is_question(t, prompt)])[1:],
+        *_ask_features(requests), *_ask_features([(t, f) for t, f in requests if _is_question(t, prompt)])[1:],
     ]
+
+
+def probe_features(probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> list[float]:
+    """:func:`features` of a :func:`learned_probe` and its texts' results (what the detector and its training
+    both read)."""
+    clauses, words, requests = probe.results(parts)
+    return features(probe.prompt, candidates, clauses, words, tuple(zip(probe.groups[2], requests, strict=True)))
 
 
 def _is_question(request: str, prompt: str) -> bool:
@@ -329,17 +361,14 @@ class LearnedDetector(Detector):
                               param="compositional_detector")
         return cls(DetectorModel.from_json(embedder, models[key]))
 
-    def texts(self, prompt: str) -> list[str]:
-        clauses, words, requests = detector_texts(prompt)
-        return [*clauses, *words, *requests]
+    def probe(self, prompt: str) -> Probe:
+        return learned_probe(prompt)
 
-    def probability(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> float:
-        clauses, words, _ = map(len, detector_texts(prompt))  # parts: the clauses' results, the words', the requests'
-        return self.model.probability(features(prompt, candidates, parts[:clauses], parts[clauses:clauses + words],
-                                               parts[clauses + words:]))
+    def probability(self, probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> float:
+        return self.model.probability(probe_features(probe, candidates, parts))
 
-    def detect(self, prompt: str, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
-        return self.probability(prompt, candidates, parts) >= self.model.threshold
+    def detect(self, probe: Probe, candidates: Candidates, parts: Sequence[Candidates]) -> bool:
+        return self.probability(probe, candidates, parts) >= self.model.threshold
 
 
 DETECTORS: dict[str, type[Detector]] = {

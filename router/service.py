@@ -152,10 +152,10 @@ class Router:
         searcher, detector = self.searcher, self.detector
         if self.searches(spec) and prompt.strip() and searcher and searcher.size:
             text = tail_words(prompt, self.config.max_words)
-            found = await searcher.find(text, detector.texts(text) if detector else [], self.config.candidates,
-                                        adapters)
+            probe = detector.probe(text) if detector else None
+            found = await searcher.find(text, probe.texts if probe else [], self.config.candidates, adapters)
             candidates, embed_s, search_s, tier = found.candidates, found.embed_s, found.search_s, found.tier
-            compositional = detector.detect(text, found.detected, found.parts) if detector else None
+            compositional = detector.detect(probe, found.detected, found.parts) if detector and probe else None
         query = RoutingQuery(prompt=prompt, policy=effective, adapters=adapters, candidates=candidates,
                              compositional=compositional)
         decision = await (learned.decide(query, self) if learned is not None else policy.decide(query))

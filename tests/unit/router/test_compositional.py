@@ -15,11 +15,12 @@ from loragate.router.compositional import (
     GapDetector,
     HybridDetector,
     LearnedDetector,
+    Probe,
     SegmentDetector,
     asks,
     content_words,
-    detector_texts,
     features,
+    learned_probe,
     load_models,
     make_detector,
     segments,
@@ -35,24 +36,27 @@ def test_segments_split_clauses_and_relations() -> None:
     assert segments("hello") == []
 
 
+P = Probe("p")
+
+
 def test_gap_detector_needs_two_close_relevant_adapters() -> None:
     detector = GapDetector(min_second=0.3, max_gap=0.08)
-    assert detector.texts("a b, c d") == []
-    assert detector.detect("p", (("a", 0.6), ("b", 0.55)), ()) is True
-    assert detector.detect("p", (("a", 0.6), ("b", 0.2)), ()) is False
-    assert detector.detect("p", (("a", 0.9), ("b", 0.6)), ()) is False
-    assert detector.detect("p", (("a", 0.9),), ()) is False
+    assert detector.probe("a b, c d") == Probe("a b, c d")
+    assert detector.detect(P, (("a", 0.6), ("b", 0.55)), ()) is True
+    assert detector.detect(P, (("a", 0.6), ("b", 0.2)), ()) is False
+    assert detector.detect(P, (("a", 0.9), ("b", 0.6)), ()) is False
+    assert detector.detect(P, (("a", 0.9),), ()) is False
 
 
 def test_segment_detector_counts_clear_clause_winners() -> None:
     detector = SegmentDetector(min_score=0.4, margin=0.05)
     parts = ((("a", 0.7), ("b", 0.3)), (("b", 0.6), ("a", 0.2)), (("a", 0.5), ("b", 0.48)))
     candidates = (("a", 0.5), ("b", 0.2))
-    assert detector.detect("p", candidates, parts) is True
-    assert detector.detect("p", candidates, (parts[0], parts[2])) is False  # the tie says nothing
-    assert detector.texts("Where was the spouse of Maren Quillfeather born?") == ["Where was the spouse",
-                                                                                 "Maren Quillfeather born"]
-    assert HybridDetector().detect("p", candidates, parts) is True
+    assert detector.detect(P, candidates, parts) is True
+    assert detector.detect(P, candidates, (parts[0], parts[2])) is False  # the tie says nothing
+    assert detector.probe("Where was the spouse of Maren Quillfeather born?").texts == ["Where was the spouse",
+                                                                                       "Maren Quillfeather born"]
+    assert HybridDetector().detect(P, candidates, parts) is True
 
 
 def test_content_words_and_detector_texts() -> None:
@@ -60,8 +64,11 @@ def test_content_words_and_detector_texts() -> None:
         "spouse", "maren", "quillfeather", "born", "employs"]
     assert content_words("is it a or the") == []
     assert len(content_words(" ".join(f"word{chr(97 + i)}x" for i in range(20)))) == 12  # bounded per prompt
-    clauses, words, requests = detector_texts("hello there")
-    assert clauses == [] and words == ["hello", "there"] and requests == []  # one clause: nothing to compare it with
+    probe = learned_probe("hello there")
+    assert probe.groups == ((), ("hello", "there"), ())  # one clause and one request: nothing to compare them with
+    assert probe.texts == ["hello", "there"] and probe.results(("w1", "w2")) == [(), ("w1", "w2"), ()]  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="3 results for a probe of 2 texts"):
+        probe.results(((), (), ()))
 
 
 def test_asks_split_requests_not_the_clauses_of_one() -> None:
@@ -78,7 +85,8 @@ def test_asks_split_requests_not_the_clauses_of_one() -> None:
 def test_request_features_need_requests_that_prefer_different_adapters() -> None:
     prompt = "Who is Iver's wife? I think she works at Tidewell Bank."
     requests = ((("spouses", 0.6), ("employers", 0.4)), (("employers", 0.7), ("spouses", 0.5)))
-    values = dict(zip(FEATURES, features(prompt, (("spouses", 0.5),), (), (), requests), strict=True))
+    paired = tuple(zip(asks(prompt), requests, strict=True))
+    values = dict(zip(FEATURES, features(prompt, (("spouses", 0.5),), (), (), paired), strict=True))
     assert values["asks"] == 2 and values["ask_winners"] == 2
     assert values["ask_cross"] == pytest.approx(0.2) and values["ask_cross_top"] == 0.6
     assert values["question_winners"] == 1 and values["question_cross"] == 0  # the second is a statement
@@ -117,18 +125,22 @@ def test_the_learned_detector_thresholds_its_models_probability() -> None:
     two = ((("a", 0.5),), (("b", 0.5),))
     prompt = "where is the x and what is the y"
     assert len(segments(prompt)) == 2
-    assert detector.probability(prompt, (("a", 0.5),), two) == pytest.approx(1 / (1 + math.exp(-1)))
-    assert detector.detect(prompt, (("a", 0.5),), two) is True
-    assert detector.detect(prompt, (("a", 0.5),), (two[0], two[0])) is False  # one domain: sigmoid(-1)
+    probe = detector.probe(prompt)
+    assert probe.groups == (tuple(segments(prompt)), (), ("where is the x", "what is the y"))  # no content words
+    assert detector.probability(probe, (("a", 0.5),), two + two) == pytest.approx(1 / (1 + math.exp(-1)))
+    assert detector.detect(probe, (("a", 0.5),), two + two) is True
+    assert detector.detect(probe, (("a", 0.5),), (two[0], two[0], *two)) is False  # one clause domain: sigmoid(-1)
     # parts arrive as the clauses' results, then the words': the detector splits them the way texts() made them
     prompt = "Where was the spouse of Maren born?"
-    assert detector.texts(prompt) == [*segments(prompt), *content_words(prompt)]  # one request: none of them
+    assert detector.probe(prompt).texts == [*segments(prompt), *content_words(prompt)]  # one request: none of them
     words_only = LearnedDetector(model({"word_domains": 5.0}, bias=-7.5))
     clauses = len(segments(prompt))
     strong = (("a", 0.9), ("b", 0.1))
-    mixed = [(("c", 0.0),)] * clauses + [strong, (("b", 0.9), ("a", 0.1))]
-    assert words_only.detect(prompt, strong, mixed) is True  # two words, two clear adapters
-    assert words_only.detect(prompt, strong, [(("c", 0.0),)] * clauses + [strong, strong]) is False
+    none = (("c", 0.0),)
+    assert content_words(prompt) == ["spouse", "maren", "born"]
+    mixed = [none] * clauses + [strong, (("b", 0.9), ("a", 0.1)), none]
+    assert words_only.detect(words_only.probe(prompt), strong, mixed) is True  # two words, two clear adapters
+    assert words_only.detect(words_only.probe(prompt), strong, [none] * clauses + [strong, strong, none]) is False
 
 
 def test_detector_models_load_per_embedder_and_refuse_mismatches(tmp_path: Path) -> None:

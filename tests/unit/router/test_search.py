@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loragate.router.compositional import SegmentDetector
+from loragate.router.compositional import Probe, SegmentDetector
 from loragate.router.grammar import parse_policy
 from loragate.router.index import DescriptorIndex
 from loragate.router.search import CascadeSearcher, Escalation, IndexSearcher, Tier
@@ -109,8 +109,8 @@ async def test_the_router_reports_the_tier_and_detects_on_the_fast_tier(tmp_path
     searcher, _, _ = await cascade(tmp_path, Escalation(margin=0.1, floor=0.5))
 
     class Clauses(SegmentDetector):
-        def texts(self, prompt: str) -> list[str]:
-            return ["part a", "part b"]
+        def probe(self, prompt: str) -> Probe:
+            return Probe(prompt, (("part a", "part b"),))
 
     router = Router(parse_policy("base", source="default"), searcher=searcher, detector=Clauses(min_score=0.5))
     select = parse_policy("select;min_score=0.3", source="header")
