@@ -40,7 +40,7 @@ integration: install
 	$(PY) -m pytest tests/integration -q
 
 test: lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, to keep the suite's time in view
 
 clean:
 	rm -rf .typecheck .pytest_cache .mypy_cache .ruff_cache

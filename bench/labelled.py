@@ -1,4 +1,4 @@
-"""The two hand-labelled routing sets, and the searches every routing measurement starts from.
+"""The three hand-labelled routing sets, and the searches every routing measurement starts from.
 
 ``tests/data/routing`` is the training split: every threshold the router ships with (the cascade's
 margin and floor, the learned detector's weights and threshold) is chosen on it. ``tests/data/routing_heldout``
