@@ -61,7 +61,7 @@ def word_piece_ids(tokenizer: Any) -> WordPieceIds:
     def slow(texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
 
-    fast = _cached(tokenizer)
+    fast = _cached(tokenizer, slow)
     if fast is None:
         return WordPieceIds(slow, cached=False)
     if any(fast([p]) != slow([p]) for p in PROBES) or fast(PROBES) != slow(PROBES):
@@ -70,8 +70,9 @@ def word_piece_ids(tokenizer: Any) -> WordPieceIds:
     return WordPieceIds(fast, cached=True)
 
 
-def _cached(tokenizer: Any) -> Ids | None:
-    """The cached path, or None when ``tokenizer``'s pipeline is not the BERT one it reproduces."""
+def _cached(tokenizer: Any, slow: Ids) -> Ids | None:
+    """The cached path (``slow`` for non-ASCII texts), or None when ``tokenizer``'s pipeline is not the BERT one
+    it reproduces."""
     config = json.loads(tokenizer.to_str())
     normalizer, pre, model = config.get("normalizer") or {}, config.get("pre_tokenizer") or {}, config["model"]
     bert = (normalizer.get("type") == "BertNormalizer" and normalizer.get("clean_text") is True
@@ -98,7 +99,7 @@ def _cached(tokenizer: Any) -> Ids | None:
 
     def ids(texts: Sequence[str]) -> list[list[int]]:
         rest = [t for t in texts if not t.isascii()]
-        slow = iter([e.ids for e in tokenizer.encode_batch_fast(rest, add_special_tokens=False)] if rest else [])
-        return [ids_of(t) if t.isascii() else next(slow) for t in texts]
+        others = iter(slow(rest) if rest else [])
+        return [ids_of(t) if t.isascii() else next(others) for t in texts]
 
     return ids
