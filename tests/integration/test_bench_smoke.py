@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ def test_benchmark_quick_run(tmp_path: Path, module: str, section: str, headline
     assert result.stdout.strip().splitlines()[-1].startswith(headline)
     text = (tmp_path / section).read_text()
     assert "| " in text and "Run " in text
+    for plot in re.findall(r"!\[[^]]*\]\((?:\./)?([^)]+\.png)\)", text):  # every plot the section shows was written
+        assert (tmp_path / plot).stat().st_size > 0, plot
 
 
 def test_fleet_benchmark_quick_run(tmp_path: Path) -> None:
