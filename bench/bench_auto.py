@@ -44,6 +44,7 @@ from bench.benchkit import bench_parser, output_dir, plot_file
 from examples.demo import KINDS, shadows_done
 from examples.demo import KIT as SHIPPED_KIT
 from loragate.grading import wilson
+from loragate.loadtest.plots import pyplot
 from loragate.loadtest.stats import percentile
 from loragate.router.auto import DEFAULT_ARMS, AutoConfig, AutoStats, Observation, Signals, context_of, exploit
 from loragate.router.grammar import parse_policy
@@ -338,10 +339,7 @@ def feature_table(run: KitRun) -> str:
 
 
 def plot(runs: Sequence[KitRun], path: Path, window: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(runs), len(KINDS), figsize=(15, 3.6 * len(runs)), squeeze=False)
     colours = dict(zip(ARMS, ("tab:gray", "tab:blue", "tab:orange", "tab:green"), strict=True))

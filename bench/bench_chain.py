@@ -54,6 +54,7 @@ from examples.stack import loragate_up, register
 from examples.twohop import world as w
 from loragate.grading import is_correct, wilson
 from loragate.loadtest.loadgen import EXPECTED_HEADER, POLICY_HEADER, REQUEST_ID_HEADER
+from loragate.loadtest.plots import pyplot
 from loragate.loadtest.stats import percentile
 
 CHAIN = "chain;k=2"  # the chain policy every table measures: change this line (or pass --chain) to re-run
@@ -456,10 +457,7 @@ def winners_table(runs: Sequence[KitRun]) -> str:
 
 
 def plot(runs: Sequence[KitRun], policies: Sequence[tuple[str, str]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     labels = [label for label, _ in policies if label not in runs[0].skipped]

@@ -38,6 +38,7 @@ from bench.bench_chain import Question as KitQuestion
 from bench.bench_chain import kit_gateway
 from bench.bench_chain import questions as kit_questions
 from bench.benchkit import bench_parser, output_dir, plot_file
+from loragate.loadtest.plots import pyplot
 from loragate.router.embedder import make_backend
 from loragate.server.chain import STEP_SCORES, Generated, best, prompt_logprobs
 from loragate.workers.dispatch import Attempt
@@ -229,9 +230,7 @@ def grid(totals: Mapping[Rule, int], shipped: Kit, test: set[str], value: str, t
 
 
 def plot(shipped: Kit, train: set[str], test: set[str], contrast: float, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     xs = [max(c, 3e-4) for c in CONTRASTS]
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -31,8 +31,18 @@ from tqdm import tqdm
 
 from bench import report
 from bench.benchkit import bench_parser, output_dir, plot_file
-from bench.labelled import Labelled, LabelledSet, load_set, load_splits, make_tier, search_all
+from bench.labelled import (
+    Labelled,
+    LabelledSet,
+    best_f1,
+    load_set,
+    load_splits,
+    make_tier,
+    precision_recall,
+    search_all,
+)
 from loragate.adapters.types import AdapterRecord
+from loragate.loadtest.plots import pyplot
 from loragate.loadtest.stats import percentile as pct
 from loragate.router.compositional import DETECTORS, Detector, LearnedDetector, make_detector
 from loragate.router.embedder import Embedder, EmbedderBackend, backend_names, make_backend
@@ -368,18 +378,13 @@ async def detection_section(splits: dict[str, LabelledSet], embedders: Sequence[
     return body, out
 
 
-async def detection_curves_section(splits: dict[str, LabelledSet], embedders: Sequence[str], plot_to: Path
-                                   ) -> tuple[str, dict[str, float]]:
+async def detection_curves_section(splits: dict[str, LabelledSet], embedders: Sequence[str], plot_to: Path) -> str:
     """The learned detector's probability swept over every threshold on each split: is the shipped threshold
     the limit, or the features? The best-threshold columns pick a threshold on the split's own labels (an
     oracle no deployment has), to bound what any threshold could do with these features."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows: list[str] = []
-    out: dict[str, float] = {}
     fig, axes = plt.subplots(1, len(embedders), figsize=(5.5 * len(embedders), 4.4), squeeze=False)
     for ax, embedder_name in zip(axes[0], embedders, strict=True):
         detector = LearnedDetector.for_embedder(embedder_name)
@@ -390,18 +395,13 @@ async def detection_curves_section(splits: dict[str, LabelledSet], embedders: Se
             y = np.asarray([s.prompt.compositional for s in searched], dtype=np.int64)
             prob = np.asarray([detector.probability(s.probe, s.candidates, s.parts) for s in searched])
             precision, recall, _ = precision_recall_curve(y, prob)
-            flagged = prob >= detector.model.threshold
-            tp = int(np.sum(flagged & (y == 1)))
-            at_p, at_r = tp / max(int(flagged.sum()), 1), tp / max(int(y.sum()), 1)
-            f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-            best = int(np.argmax(f1))
+            at_p, at_r = precision_recall(prob >= detector.model.threshold, y)
+            _, best_p, best_r = best_f1(y, prob)
             reach = recall[precision >= 0.9]
             recall_at_90 = float(reach.max()) if reach.size else 0.0
             ap = float(average_precision_score(y, prob))
-            key = f"{embedder_name}_{split_name}"
-            out |= {f"{key}_ap": ap, f"{key}_recall_at_p90": recall_at_90}
             rows.append(f"| `{embedder_name}` | {split_name} | {at_p:.2f} / {at_r:.2f} | {ap:.2f} | "
-                        f"{precision[best]:.2f} / {recall[best]:.2f} | {recall_at_90:.2f} |")
+                        f"{best_p:.2f} / {best_r:.2f} | {recall_at_90:.2f} |")
             line, = ax.plot(recall, precision, label=f"{split_name} (AP {ap:.2f})")
             ax.plot([at_r], [at_p], "o", color=line.get_color())
         ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
@@ -424,7 +424,7 @@ async def detection_curves_section(splits: dict[str, LabelledSet], embedders: Se
             "| embedder | split | P / R at the shipped threshold | average precision | best-F1 threshold on this "
             "split: P / R | recall at precision >= 0.9 |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
             + f"\n\n![detection precision-recall]({plot_to.name})\n")
-    return body, out
+    return body
 
 
 # -- 4. search latency by index size ---------------------------------------------------------------
@@ -512,8 +512,8 @@ async def main_async(args: argparse.Namespace) -> str:
     parts.append("### Routing cost\n\n" + o_body)
     d_body, d = await detection_section(splits, (CASCADE_FAST, "static", "minilm"))
     parts.append("### Compositional detection\n\n" + d_body)
-    c_body, _ = await detection_curves_section(splits, (CASCADE_FAST, "minilm"),
-                                               plot_file("detection_pr", output_dir(args.out)))
+    c_body = await detection_curves_section(splits, (CASCADE_FAST, "minilm"),
+                                            plot_file("detection_pr", output_dir(args.out)))
     parts.append("#### Over every threshold\n\n" + c_body)
     sizes = (1_000, 20_000) if quick else (1_000, 100_000, 1_000_000)
     s_body, p99s = search_section(sizes, exact_max=10_000 if quick else 50_000)

@@ -16,6 +16,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from sklearn.metrics import precision_recall_curve
+
 from bench import report
 from loragate.adapters.types import AdapterRecord, Descriptors
 from loragate.router.compositional import Probe, learned_probe
@@ -94,3 +97,17 @@ async def search_all(tier: Tier, labelled: LabelledSet, k: int = 5) -> list[Sear
         found, _, _ = await tier.search([p.prompt, *probe.texts], k, labelled.records)
         out.append(Searched(p, found[0], probe, tuple(found[1:])))
     return out
+
+
+def precision_recall(flagged: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Precision and recall of boolean flags against 0/1 labels (0 where nothing is flagged or labelled)."""
+    tp = float(np.sum(flagged & (y == 1)))
+    return tp / max(float(flagged.sum()), 1.0), tp / max(float(y.sum()), 1.0)
+
+
+def best_f1(y: np.ndarray, prob: np.ndarray) -> tuple[float, float, float]:
+    """The threshold on ``prob`` with the best F1 against labels ``y``, and its precision and recall."""
+    precision, recall, thresholds = precision_recall_curve(y, prob)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(precision[best]), float(recall[best])

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import precision_recall_curve
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from bench.labelled import Searched, load_set, make_tier, search_all
+from bench.labelled import Searched, best_f1, load_set, make_tier, precision_recall, search_all
 from loragate.router.compositional import DETECTOR_MODELS, FEATURES, DetectorModel, model_key, probe_features
 from loragate.router.embedder import make_backend
 from loragate.router.index import AGGREGATES, CENTROID
@@ -54,18 +53,14 @@ def fit(x: np.ndarray, y: np.ndarray, embedder: str) -> tuple[DetectorModel, dic
             best = (loss, c, oof)
     assert best is not None
     loss, c, oof = best
-    precision, recall, thresholds = precision_recall_curve(y, oof)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    threshold = float(thresholds[int(np.argmax(f1))])
+    threshold, _, _ = best_f1(y, oof)
     scaler, logistic = StandardScaler().fit(x), LogisticRegression(C=c, max_iter=5000)
     logistic.fit(scaler.transform(x), y)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     model = DetectorModel(embedder, tuple(map(float, scaler.mean_)), tuple(map(float, scale)),
                           tuple(map(float, logistic.coef_[0])), float(logistic.intercept_[0]), threshold)
-    flagged = oof >= threshold
-    tp = float(np.sum(flagged & (y == 1)))
-    return model, {"C": c, "cv_log_loss": loss, "cv_precision": tp / max(float(flagged.sum()), 1.0),
-                   "cv_recall": tp / max(float(y.sum()), 1.0)}
+    cv_precision, cv_recall = precision_recall(oof >= threshold, y)
+    return model, {"C": c, "cv_log_loss": loss, "cv_precision": cv_precision, "cv_recall": cv_recall}
 
 
 async def train(embedders: Sequence[str], aggregate: str = CENTROID) -> dict[str, dict[str, object]]:

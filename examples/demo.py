@@ -31,6 +31,7 @@ from examples.stack import loragate_up, register
 from loragate.grading import wilson
 from loragate.loadtest.command import run_with_progress
 from loragate.loadtest.loadgen import LoadSpec
+from loragate.loadtest.plots import pyplot
 from loragate.loadtest.workloads import WorkItem, load_jsonl
 
 KIT = Path(__file__).resolve().parent / "twohop" / "artifacts"
@@ -222,10 +223,7 @@ def print_table(cells: dict[tuple[str, str], Cell], interpretable: bool) -> None
 
 
 def plot(cells: dict[tuple[str, str], Cell], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.2

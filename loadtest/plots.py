@@ -13,7 +13,8 @@ from typing import Any
 from loragate.loadtest.stats import RequestRecord, Summary, throughput_timeline
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend (imported on first use: plotting is never on a hot path)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def _pyplot() -> Any:
 def latency_cdf(series: Mapping[str, Sequence[float]], path: Path, title: str = "Latency CDF",
                 log_x: bool = False) -> Path:
     """One CDF line per named series of latencies (seconds, plotted in ms)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, values in series.items():
         ordered = sorted(v * 1000 for v in values)
@@ -47,7 +48,7 @@ def latency_cdf(series: Mapping[str, Sequence[float]], path: Path, title: str = 
 
 def throughput_over_time(records: Sequence[RequestRecord], path: Path, bucket_s: float = 1.0) -> Path:
     """Completed requests per second over the run."""
-    plt = _pyplot()
+    plt = pyplot()
     timeline = throughput_timeline(records, bucket_s)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.step([t for t, _ in timeline], [rps for _, rps in timeline], where="post")
@@ -66,7 +67,7 @@ def success_by_policy(summary: Summary, path: Path) -> Path | None:
     """Bar chart of the graded success rate per policy; None when nothing was graded."""
     if not summary.success_by_policy:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     names = list(summary.success_by_policy)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(names, [summary.success_by_policy[n]["rate"] for n in names])
